@@ -1,0 +1,41 @@
+"""tsformer_jax: TimeSformer video transformers in JAX and Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='tsformer_jax',
+    version='0.1.0',
+    description='TimeSformer (space-time attention video transformers) in '
+                'JAX and Flax.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    packages=setuptools.find_packages(include=['tsformer_jax',
+                                               'tsformer_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'absl-py>=2.0',
+        'einops>=0.8',
+        'flax>=0.10',
+        'jax>=0.6',
+        'ml-collections>=1.0',
+        'numpy>=1.26',
+    ],
+    extras_require={
+        'test': [
+            'pytest>=8',
+            'pytest-xdist>=3.5',
+            'ruff>=0.6',
+            # The CPU build that lies on the CI machine's disk; an unpinned
+            # torch pulls a multi-GB CUDA build. Only the tests use it.
+            'torch==2.13.0',
+            'transformers>=4.40,<6',
+            'safetensors>=0.4',
+        ],
+    },
+    classifiers=[
+        'License :: OSI Approved :: Apache Software License',
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+    ],
+)

@@ -1,0 +1,304 @@
+"""The space-time attention schemes of TimeSformer over `[B, T, N, D]` tokens.
+
+A clip of T frames is a grid of T x H x W patches (N = H * W per frame) plus
+one class token. Every scheme of the paper (Bertasius et al. 2021, Sec. 3 and
+Fig. 2) is a sequence of *steps*. A step cuts the patches into independent
+groups and runs softmax self-attention inside each group:
+
+    y_g = softmax(q_g k_g^T / sqrt(D_h)) v_g       for every group g.
+
+What differs between the schemes is only how the groups are cut:
+
+| scheme                | steps (in order)    | patch (t, h, w) attends to   |
+|-----------------------|---------------------|------------------------------|
+| `space_only`          | space               | its own frame t              |
+| `joint`               | joint               | every patch of the clip      |
+| `divided`             | time, space         | (., h, w) then (t, ., .)     |
+| `sparse_local_global` | local, global       | its F x H/2 x W/2 window,    |
+|                       |                     | then every 2nd in t, h and w |
+| `axial`               | time, width, height | (., h, w), (t, h, .), then   |
+|                       |                     | (t, ., w)                    |
+
+The class token. In a step with `with_cls=True` the class token joins every
+group as one more query and key: each group sees a copy of it, and the copies'
+outputs are averaged over the groups that hold at least one real patch. This
+is exactly what the original implementation does in the spatial step of
+divided attention (the class token is repeated once per frame and the
+per-frame results averaged); for `joint` there is a single group, so the
+class token is an ordinary token. Temporal steps (`time`) leave the class
+token out, as the original divided block does; axial attention follows the
+same rule (time without, width and height with the class token) and sparse
+local-global lets it join both of its steps. `space_only` is the per-frame
+image model: it carries one class token per frame (`cls: [B, T, ...]`), each
+attending only within its own frame, and the model averages them at the end.
+
+Grids that do not divide. `local` cuts height and width into two halves of
+ceil(H/2) and ceil(W/2) patches (the last half is smaller when H or W is odd),
+and `global` groups patches by the parity of (t, h, w). Both pad the grid to
+even sizes with masked-out tokens so that groups become equal-sized arrays;
+padded tokens are never attended to and their outputs are dropped, and a
+group made only of padding (H == 1, say) does not count in the class-token
+average. Every step gives the same result as one full attention over the clip
+with a mask that allows exactly that step's (query, key) pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Grid = tuple[int, int, int]  # (T, H, W): frames and patches per column and row.
+Implementation = Literal['einsum', 'xla', 'cudnn', 'auto']
+IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn', 'auto')
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None = None, *,
+           implementation: Implementation = 'einsum',
+           dropout_rate: float = 0.0,
+           dropout_rng: Array | None = None) -> Array:
+  """softmax(q k^T / sqrt(D_h)) v over the second-to-last-but-one axis.
+
+  Args:
+    q: queries `[..., Lq, H, Dh]`; any number of leading batch axes.
+    k: keys `[..., Lk, H, Dh]`.
+    v: values `[..., Lk, H, Dh]`.
+    mask: optional boolean, broadcastable to `[..., H, Lq, Lk]`; False
+      entries are excluded from the softmax.
+    implementation: `'einsum'` is the reference written out below; `'xla'`
+      and `'cudnn'` call `jax.nn.dot_product_attention` (cuDNN's fused
+      kernel needs a GPU and half precision); `'auto'` takes cuDNN where it
+      applies and XLA elsewhere.
+    dropout_rate: attention dropout on the softmax weights. Only the einsum
+      path can drop weights, so it is used whenever dropout is active.
+    dropout_rng: PRNG key for the attention dropout.
+
+  Returns:
+    `[..., Lq, H, Dh]` in the dtype of `v`.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'Unknown attention implementation {implementation!r}; '
+                     f'valid: {IMPLEMENTATIONS}.')
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    implementation = 'einsum'
+  if implementation == 'auto':
+    implementation = _auto_implementation(q, mask)
+  if implementation == 'einsum':
+    return _einsum_attention(q, k, v, mask, dropout_rate, dropout_rng)
+  return _fused_attention(q, k, v, mask, implementation)
+
+
+def _einsum_attention(q, k, v, mask, dropout_rate, dropout_rng):
+  # Logits and softmax in float32 whatever the compute dtype: exp() of
+  # bfloat16 logits loses the small attention weights.
+  logits = jnp.einsum('...qhd,...khd->...hqk', q, k,
+                      preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum('...hqk,...khd->...qhd', weights.astype(v.dtype), v)
+
+
+def _auto_implementation(q, mask) -> str:
+  on_gpu = jax.default_backend() == 'gpu'
+  half = q.dtype in (jnp.bfloat16, jnp.float16)
+  head_dim_ok = q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+  return 'cudnn' if on_gpu and half and head_dim_ok and mask is None else 'xla'
+
+
+def _fused_attention(q, k, v, mask, implementation):
+  """`jax.nn.dot_product_attention` wants `[B, L, H, Dh]`: fold the batch."""
+  batch = q.shape[:-3]
+  flat = lambda a: a.reshape((-1,) + a.shape[-3:])
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, batch + (q.shape[-2], q.shape[-3],
+                                           k.shape[-3]))
+    mask = mask.reshape((-1,) + mask.shape[-3:])
+  out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=mask,
+                                     implementation=implementation)
+  return out.reshape(batch + out.shape[-3:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Grouping:
+  """How one attention step cuts the T x H x W patch grid into groups.
+
+  Attributes:
+    pattern: einops pattern from the grid `b t h w ...` to
+      `b groups members ...`. Axes `i`, `j`, `k` split time, height and width
+      into `tile` parts.
+    tile: the grid is padded to multiples of `(t, h, w)` before `pattern`
+      applies; the factor axes `i`, `j`, `k` have these sizes.
+  """
+  pattern: str
+  tile: tuple[int, int, int] = (1, 1, 1)
+
+  def padded(self, grid: Grid) -> Grid:
+    return tuple(-(-n // m) * m for n, m in zip(grid, self.tile, strict=True))
+
+  def _sizes(self, grid: Grid) -> dict[str, int]:
+    padded = self.padded(grid)
+    sizes = dict(t=padded[0] // self.tile[0], h=padded[1] // self.tile[1],
+                 w=padded[2] // self.tile[2], i=self.tile[0], j=self.tile[1],
+                 k=self.tile[2])
+    names = set(self.pattern.replace('(', ' ').replace(')', ' ').split())
+    return {name: size for name, size in sizes.items() if name in names}
+
+  def split(self, x: Array, grid: Grid) -> Array:
+    """`[B, T, N, ...]` -> `[B, G, L, ...]` (padding where `tile` asks)."""
+    t, h, w = grid
+    x = x.reshape(x.shape[:2] + (h, w) + x.shape[3:])
+    pad = [(0, p - n) for p, n in zip(self.padded(grid), grid, strict=True)]
+    if any(after for _, after in pad):
+      # numpy stays numpy, so that `valid` is static under jit.
+      xp = np if isinstance(x, np.ndarray) else jnp
+      x = xp.pad(x, [(0, 0)] + pad + [(0, 0)] * (x.ndim - 4))
+    return einops.rearrange(x, self.pattern, **self._sizes(grid))
+
+  def merge(self, y: Array, grid: Grid) -> Array:
+    """The inverse of `split`: `[B, G, L, ...]` -> `[B, T, N, ...]`."""
+    t, h, w = grid
+    lhs, rhs = self.pattern.split('->')
+    x = einops.rearrange(y, f'{rhs} -> {lhs}', **self._sizes(grid))
+    x = x[:, :t, :h, :w]
+    return x.reshape(x.shape[:2] + (h * w,) + x.shape[4:])
+
+  def valid(self, grid: Grid) -> np.ndarray | None:
+    """Static `[G, L]` mask of real (not padded) tokens; None if no padding."""
+    if self.padded(grid) == tuple(grid):
+      return None
+    real = np.ones((1, grid[0], grid[1] * grid[2]), bool)
+    return self.split(real, grid)[0]
+
+  def num_groups(self, grid: Grid) -> int:
+    return self.split(np.zeros((1, grid[0], grid[1] * grid[2])), grid).shape[1]
+
+
+GROUPINGS = {
+    'space': Grouping('b t h w ... -> b t (h w) ...'),
+    'joint': Grouping('b t h w ... -> b 1 (t h w) ...'),
+    'time': Grouping('b t h w ... -> b (h w) t ...'),
+    'width': Grouping('b t h w ... -> b (t h) w ...'),
+    'height': Grouping('b t h w ... -> b (t w) h ...'),
+    # Two halves of height and width (j, k), each window all frames deep.
+    'local': Grouping('b t (j h) (k w) ... -> b (j k) (t h w) ...', (1, 2, 2)),
+    # Stride 2 in time, height and width: one group per parity (i, j, k).
+    'global': Grouping('b (t i) (h j) (w k) ... -> b (i j k) (t h w) ...',
+                       (2, 2, 2)),
+}
+
+
+def grouped_attention(qkv: Array, cls_qkv: Array | None, grouping: str,
+                      grid: Grid, **attend_kwargs
+                      ) -> tuple[Array, Array | None]:
+  """One attention step: attention inside each group of `grouping`.
+
+  Args:
+    qkv: queries, keys and values of the patches, `[B, T, N, 3, H, Dh]`.
+    cls_qkv: those of the class token, `[B, C, 3, H, Dh]`, or None when the
+      class token does not take part. With C == 1 a copy of the class token
+      joins every group and the copies' outputs are averaged over the groups
+      that hold real patches; with C == G (the number of groups, e.g. one
+      class token per frame for `space_only`) copy c joins group c only.
+    grouping: a key of `GROUPINGS`.
+    grid: `(T, H, W)` with `N == H * W`.
+    **attend_kwargs: passed to `attend` (implementation, dropout).
+
+  Returns:
+    `(out [B, T, N, H, Dh], cls_out [B, C, H, Dh] or None)`.
+  """
+  if grouping not in GROUPINGS:
+    raise ValueError(f'Unknown grouping {grouping!r}; valid: '
+                     f'{sorted(GROUPINGS)}.')
+  group = GROUPINGS[grouping]
+  tokens = group.split(qkv, grid)  # [B, G, L, 3, H, Dh]
+  valid = group.valid(grid)  # [G, L] or None
+  b, g = tokens.shape[:2]
+  if cls_qkv is not None:
+    c = cls_qkv.shape[1]
+    if c not in (1, g):
+      raise ValueError(f'{c} class tokens for {g} {grouping!r} groups: '
+                       'expected 1 (shared) or one per group.')
+    cls = jnp.broadcast_to(cls_qkv[:, :, None], (b, g, 1) + cls_qkv.shape[2:])
+    tokens = jnp.concatenate([cls, tokens], axis=2)
+    if valid is not None:
+      valid = np.pad(valid, ((0, 0), (1, 0)), constant_values=True)
+  q, k, v = (tokens[:, :, :, i] for i in range(3))  # [B, G, L, H, Dh]
+  mask = None if valid is None else jnp.asarray(valid[:, None, None, :])
+  out = attend(q, k, v, mask, **attend_kwargs)  # [B, G, L, H, Dh]
+  cls_out = None
+  if cls_qkv is not None:
+    cls_out, out = out[:, :, 0], out[:, :, 1:]
+    if cls_qkv.shape[1] == 1 and g > 1:
+      cls_out = _mean_over_real_groups(cls_out, valid)
+  return group.merge(out, grid), cls_out
+
+
+def _mean_over_real_groups(cls_out: Array, valid: np.ndarray | None
+                           ) -> Array:
+  """`[B, G, H, Dh]` -> `[B, 1, H, Dh]`, skipping groups of padding only."""
+  if valid is None:
+    return cls_out.mean(axis=1, keepdims=True)
+  weights = valid[:, 1:].any(axis=1).astype(np.float32)
+  weights = jnp.asarray(weights / weights.sum(), cls_out.dtype)
+  return jnp.einsum('bghd,g->bhd', cls_out, weights)[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One attention step of a block.
+
+  Attributes:
+    grouping: a key of `GROUPINGS`.
+    with_cls: whether the class token takes part.
+    output_fc: whether the step's output passes through an extra linear layer
+      before the residual sum (the original's `temporal_fc`). It starts at
+      zero, so a freshly initialised step adds nothing: every block is then
+      an ImageNet ViT block, which is what lets image weights start training.
+  """
+  grouping: str
+  with_cls: bool = True
+  output_fc: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+  """An attention scheme: the steps of every block.
+
+  Attributes:
+    steps: run in order inside each block, each with its own parameters.
+    per_frame: the per-frame image model (`space_only`): one class token per
+      frame, no time embedding, class tokens averaged before the final norm.
+  """
+  steps: tuple[Step, ...]
+  per_frame: bool = False
+
+
+SCHEMES = {
+    'space_only': Scheme((Step('space'),), per_frame=True),
+    'joint': Scheme((Step('joint'),)),
+    'divided': Scheme((Step('time', with_cls=False, output_fc=True),
+                       Step('space'))),
+    'sparse_local_global': Scheme((Step('local', output_fc=True),
+                                   Step('global'))),
+    'axial': Scheme((Step('time', with_cls=False, output_fc=True),
+                     Step('width', output_fc=True),
+                     Step('height'))),
+}
+
+
+def get_scheme(name: str) -> Scheme:
+  if name not in SCHEMES:
+    raise ValueError(f'Unknown attention scheme {name!r}; valid: '
+                     f'{sorted(SCHEMES)}.')
+  return SCHEMES[name]

@@ -1,0 +1,280 @@
+"""TimeSformer (Bertasius, Wang, Torresani, ICML 2021) as a flax linen module.
+
+    z0 = [x_cls + e_pos[0];  E x_(t,p) + e_pos[p] + e_time[t]]   (Eq. 1)
+    per block:  z += step(z) for each attention step of the scheme
+                z += MLP(LN(z))
+    y = head(LN(z_cls))
+
+Tokens travel as a pair: the class token `cls: [B, C, D]` (C = 1, or one per
+frame for `space_only`) and the patches `x: [B, T, N, D]`. The attention
+steps themselves live in `attention.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsformer_jax import attention
+
+Array = jax.Array
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+# Truncated normal with std 0.02, the original's initialiser for weights,
+# class token and position embedding.
+_trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+# Exact (erf) GELU as in PyTorch's nn.GELU; flax defaults to the tanh form.
+_gelu = functools.partial(nn.gelu, approximate=False)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a whole residual branch per clip.
+
+  The class token's and the patches' residuals of one branch are dropped
+  together, with one draw per clip.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, *residuals: Array | None, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return residuals
+    batch = next(r.shape[0] for r in residuals if r is not None)
+    keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.rate,
+                                (batch,))
+    scale = keep / (1.0 - self.rate)
+    return tuple(
+        None if r is None else
+        r * scale.reshape((-1,) + (1,) * (r.ndim - 1)).astype(r.dtype)
+        for r in residuals)
+
+
+class AttentionStep(nn.Module):
+  """One attention step, pre-norm: the residual fc(proj(attn(qkv(LN(z))))).
+
+  Attributes:
+    step: which groups attend and whether the class token takes part.
+    num_heads: attention heads; the head dim is `D // num_heads`.
+    dropout: dropout on the projected output.
+    attention_dropout: dropout on the attention weights.
+    layer_norm_eps: LayerNorm epsilon.
+    attention_impl: see `attention.attend`.
+    dtype: compute dtype; parameters stay float32.
+  """
+  step: attention.Step
+  num_heads: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  attention_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, cls: Array, x: Array, grid: attention.Grid, *,
+               deterministic: bool) -> tuple[Array | None, Array]:
+    """cls: [B, C, D], x: [B, T, N, D] -> residuals (dcls or None, dx)."""
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f'hidden_size {d} is not divisible by num_heads '
+                       f'{self.num_heads}.')
+    norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                        name='norm')
+    qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads),
+                          dtype=self.dtype, kernel_init=_trunc_normal,
+                          name='qkv')
+    proj = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
+                           kernel_init=_trunc_normal, name='proj')
+    cls_qkv = qkv(norm(cls)) if self.step.with_cls else None
+    use_dropout = self.attention_dropout > 0.0 and not deterministic
+    out, cls_out = attention.grouped_attention(
+        qkv(norm(x)), cls_qkv, self.step.grouping, grid,
+        implementation=self.attention_impl,
+        dropout_rate=self.attention_dropout,
+        dropout_rng=self.make_rng('dropout') if use_dropout else None)
+    drop = nn.Dropout(self.dropout)
+    # Zero-initialised, so the step is a no-op until trained.
+    fc = (nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                   name='fc') if self.step.output_fc else lambda y: y)
+
+    def residual(y):
+      return fc(drop(proj(y), deterministic=deterministic))
+
+    return (None if cls_out is None else residual(cls_out)), residual(out)
+
+
+class MLP(nn.Module):
+  """fc2(dropout(GELU(fc1(z)))), applied to every token."""
+  hidden_dim: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: Array, *, deterministic: bool) -> Array:
+    d = z.shape[-1]
+    z = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=_trunc_normal,
+                 name='fc1')(z)
+    z = nn.Dropout(self.dropout)(_gelu(z), deterministic=deterministic)
+    z = nn.Dense(d, dtype=self.dtype, kernel_init=_trunc_normal,
+                 name='fc2')(z)
+    return nn.Dropout(self.dropout)(z, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """A TimeSformer block: the scheme's attention steps, then the MLP.
+
+  Attributes:
+    scheme: the attention steps (`attention.SCHEMES`).
+    mlp_dim: hidden width of the MLP.
+    drop_path: stochastic depth rate of this block.
+    (others as in `AttentionStep`)
+  """
+  scheme: attention.Scheme
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0
+  layer_norm_eps: float = 1e-6
+  attention_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, cls: Array, x: Array, grid: attention.Grid, *,
+               deterministic: bool) -> tuple[Array, Array]:
+    """cls: [B, C, D], x: [B, T, N, D] -> same shapes."""
+    drop_path = DropPath(self.drop_path)
+    for step in self.scheme.steps:
+      dcls, dx = AttentionStep(
+          step, self.num_heads, dropout=self.dropout,
+          attention_dropout=self.attention_dropout,
+          layer_norm_eps=self.layer_norm_eps,
+          attention_impl=self.attention_impl, dtype=self.dtype,
+          name=f'{step.grouping}_attention')(
+              cls, x, grid, deterministic=deterministic)
+      dcls, dx = drop_path(dcls, dx, deterministic=deterministic)
+      x = x + dx
+      if dcls is not None:
+        cls = cls + dcls
+    norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                        name='mlp_norm')
+    mlp = MLP(self.mlp_dim, self.dropout, dtype=self.dtype, name='mlp')
+    dcls, dx = drop_path(mlp(norm(cls), deterministic=deterministic),
+                         mlp(norm(x), deterministic=deterministic),
+                         deterministic=deterministic)
+    return cls + dcls, x + dx
+
+
+class TimeSformer(nn.Module):
+  """The TimeSformer video classifier.
+
+  Attributes:
+    attention: the attention scheme, a key of `attention.SCHEMES`.
+    num_classes: size of the linear head; 0 returns the class-token features.
+    num_frames: frames per clip (T); sets the time embedding's size.
+    image_size: frame height and width in pixels (an int for square frames).
+    patch_size: side of the square patches.
+    hidden_size: token width D.
+    depth: number of blocks.
+    num_heads: attention heads per step.
+    mlp_dim: hidden width of each block's MLP.
+    dropout: dropout on embeddings, attention outputs and MLPs.
+    attention_dropout: dropout on attention weights.
+    drop_path: stochastic depth rate of the last block; it rises linearly
+      from 0 at the first block.
+    layer_norm_eps: LayerNorm epsilon.
+    attention_impl: softmax attention kernel, see `attention.attend`.
+    dtype: compute dtype name, 'float32' or 'bfloat16'; parameters and
+      logits are float32.
+  """
+  attention: str = 'divided'
+  num_classes: int = 400
+  num_frames: int = 8
+  image_size: int | Sequence[int] = 224
+  patch_size: int = 16
+  hidden_size: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.1
+  layer_norm_eps: float = 1e-6
+  attention_impl: str = 'auto'
+  dtype: str = 'float32'
+
+  @property
+  def frame_shape(self) -> tuple[int, int]:
+    size = self.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+  @property
+  def grid(self) -> attention.Grid:
+    """(T, H, W): frames and patches per column and per row."""
+    h, w = self.frame_shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f'image_size {(h, w)} is not a multiple of patch_size '
+                       f'{p}: choose a size divisible by {p}.')
+    return (self.num_frames, h // p, w // p)
+
+  @nn.compact
+  def __call__(self, clips: Array, *, train: bool = False) -> Array:
+    """clips: [B, T, Hpx, Wpx, 3] normalised pixels -> logits [B, classes].
+
+    With `num_classes == 0` returns the class-token features [B, D].
+    """
+    if self.dtype not in DTYPES:
+      raise ValueError(f'Unknown dtype {self.dtype!r}; valid: '
+                       f'{sorted(DTYPES)}.')
+    dtype = DTYPES[self.dtype]
+    scheme = attention.get_scheme(self.attention)
+    grid = self.grid
+    expected = (self.num_frames,) + self.frame_shape + (3,)
+    if clips.ndim != 5 or tuple(clips.shape[1:]) != expected:
+      raise ValueError(f'Expected clips [B, {", ".join(map(str, expected))}] '
+                       f'for this config, got {list(clips.shape)}; set '
+                       'model.num_frames and model.image_size to match.')
+    b, d, n = clips.shape[0], self.hidden_size, grid[1] * grid[2]
+    deterministic = not train
+
+    x = nn.Conv(d, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding='VALID', dtype=dtype, name='embedding')(clips)
+    x = x.reshape(b, self.num_frames, n, d)  # [B, T, N, D], rows major
+    pos = self.param('pos_embedding', _trunc_normal, (1, 1 + n, d))
+    cls = self.param('cls', _trunc_normal, (1, 1, d))
+    cls = jnp.broadcast_to(cls + pos[:, :1], (b, 1, d))  # [B, 1, D]
+    x = x + pos[:, None, 1:]
+    if scheme.per_frame:
+      cls = jnp.broadcast_to(cls, (b, self.num_frames, d))
+    else:
+      time = self.param('time_embedding', nn.initializers.zeros,
+                        (1, self.num_frames, d))
+      x = x + time[:, :, None]
+    drop = nn.Dropout(self.dropout)
+    cls = drop(cls, deterministic=deterministic).astype(dtype)
+    x = drop(x, deterministic=deterministic).astype(dtype)
+
+    for i, rate in enumerate(np.linspace(0.0, self.drop_path, self.depth)):
+      cls, x = Block(
+          scheme, self.num_heads, self.mlp_dim, dropout=self.dropout,
+          attention_dropout=self.attention_dropout, drop_path=float(rate),
+          layer_norm_eps=self.layer_norm_eps,
+          attention_impl=self.attention_impl, dtype=dtype,
+          name=f'block_{i}')(cls, x, grid, deterministic=deterministic)
+
+    # One class token per frame (space_only) is averaged before the norm, as
+    # the original does; otherwise C == 1 and this only drops the axis.
+    cls = cls.mean(axis=1)
+    features = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype,
+                            name='norm')(cls)
+    if not self.num_classes:
+      return features.astype(jnp.float32)
+    logits = nn.Dense(self.num_classes, kernel_init=_trunc_normal,
+                      dtype=dtype, name='head')(features)
+    return logits.astype(jnp.float32)

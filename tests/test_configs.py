@@ -7,6 +7,7 @@ import pytest
 
 from tsformer_jax import attention
 from tsformer_jax import config_lib
+from tsformer_jax import model
 
 CONFIGS = pathlib.Path(__file__).parent.parent / 'configs'
 
@@ -30,7 +31,7 @@ def test_variants_follow_the_paper():
   assert base.model.hidden_size == 768 and base.model.depth == 12
   assert base.model.num_heads == 12 and base.model.mlp_dim == 3072
   assert base.model.layer_norm_eps == 1e-6 and base.model.drop_path == 0.1
-  assert set(base.model) == set(config_lib.model_fields())
+  assert set(base.model) == set(model.config_fields())
 
 
 def test_unknown_scheme_or_variant_lists_the_valid_ones():

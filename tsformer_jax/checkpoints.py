@@ -21,6 +21,7 @@ import numpy as np
 
 from tsformer_jax import attention
 from tsformer_jax import config_lib
+from tsformer_jax import model as model_lib
 
 # Hugging Face `TimesformerConfig.attention_type` -> our scheme names.
 HF_ATTENTION_TYPES = {
@@ -67,7 +68,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 def hf_module_names(model_config) -> dict[str, str]:
   """Our module path ('block_0/space_attention/qkv') -> HF module name."""
-  scheme = config_lib.check_model_config(model_config)['attention']
+  scheme = model_config.attention
   names = {
       'embedding': 'timesformer.embeddings.patch_embeddings.projection',
       'norm': 'timesformer.layernorm',
@@ -142,9 +143,8 @@ def params_from_torch_state_dict(state_dict: Mapping[str, Any], config,
   Raises:
     ValueError: naming the missing, unused or misshapen parameters.
   """
-  import tsformer_jax  # pylint: disable=g-import-not-at-top
   template = jax.eval_shape(
-      lambda: tsformer_jax.init_params(config, jax.random.key(0)))
+      lambda: model_lib.init_params(config, jax.random.key(0)))
   flat = flax.traverse_util.flatten_dict(template, sep='/')
   state = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
   used, missing, params = set(), [], {}

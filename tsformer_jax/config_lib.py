@@ -6,8 +6,6 @@ the variant, big_vision style (`--config=configs/divided.py:hr`).
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 
 from tsformer_jax import attention
@@ -23,13 +21,6 @@ VARIANTS = {
                  mlp_dim=128, num_classes=10),
 }
 DEFAULT_VARIANT = 'base'
-
-
-def model_fields() -> tuple[str, ...]:
-  """The names `config.model` may hold: the TimeSformer module's fields."""
-  from tsformer_jax import model  # pylint: disable=g-import-not-at-top
-  return tuple(f.name for f in dataclasses.fields(model.TimeSformer)
-               if f.name not in ('parent', 'name'))
 
 
 def get_config(scheme: str, arg: str | None = None
@@ -65,17 +56,3 @@ def get_config(scheme: str, arg: str | None = None
   ))
   config.model.update(sizes)
   return config
-
-
-def check_model_config(model_config) -> dict:
-  """`config.model` as keyword arguments, rejecting unknown fields."""
-  kwargs = dict(model_config)
-  valid = model_fields()
-  unknown = sorted(set(kwargs) - set(valid))
-  if unknown:
-    raise ValueError(f'Unknown config.model fields {unknown}; valid: '
-                     f'{sorted(valid)}.')
-  attention.get_scheme(kwargs.get('attention', 'divided'))
-  if 'image_size' in kwargs and not isinstance(kwargs['image_size'], int):
-    kwargs['image_size'] = tuple(kwargs['image_size'])
-  return kwargs

@@ -13,6 +13,7 @@ steps themselves live in `attention.py`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 import functools
 from typing import Any
 
@@ -278,3 +279,38 @@ class TimeSformer(nn.Module):
     logits = nn.Dense(self.num_classes, kernel_init=_trunc_normal,
                       dtype=dtype, name='head')(features)
     return logits.astype(jnp.float32)
+
+
+def config_fields() -> tuple[str, ...]:
+  """The names `config.model` may hold: the TimeSformer module's fields."""
+  return tuple(f.name for f in dataclasses.fields(TimeSformer)
+               if f.name not in ('parent', 'name'))
+
+
+def create_model(config) -> TimeSformer:
+  """The module `config.model` describes; unknown fields fail."""
+  kwargs = dict(config.model)
+  unknown = sorted(set(kwargs) - set(config_fields()))
+  if unknown:
+    raise ValueError(f'Unknown config.model fields {unknown}; valid: '
+                     f'{sorted(config_fields())}.')
+  attention.get_scheme(kwargs.get('attention', TimeSformer.attention))
+  if not isinstance(kwargs.get('image_size', 0), int):
+    kwargs['image_size'] = tuple(kwargs['image_size'])
+  return TimeSformer(**kwargs)
+
+
+def dummy_clips(config, batch_size: int = 1, dtype=jnp.float32) -> Array:
+  """Zero clips `[B, T, H, W, 3]` of the shape `config.model` expects."""
+  model = create_model(config)
+  return jnp.zeros((batch_size, model.num_frames) + model.frame_shape + (3,),
+                   dtype)
+
+
+def init_params(config, rng: Array):
+  """A freshly initialised `params` pytree for `create_model(config)`."""
+  model = create_model(config)
+  # Under jit, XLA drops the forward pass that init traces: only the
+  # initialisers run.
+  init = jax.jit(lambda rng: model.init(rng, dummy_clips(config))['params'])
+  return init(rng)

@@ -15,11 +15,18 @@ setuptools.setup(
     python_requires='>=3.10',
     install_requires=[
         'absl-py>=2.0',
+        'clu>=0.0.12',
         'einops>=0.8',
         'flax>=0.10',
         'jax>=0.6',
         'ml-collections>=1.0',
+        'ml-dtypes>=0.4',
         'numpy>=1.26',
+        'optax>=0.2.4',
+        'orbax-checkpoint>=0.11',
+        # clu's TensorBoard writer and the clip resizing use TensorFlow.
+        'tensorboard>=2.16',
+        'tensorflow-cpu>=2.16',
     ],
     extras_require={
         'test': [

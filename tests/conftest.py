@@ -47,3 +47,22 @@ def _jitted_apply(model, train):
     rngs = {} if rng is None else {'dropout': rng}
     return model.apply({'params': params}, clips, train=train, rngs=rngs)
   return jax.jit(forward)
+
+
+def hf_logits(model, clips):
+  """Logits of a Hugging Face TimeSformer on our clips `[B, T, H, W, 3]`.
+
+  HF's space_only classifies every frame on its own ([B * T] logits); the
+  original TimeSformer averages the frames' class tokens before the final
+  norm, which is what our model (and the paper's baseline) does. For it we
+  take HF's encoder output and apply that average before its norm and head.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  pixels = torch.from_numpy(clips).permute(0, 1, 4, 2, 3)  # [B, T, 3, H, W]
+  with torch.no_grad():
+    if model.config.attention_type != 'space_only':
+      return model(pixels).logits.numpy()
+    hidden = model.timesformer(pixels, output_hidden_states=True)
+    cls = hidden.hidden_states[-1][:, 0].reshape(
+        clips.shape[0], clips.shape[1], -1).mean(1)
+    return model.classifier(model.timesformer.layernorm(cls)).numpy()

@@ -35,8 +35,8 @@ def test_variants_follow_the_paper():
 
 
 def test_unknown_scheme_or_variant_lists_the_valid_ones():
-  with pytest.raises(ValueError, match=r"variant 'xl'.*\['base', 'hr', 'l', "
-                     r"'tiny'\]"):
+  with pytest.raises(ValueError, match=r"variant 'xl'.*\['base', 'demo', "
+                     r"'hr', 'l', 'tiny'\]"):
     config_lib.get_config('divided', 'xl')
   with pytest.raises(ValueError, match="'axial'.*'space_only'"):
     config_lib.get_config('time_only')

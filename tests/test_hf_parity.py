@@ -17,6 +17,7 @@ import tsformer_jax
 from tsformer_jax import checkpoints
 
 from conftest import apply
+from conftest import hf_logits
 
 ATOL = 1e-4  # float32 logits
 
@@ -28,22 +29,6 @@ def _hf_model(seed, **kwargs):
     for p in model.parameters():
       p.normal_(0.0, 0.1)
   return model.eval()
-
-
-def _hf_logits(model, clips):
-  """HF logits; for space_only, the original's frame average (see below)."""
-  pixels = torch.from_numpy(clips).permute(0, 1, 4, 2, 3)  # [B, T, 3, H, W]
-  with torch.no_grad():
-    if model.config.attention_type != 'space_only':
-      return model(pixels).logits.numpy()
-    # HF's space_only classifies every frame on its own ([B * T] logits);
-    # the original TimeSformer averages the frames' class tokens before the
-    # final norm, which is what our model (and the paper's baseline) does.
-    # So take HF's encoder output and apply that average to its norm+head.
-    hidden = model.timesformer(pixels, output_hidden_states=True)
-    cls = hidden.hidden_states[-1][:, 0].reshape(
-        clips.shape[0], clips.shape[1], -1).mean(1)
-    return model.classifier(model.timesformer.layernorm(cls)).numpy()
 
 
 CASES = [
@@ -74,7 +59,7 @@ def test_small_configs_match_hf(attention_type, frames, image, patch, width,
   clips = np.random.default_rng(frames).normal(
       size=(2, frames, image, image, 3)).astype(np.float32)
   ours = apply(tsformer_jax.create_model(config), params, clips)
-  want = _hf_logits(hf, clips)
+  want = hf_logits(hf, clips)
   assert ours.shape == want.shape == (2, classes)
   assert want.std() > 0.05  # Logits spread far beyond the tolerance.
   np.testing.assert_allclose(ours, want, atol=ATOL, rtol=0)
@@ -94,7 +79,7 @@ def test_base_size_divided_matches_hf():
   clips = np.random.default_rng(0).normal(
       size=(1, 8, 224, 224, 3)).astype(np.float32)
   ours = apply(tsformer_jax.create_model(config), params, clips)
-  want = _hf_logits(hf, clips)
+  want = hf_logits(hf, clips)
   assert want.std() > 0.1
   np.testing.assert_allclose(ours, want, atol=ATOL, rtol=0)
 

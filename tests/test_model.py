@@ -109,6 +109,11 @@ def test_initialisation_follows_the_original():
   assert float(jnp.abs(kernel).max()) <= 0.04 + 1e-6  # Truncated at 2 std.
 
 
+def test_time_embedding_can_start_random():
+  time = tiny_params('divided', time_embedding_std=0.5)['time_embedding']
+  assert 0.3 < float(time.std()) < 0.5  # Truncated at two std.
+
+
 def test_time_step_is_silent_at_init_and_wired_in():
   """temporal_fc starts at zero: the temporal step's other weights then do
   not matter (the model starts as the image model); non-zero ones do."""

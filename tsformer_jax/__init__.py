@@ -4,11 +4,14 @@
     model = tsformer_jax.create_model(config)
     params = tsformer_jax.init_params(config, jax.random.key(0))
     logits = model.apply({'params': params}, clips, train=False)
+    config, params = tsformer_jax.load_checkpoint(path)  # Any checkpoint.
 """
 
+from tsformer_jax.checkpoints import load_checkpoint
 from tsformer_jax.model import TimeSformer
 from tsformer_jax.model import create_model
 from tsformer_jax.model import dummy_clips
 from tsformer_jax.model import init_params
 
-__all__ = ['TimeSformer', 'create_model', 'dummy_clips', 'init_params']
+__all__ = ['TimeSformer', 'create_model', 'dummy_clips', 'init_params',
+           'load_checkpoint']

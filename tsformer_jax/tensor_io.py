@@ -1,0 +1,347 @@
+"""Tensor files read without torch and without running any pickled code.
+
+Three containers hold the weights researchers bring:
+
+- safetensors: a JSON header and raw little-endian data. Read here directly
+  (the `safetensors` package's numpy reader cannot return bfloat16).
+- `torch.save` files (`.pyth`, `.pth`, `.pt`, `.bin`): a pickle whose tensors
+  point at raw storages, either inside a zip archive (`<name>/data.pkl` and
+  `<name>/data/<key>`, torch >= 1.6) or appended after the pickle (the legacy
+  format). Unpickling calls every global the pickle names, which is how a
+  checkpoint can run code. `read_torch` unpickles with an allow-list: plain
+  Python values, `collections.OrderedDict`, and torch's tensor-rebuilding
+  functions, which are replaced by ours that describe numpy arrays. Any other
+  global raises `UnsafePickleError` before it is even imported, so nothing the
+  file names is ever called.
+- `.npz`: numpy archives, read with `allow_pickle=False`.
+
+Tensors come back as `LazyArray`s, read from disk only when converted with
+`np.asarray`, so a checkpoint's optimizer state costs no memory.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+import dataclasses
+import json
+import os
+import pickle
+import struct
+from typing import Any
+import zipfile
+
+import ml_dtypes
+import numpy as np
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+  """A pickle names something other than plain values and tensors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyArray:
+  """An array in a file, read when converted with `np.asarray`.
+
+  Attributes:
+    shape: the array's shape.
+    dtype: its numpy dtype.
+    read: returns the array; called on every conversion, nothing is cached.
+  """
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  read: Callable[[], np.ndarray] = dataclasses.field(repr=False)
+
+  def __array__(self, dtype=None, copy=None):
+    del copy  # A fresh array each time: copies are free.
+    value = self.read()
+    return value if dtype is None else value.astype(dtype)
+
+
+def read_tensors(path: str) -> dict[str, Any]:
+  """The tensors of a `.npz`, `.safetensors` or `torch.save` file by name.
+
+  A `torch.save` file may hold any nest of dicts and lists: it is returned
+  as unpickled (see `read_torch`), with `LazyArray`s for its tensors.
+  """
+  if path.endswith('.npz'):
+    return read_npz(path)
+  if path.endswith('.safetensors'):
+    return read_safetensors(path)
+  return read_torch(path)
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as npz:
+    return {name: npz[name] for name in npz.files}
+
+
+# ----------------------------------------------------------------------------
+# safetensors
+
+_SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+    'BF16': ml_dtypes.bfloat16, 'F8_E4M3': ml_dtypes.float8_e4m3fn,
+    'F8_E5M2': ml_dtypes.float8_e5m2, 'I64': np.int64, 'I32': np.int32,
+    'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+}
+
+
+def read_safetensors(path: str) -> dict[str, LazyArray]:
+  """The tensors of a safetensors file (header: 8-byte length, then JSON)."""
+  with open(path, 'rb') as f:
+    head = f.read(8)
+    if len(head) != 8:
+      raise ValueError(f'{path}: not a safetensors file (too short).')
+    (length,) = struct.unpack('<Q', head)
+    if length > os.path.getsize(path) - 8:
+      raise ValueError(f'{path}: not a safetensors file (header length '
+                       f'{length} exceeds the file).')
+    try:
+      header = json.loads(f.read(length))
+    except ValueError as e:
+      raise ValueError(f'{path}: not a safetensors file ({e}).') from e
+  start = 8 + length
+  tensors = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    if info['dtype'] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f'{path}: tensor {name!r} has unsupported dtype '
+                       f'{info["dtype"]}.')
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']])
+    shape = tuple(int(n) for n in info['shape'])
+    begin, end = (start + int(o) for o in info['data_offsets'])
+    if end - begin != int(np.prod(shape)) * dtype.itemsize:
+      raise ValueError(f'{path}: tensor {name!r} of shape {list(shape)} '
+                       f'has {end - begin} bytes.')
+    tensors[name] = LazyArray(shape, dtype,
+                              _file_reader(path, begin, shape, dtype))
+  return tensors
+
+
+def _file_reader(path, offset, shape, dtype):
+  def read():
+    with open(path, 'rb') as f:
+      f.seek(offset)
+      data = f.read(int(np.prod(shape)) * dtype.itemsize)
+    return np.frombuffer(data, dtype).reshape(shape).copy()
+  return read
+
+
+# ----------------------------------------------------------------------------
+# torch.save files
+
+# torch's storage classes, as a pickle names them, and their element types.
+_STORAGE_DTYPES = {
+    'DoubleStorage': np.float64, 'FloatStorage': np.float32,
+    'HalfStorage': np.float16, 'BFloat16Storage': ml_dtypes.bfloat16,
+    'LongStorage': np.int64, 'IntStorage': np.int32,
+    'ShortStorage': np.int16, 'CharStorage': np.int8,
+    'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
+}
+# The first object of a legacy (non-zip) torch.save file.
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+  """What the pickle's `torch.FloatStorage` (etc.) global becomes."""
+  dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+  """One flat storage of the file: `numel` elements of `dtype`."""
+  dtype: np.dtype
+  numel: int
+  read: Callable[[], bytes] = dataclasses.field(repr=False)
+  big_endian: bool = False
+
+  def array(self) -> np.ndarray:
+    data = self.read()
+    if len(data) != self.numel * self.dtype.itemsize:
+      raise ValueError(f'Storage of {self.numel} x {self.dtype} holds '
+                       f'{len(data)} bytes.')
+    flat = np.frombuffer(data, self.dtype)
+    return flat.byteswap() if self.big_endian else flat
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused) -> LazyArray:
+  """Our `torch._utils._rebuild_tensor(_v2)`: a strided view of a storage."""
+  del unused  # requires_grad, backward hooks, metadata.
+  if not isinstance(storage, _Storage):
+    raise pickle.UnpicklingError('A tensor without a storage.')
+  shape, stride = tuple(map(int, size)), tuple(map(int, stride))
+  offset = int(offset)
+  if len(shape) != len(stride) or offset < 0 or any(
+      n < 0 for n in shape + stride):
+    raise pickle.UnpicklingError(f'Bad tensor layout: size {shape}, stride '
+                                 f'{stride}, offset {offset}.')
+  if 0 not in shape:
+    last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    if last >= storage.numel:
+      raise pickle.UnpicklingError(
+          f'Tensor of size {shape} and stride {stride} at offset {offset} '
+          f'runs past its storage of {storage.numel} elements.')
+
+  def read():
+    if 0 in shape:
+      return np.zeros(shape, storage.dtype)
+    flat = storage.array()[offset:]
+    strides = tuple(s * flat.itemsize for s in stride)
+    return np.lib.stride_tricks.as_strided(flat, shape, strides).copy()
+
+  return LazyArray(shape, storage.dtype, read)
+
+
+def _rebuild_parameter(data, *unused):
+  """Our `torch._utils._rebuild_parameter(_with_state)`: just the data."""
+  del unused
+  return data
+
+
+def _latin1_encode(text, encoding='latin1'):
+  """Our `_codecs.encode`, with which protocol-2 pickles write bytes."""
+  if encoding not in ('latin1', 'latin-1'):
+    raise UnsafePickleError(f'_codecs.encode with encoding {encoding!r}.')
+  return text.encode('latin1')
+
+
+_ALLOWED_GLOBALS = {
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+    ('torch', 'Size'): tuple,
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('__builtin__', 'set'): set,  # Python 2 names, as protocol 2 writes.
+    ('__builtin__', 'frozenset'): frozenset,
+    ('_codecs', 'encode'): _latin1_encode,
+}
+_ALLOWED_GLOBALS.update({('torch', name): _StorageType(np.dtype(dtype))
+                         for name, dtype in _STORAGE_DTYPES.items()})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Rebuilds plain values and tensors; refuses every other global."""
+
+  def __init__(self, file, path: str,
+               persistent_load: Callable[[Any], Any] | None = None):
+    super().__init__(file)
+    self._path = path
+    self._load_storage = persistent_load
+
+  def find_class(self, module: str, name: str):
+    if (module, name) in _ALLOWED_GLOBALS:
+      return _ALLOWED_GLOBALS[(module, name)]
+    raise UnsafePickleError(
+        f'{self._path}: refusing to unpickle the global {module}.{name}: '
+        'only tensors and plain values are read from checkpoints, nothing in '
+        'them is run. If the file is yours, save its state dict alone (or '
+        'use safetensors).')
+
+  def persistent_load(self, pid):
+    if self._load_storage is None:
+      raise UnsafePickleError(f'{self._path}: unexpected persistent id.')
+    return self._load_storage(pid)
+
+
+def read_torch(path: str) -> Any:
+  """The object a `torch.save` file holds, tensors as `LazyArray`s.
+
+  Raises:
+    UnsafePickleError: the pickle names a global outside the allow-list
+      (nothing is imported or called).
+    ValueError: the file is not a `torch.save` file.
+  """
+  if zipfile.is_zipfile(path):
+    return _read_torch_zip(path)
+  return _read_torch_legacy(path)
+
+
+def _storage_args(pid, path) -> tuple[np.dtype, str, int]:
+  if (not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != 'storage' or
+      not isinstance(pid[1], _StorageType)):
+    raise UnsafePickleError(f'{path}: unexpected persistent id {pid!r}.')
+  return pid[1].dtype, str(pid[2]), int(pid[4])
+
+
+def _read_torch_zip(path: str) -> Any:
+  with zipfile.ZipFile(path) as archive:
+    names = set(archive.namelist())
+    pickles = sorted(n for n in names
+                     if n.endswith('data.pkl') and n.count('/') == 1)
+    if not pickles:
+      raise ValueError(f'{path}: a zip file without <name>/data.pkl; not a '
+                       'torch.save file.')
+    prefix = pickles[0][:-len('data.pkl')]
+    byteorder = (archive.read(prefix + 'byteorder').decode().strip()
+                 if prefix + 'byteorder' in names else 'little')
+
+    def load_storage(pid):
+      dtype, key, numel = _storage_args(pid, path)
+      name = f'{prefix}data/{key}'
+      if name not in names:
+        raise ValueError(f'{path}: storage {name} is missing.')
+
+      def read():
+        with zipfile.ZipFile(path) as z:
+          return z.read(name)
+      return _Storage(dtype, numel, read, big_endian=byteorder == 'big')
+
+    with archive.open(pickles[0]) as f:
+      return _RestrictedUnpickler(f, path, load_storage).load()
+
+
+def _read_torch_legacy(path: str) -> Any:
+  """The pre-1.6 format: magic, protocol, system info, object, keys, data."""
+  storages = {}
+
+  def load_storage(pid):
+    dtype, key, numel = _storage_args(pid, path)
+    if len(pid) > 5 and pid[5] is not None:
+      raise ValueError(f'{path}: storage views of torch < 1.0 are not '
+                       'supported; re-save the file with a recent torch.')
+    if key not in storages:
+      storages[key] = dict(dtype=dtype, numel=numel)
+    return _Storage(dtype, numel, lambda: storages[key]['read']())
+
+  with open(path, 'rb') as f:
+    try:
+      magic = _RestrictedUnpickler(f, path).load()
+    except UnsafePickleError:
+      raise
+    except Exception as e:
+      raise ValueError(f'{path}: not a torch.save file ({e}).') from e
+    if magic != _LEGACY_MAGIC:
+      raise ValueError(f'{path}: not a torch.save file (a pickle of '
+                       f'{type(magic).__name__}).')
+    _RestrictedUnpickler(f, path).load()  # Protocol version.
+    _RestrictedUnpickler(f, path).load()  # System info.
+    obj = _RestrictedUnpickler(f, path, load_storage).load()
+    keys = _RestrictedUnpickler(f, path).load()
+    # Each storage follows as an int64 element count and its raw bytes,
+    # always little-endian.
+    for key in keys:
+      if key not in storages:
+        raise ValueError(f'{path}: unknown storage {key!r}.')
+      (numel,) = struct.unpack('<q', f.read(8))
+      info = storages[key]
+      nbytes = numel * info['dtype'].itemsize
+      info['read'] = _byte_reader(path, f.tell(), nbytes)
+      f.seek(nbytes, os.SEEK_CUR)
+  missing = [k for k, info in storages.items() if 'read' not in info]
+  if missing:
+    raise ValueError(f'{path}: storages {missing} have no data.')
+  return obj
+
+
+def _byte_reader(path, offset, nbytes):
+  def read():
+    with open(path, 'rb') as f:
+      f.seek(offset)
+      return f.read(nbytes)
+  return read

@@ -1,0 +1,384 @@
+"""Training and evaluation: train state, steps, and the main loop.
+
+`train_and_evaluate(config, workdir)` runs a whole job: it resumes from the
+last checkpoint in `workdir` if there is one, trains with the paper's recipe
+(or whatever `config.optimizer` says), evaluates with multi-view testing,
+writes TensorBoard summaries and `workdir/results.json`.
+
+Determinism: the batch of step `s` and the dropout / mixup randomness of
+step `s` are functions of (config.seed, s) only, so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from clu import metric_writers
+from clu import periodic_actions
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from tsformer_jax import checkpoints
+from tsformer_jax import datasets
+from tsformer_jax import input_pipeline
+from tsformer_jax import model as model_lib
+
+TrainState = train_state.TrainState
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """`config.optimizer.schedule`: 'steps' (the paper's) or 'cosine'."""
+  opt = config.optimizer
+  warmup = int(opt.warmup_epochs * steps_per_epoch)
+  total = total_steps(config, steps_per_epoch)
+  if opt.schedule == 'steps':
+    main = optax.piecewise_constant_schedule(
+        opt.learning_rate,
+        {int(e * steps_per_epoch) - warmup: opt.decay_factor
+         for e in opt.decay_epochs})
+  elif opt.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(opt.learning_rate,
+                                       max(total - warmup, 1))
+  else:
+    raise ValueError(f'Unknown optimizer.schedule {opt.schedule!r}; valid: '
+                     "['cosine', 'steps'].")
+  if not warmup:
+    return main
+  ramp = optax.linear_schedule(0.0, opt.learning_rate, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def create_optimizer(config, steps_per_epoch: int
+                     ) -> optax.GradientTransformation:
+  """`config.optimizer.name`: 'sgd' (momentum, Nesterov; the paper's) or
+  'adamw'; weight decay on all parameters and optional gradient clipping."""
+  opt = config.optimizer
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  clip = ([optax.clip_by_global_norm(opt.grad_clip_norm)]
+          if opt.grad_clip_norm else [])
+  if opt.name == 'sgd':
+    # PyTorch's SGD adds the decay to the gradient before the momentum.
+    return optax.chain(*clip, optax.add_decayed_weights(opt.weight_decay),
+                       optax.sgd(schedule, opt.momentum, opt.nesterov))
+  if opt.name == 'adamw':
+    return optax.chain(*clip, optax.adamw(schedule, b1=opt.b1, b2=opt.b2,
+                                          weight_decay=opt.weight_decay))
+  raise ValueError(f"Unknown optimizer.name {opt.name!r}; valid: ['adamw', "
+                   "'sgd'].")
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return int(config.num_epochs * steps_per_epoch)
+
+
+def create_train_state(config, rng: jax.Array, steps_per_epoch: int
+                       ) -> TrainState:
+  model = model_lib.create_model(config)
+  # Fresh, or from `config.init_from` (ViT or TimeSformer weights).
+  params = checkpoints.init_params_from(config, rng)
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           tx=create_optimizer(config, steps_per_epoch))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean cross-entropy against target distributions `[B, classes]`."""
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def soft_targets(labels: jax.Array, num_classes: int,
+                 label_smoothing: float) -> jax.Array:
+  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
+                             label_smoothing)
+
+
+def mixup(rng: jax.Array, clips: jax.Array, targets: jax.Array, alpha: float
+          ) -> tuple[jax.Array, jax.Array]:
+  """Mixup (Zhang et al. 2018) with the batch reversed as partner."""
+  lam = jax.random.beta(rng, alpha, alpha)
+  mix = lambda x: lam * x + (1.0 - lam) * x[::-1]
+  return mix(clips), mix(targets)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array],
+               rng: jax.Array, *, config, schedule: optax.Schedule
+               ) -> tuple[TrainState, dict]:
+  """One optimizer update from `batch`, accumulated over micro-batches.
+
+  Args:
+    state: parameters and optimizer state.
+    batch: `clips [B, T, H, W, 3]`, `labels [B]`.
+    rng: the run's key; the step's keys are folded in from `state.step`.
+    config: the job config (bound with functools.partial before jit).
+    schedule: the learning rate schedule, for the metrics.
+
+  Returns:
+    The new state and the metrics `loss`, `accuracy`, `learning_rate`.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  mix_rng, dropout_rng = jax.random.split(rng)
+  num_classes = config.model.num_classes
+  targets = soft_targets(batch['labels'], num_classes, config.label_smoothing)
+  clips = batch['clips']
+  if config.mixup_alpha > 0:
+    clips, targets = mixup(mix_rng, clips, targets, config.mixup_alpha)
+  micro = config.grad_accum_steps
+  if clips.shape[0] % micro:
+    raise ValueError(f'batch of {clips.shape[0]} does not split into '
+                     f'grad_accum_steps={micro} micro-batches.')
+  split = lambda x: x.reshape((micro, -1) + x.shape[1:])
+
+  def loss_fn(params, clips, targets, rng):
+    logits = state.apply_fn({'params': params}, clips, train=True,
+                            rngs={'dropout': rng})
+    return cross_entropy(logits, targets), logits
+
+  def accumulate(carry, xs):
+    grads, loss, correct = carry
+    clips, targets, labels, i = xs
+    (step_loss, logits), step_grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params, clips, targets,
+                               jax.random.fold_in(dropout_rng, i))
+    correct += jnp.sum(jnp.argmax(logits, -1) == labels)
+    return (jax.tree.map(jnp.add, grads, step_grads), loss + step_loss,
+            correct), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  (grads, loss, correct), _ = jax.lax.scan(
+      accumulate, (zeros, 0.0, 0),
+      (split(clips), split(targets), split(batch['labels']),
+       jnp.arange(micro)))
+  grads = jax.tree.map(lambda g: g / micro, grads)
+  new_state = state.apply_gradients(grads=grads)
+  return new_state, dict(loss=loss / micro,
+                         accuracy=correct / clips.shape[0],
+                         learning_rate=schedule(state.step))
+
+
+def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable
+              ) -> dict[str, jax.Array]:
+  """Multi-view scores: softmax averaged over each video's views.
+
+  Args:
+    params: model parameters.
+    batch: `clips [B, V, T, H, W, 3]` (V views per video), `labels [B]`,
+      `mask [B]` (False for padding).
+    apply_fn: the model's apply.
+
+  Returns:
+    Sums over the batch: `count`, `top1`, `top5` (correct videos) and
+    `loss` (cross-entropy of the averaged scores).
+  """
+  b, v = batch['clips'].shape[:2]
+  logits = apply_fn({'params': params},
+                    batch['clips'].reshape((b * v,) + batch['clips'].shape[2:]))
+  scores = jax.nn.softmax(logits).reshape(b, v, -1).mean(axis=1)  # [B, C]
+  return video_metrics(scores, batch['labels'], batch['mask'])
+
+
+def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array
+                  ) -> dict[str, jax.Array]:
+  """Sums of top-1 / top-5 hits and of the loss over unmasked videos."""
+  rank = jnp.sum(scores > jnp.take_along_axis(scores, labels[:, None], 1), -1)
+  nll = -jnp.log(jnp.take_along_axis(scores, labels[:, None], 1)[:, 0] + 1e-9)
+  mask = mask.astype(jnp.float32)
+  return dict(count=mask.sum(), top1=jnp.sum((rank < 1) * mask),
+              top5=jnp.sum((rank < 5) * mask), loss=jnp.sum(nll * mask))
+
+
+def evaluate(config, params, apply_fn: Callable,
+             skipped: input_pipeline.SkipCounter) -> dict[str, float]:
+  """Top-1 / top-5 over `config.dataset.eval_split` with multi-view testing."""
+  source = datasets.get_source(config, config.dataset.eval_split)
+  spec = input_pipeline.clip_spec(config)
+  step = jax.jit(functools.partial(eval_step, apply_fn=apply_fn))
+  totals = None
+  for batch in input_pipeline.eval_batches(
+      source, spec, config.eval_batch_size, config.data.num_workers,
+      skipped):
+    sums = step(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise input_pipeline.BadVideoError('No evaluation video could be read.')
+  count = float(totals['count'])
+  return dict(top1=float(totals['top1']) / count,
+              top5=float(totals['top5']) / count,
+              loss=float(totals['loss']) / count, videos=count)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can save first."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint before stopping.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  """Keeps the last `config.keep_checkpoints` and the best by eval top-1."""
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
+      ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m['top1'], n=1,
+          keep_checkpoints_without_metrics=False),
+  ])
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                           cleanup_tmp_directories=True),
+      item_names=('state', 'config'))
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, config,
+         metrics: dict | None = None):
+  manager.save(int(state.step), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_savable(state)),
+      config=ocp.args.JsonSave(config.to_dict())), metrics=metrics,
+               force=True)
+
+
+def _savable(state: TrainState) -> dict:
+  return dict(step=state.step, params=state.params, opt_state=state.opt_state)
+
+
+def restore(manager: ocp.CheckpointManager, state: TrainState, step: int
+            ) -> TrainState:
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_savable(state))))['state']
+  return state.replace(step=restored['step'], params=restored['params'],
+                       opt_state=restored['opt_state'])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mode: str = 'train_and_eval') -> dict[str, Any]:
+  """Runs (or resumes) a job; returns what it writes to results.json."""
+  if mode not in ('train', 'eval', 'train_and_eval'):
+    raise ValueError(f"Unknown mode {mode!r}; valid: ['eval', 'train', "
+                     "'train_and_eval'].")
+  os.makedirs(workdir, exist_ok=True)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  train_source = datasets.get_source(config, config.dataset.train_split)
+  datasets.get_source(config, config.dataset.eval_split)  # Fail early.
+  steps_per_epoch = len(train_source) // config.batch_size
+  num_steps = total_steps(config, steps_per_epoch)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  state = create_train_state(config, init_rng, steps_per_epoch)
+  manager = checkpoint_manager(workdir, config)
+  if manager.latest_step() is not None:
+    logging.info('Resuming from step %d in %s.', manager.latest_step(),
+                 workdir)
+    state = restore(manager, state, manager.latest_step())
+  skipped = input_pipeline.SkipCounter()
+
+  def evaluate_and_log(state):
+    metrics = evaluate(config, state.params, state.apply_fn, skipped)
+    writer.write_scalars(int(state.step),
+                         {f'eval/{k}': v for k, v in metrics.items()})
+    return metrics
+
+  results, metrics = {}, None
+  if mode != 'eval':
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    state, results['train_loss'], metrics = _train(
+        config, workdir, state, step_rng, num_steps, schedule, train_source,
+        manager, writer, skipped,
+        evaluate_and_log if mode == 'train_and_eval' else None)
+  finished = int(state.step) >= num_steps
+  if mode == 'eval' or (mode == 'train_and_eval' and finished and
+                        metrics is None):
+    metrics = evaluate_and_log(state)  # E.g. resumed after the last save.
+  if metrics is not None:
+    results.update(eval_top1=metrics['top1'], eval_top5=metrics['top5'],
+                   eval_loss=metrics['loss'])
+  manager.wait_until_finished()
+  results.update(step=int(state.step), skipped_videos=len(skipped))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+  writer.flush()
+  return results
+
+
+def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
+           writer, skipped, evaluate_fn: Callable | None
+           ) -> tuple[TrainState, float | None, dict | None]:
+  """The training loop from `state.step` to `num_steps` (or SIGTERM).
+
+  Saves every `config.checkpoint_every_steps`, at the end and on SIGTERM;
+  with `evaluate_fn`, also evaluates every `config.eval_every_steps` and at
+  the end, and saves those steps with their metrics (for the best-N).
+  Returns the state, the last logged training loss and eval metrics.
+  """
+  step_fn = jax.jit(functools.partial(train_step, config=config,
+                                      schedule=schedule), donate_argnums=0)
+  batches = input_pipeline.train_batches(
+      source, input_pipeline.clip_spec(config), config.batch_size, config.seed,
+      start_step=int(state.step), num_workers=config.data.num_workers,
+      skipped=skipped)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps,
+                                           writer=writer)]
+  if jax.process_index() == 0 and config.profile:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+  every = lambda n, step: n > 0 and step % n == 0
+  last_loss, metrics, history, tick = None, None, [], time.time()
+  with _Preemption() as preemption:
+    for step in range(int(state.step) + 1, num_steps + 1):
+      state, step_metrics = step_fn(state, next(batches), rng)
+      for hook in hooks:
+        hook(step)
+      history.append(step_metrics)
+      done = step == num_steps
+      if every(config.log_every_steps, step) or done:
+        last_loss = _write_train_metrics(writer, step, history, tick,
+                                         config.batch_size, len(skipped))
+        history, tick = [], time.time()
+      evaluating = evaluate_fn and (every(config.eval_every_steps, step) or
+                                    done)
+      metrics = evaluate_fn(state) if evaluating else None
+      if (evaluating or every(config.checkpoint_every_steps, step) or done or
+          preemption.requested):
+        save(manager, state, config, metrics)
+      if preemption.requested:
+        break
+  return state, last_loss, metrics
+
+
+def _write_train_metrics(writer, step, history, tick, batch_size, skipped
+                         ) -> float:
+  history = jax.device_get(history)
+  means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+  seconds = time.time() - tick
+  writer.write_scalars(step, {
+      'train/loss': means['loss'], 'train/accuracy': means['accuracy'],
+      'train/learning_rate': means['learning_rate'],
+      'train/steps_per_sec': len(history) / seconds,
+      'train/examples_per_sec': len(history) * batch_size / seconds,
+      'train/skipped_videos': skipped})
+  return means['loss']

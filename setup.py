@@ -12,9 +12,12 @@ setuptools.setup(
     license='Apache-2.0',
     packages=setuptools.find_packages(include=['tsformer_jax',
                                                'tsformer_jax.*']),
+    package_data={'tsformer_jax': ['labels/*.txt']},
     python_requires='>=3.10',
     install_requires=[
         'absl-py>=2.0',
+        # PyAV: decodes the video datasets and writes mp4 / webm.
+        'av>=18',
         'clu>=0.0.12',
         'einops>=0.8',
         'flax>=0.10',

@@ -1,6 +1,7 @@
 """TimeSformer with axial attention.
 
-Variants (the arg after the colon): base (default), hr, l, tiny.
+The arg after the colon: a variant, base (default), hr, l, tiny or demo,
+and/or a dataset, comma-separated (e.g. `hr,ssv2`; see the README).
   python -m tsformer_jax.summary --config=configs/axial.py:hr
 """
 

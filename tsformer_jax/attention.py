@@ -73,8 +73,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None = None, *,
       entries are excluded from the softmax.
     implementation: `'einsum'` is the reference written out below; `'xla'`
       and `'cudnn'` call `jax.nn.dot_product_attention` (cuDNN's fused
-      kernel needs a GPU and half precision); `'auto'` takes cuDNN where it
-      applies and XLA elsewhere.
+      kernel needs a GPU and half precision); `'auto'` takes cuDNN where its
+      shape rules allow and XLA elsewhere.
     dropout_rate: attention dropout on the softmax weights. Only the einsum
       path can drop weights, so it is used whenever dropout is active.
     dropout_rng: PRNG key for the attention dropout.
@@ -88,7 +88,12 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None = None, *,
   if dropout_rate > 0.0 and dropout_rng is not None:
     implementation = 'einsum'
   if implementation == 'auto':
-    implementation = _auto_implementation(q, mask)
+    if _cudnn_may_apply(q, mask):
+      try:
+        return _fused_attention(q, k, v, mask, 'cudnn')
+      except NotImplementedError:
+        pass  # cuDNN's own shape rules (they vary by version) said no.
+    implementation = 'xla'
   if implementation == 'einsum':
     return _einsum_attention(q, k, v, mask, dropout_rate, dropout_rng)
   return _fused_attention(q, k, v, mask, implementation)
@@ -109,11 +114,11 @@ def _einsum_attention(q, k, v, mask, dropout_rate, dropout_rng):
   return jnp.einsum('...hqk,...khd->...qhd', weights.astype(v.dtype), v)
 
 
-def _auto_implementation(q, mask) -> str:
+def _cudnn_may_apply(q, mask) -> bool:
   on_gpu = jax.default_backend() == 'gpu'
   half = q.dtype in (jnp.bfloat16, jnp.float16)
   head_dim_ok = q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-  return 'cudnn' if on_gpu and half and head_dim_ok and mask is None else 'xla'
+  return on_gpu and half and head_dim_ok and mask is None
 
 
 def _fused_attention(q, k, v, mask, implementation):

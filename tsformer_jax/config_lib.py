@@ -1,10 +1,14 @@
 """Configs: one scheme and one variant give the whole job's config.
 
 `configs/<scheme>.py` calls `get_config(scheme, arg)`; the arg string picks
-the variant, big_vision style (`--config=configs/divided.py:hr`). The
-defaults are the paper's Kinetics-400 recipe (`../shared/REFERENCE.md`):
-SGD with Nesterov momentum 0.9, weight decay 1e-4, learning rate 0.005
-divided by 10 at epochs 11 and 14 of 15, batch 64 (8 x 8 accumulated).
+the variant, big_vision style (`--config=configs/divided.py:hr`), and
+optionally a dataset after a comma (`configs/divided.py:hr,ssv2`,
+`configs/divided.py:k600`), which sets `dataset.name`, `model.num_classes`,
+`data.flip`, `data.sampling` and, where its recipe says so, the frames per
+clip (`datasets.DATASETS`). The defaults are the paper's Kinetics-400
+recipe (`../shared/REFERENCE.md`): SGD with Nesterov momentum 0.9, weight
+decay 1e-4, learning rate 0.005 divided by 10 at epochs 11 and 14 of 15,
+batch 64 (8 x 8 accumulated).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import ml_collections
 
 from tsformer_jax import attention
+from tsformer_jax import datasets
 
 # Overrides of the defaults below, per variant. The paper's sizes (Sec. 4):
 # frames, frame size, sampling rate.
@@ -46,11 +51,17 @@ DEFAULT_VARIANT = 'base'
 
 def get_config(scheme: str, arg: str | None = None
                ) -> ml_collections.ConfigDict:
-  """The config of `scheme` (a key of `attention.SCHEMES`) at variant `arg`."""
+  """The config of `scheme` (a key of `attention.SCHEMES`) at `arg`.
+
+  Args:
+    scheme: the attention scheme.
+    arg: a variant (a key of `VARIANTS`), a dataset (a key of
+      `datasets.DATASETS` or an alias), or both, comma-separated in any
+      order: 'hr', 'k600', 'hr,ssv2'. The variant defaults to 'base', the
+      dataset to the variant's (Kinetics-400; synthetic_motion for 'demo').
+  """
   attention.get_scheme(scheme)  # Fails early, listing the valid schemes.
-  variant = (arg or DEFAULT_VARIANT).strip().lower()
-  if variant not in VARIANTS:
-    raise ValueError(f'Unknown variant {arg!r}; valid: {sorted(VARIANTS)}.')
+  variant, dataset = _parse_arg(arg)
 
   config = ml_collections.ConfigDict()
   config.variant = variant
@@ -90,6 +101,9 @@ def get_config(scheme: str, arg: str | None = None
       std=(0.225, 0.225, 0.225),
       test_num_clips=1,
       test_num_crops=3,
+      # 'rate': a clip spans num_frames * sampling_rate frames (Kinetics);
+      # 'segments': one frame per equal segment of the video (SSv2).
+      sampling='rate',
       num_workers=8,
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -129,4 +143,35 @@ def get_config(scheme: str, arg: str | None = None
       config[section].update(values)
     else:
       config[section] = values
+  if dataset is not None:
+    config.dataset.name = dataset.name
+    config.model.num_classes = dataset.num_classes
+    config.data.flip = dataset.flip
+    config.data.sampling = dataset.sampling
+    config.model.num_frames = dataset.num_frames.get(variant,
+                                                     config.model.num_frames)
   return config
+
+
+def _parse_arg(arg: str | None) -> tuple[str, datasets.Dataset | None]:
+  """'hr,ssv2' -> ('hr', the ssv2 entry); either part may be left out."""
+  variant, dataset = None, None
+  for part in (arg or '').split(','):
+    part = part.strip().lower()
+    if not part:
+      continue
+    if part in VARIANTS:
+      if variant is not None:
+        raise ValueError(f'Two variants in {arg!r}: {variant!r}, {part!r}.')
+      variant = part
+    elif datasets.ALIASES.get(part, part) in datasets.DATASETS:
+      if dataset is not None:
+        raise ValueError(f'Two datasets in {arg!r}: {dataset.name!r}, '
+                         f'{part!r}.')
+      dataset = datasets.get_dataset(part)
+    else:
+      raise ValueError(
+          f'Unknown variant {part!r} in {arg!r}; valid: {sorted(VARIANTS)}, '
+          f'optionally with one dataset of {sorted(datasets.DATASETS)} '
+          f'(aliases {sorted(datasets.ALIASES)}), e.g. "hr,ssv2".')
+  return variant or DEFAULT_VARIANT, dataset

@@ -3,7 +3,10 @@
 Sampling follows the original implementation (itself from PySlowFast): a
 clip spans `num_frames * sampling_rate` frames at `target_fps`; training
 takes it at a random start, testing at `num_clips` evenly spaced starts, and
-a video shorter than the span repeats its last frames. Training crops a
+a video shorter than the span repeats its last frames. Something-Something
+samples by segments instead (`sampling='segments'`): the video is cut into
+`num_frames` equal segments and the clip takes one frame of each, at random
+in training and in the middle in testing. Training crops a
 random square after resizing the short side to a random size in
 `train_scales` and flips (unless the dataset forbids it); testing resizes the
 short side to the crop size and takes `num_crops` crops along the long side
@@ -86,6 +89,9 @@ class ClipSpec:
     num_clips: temporal clips per video at test time.
     num_crops: spatial crops per clip at test time (1: centre, 3: left,
       centre, right).
+    sampling: 'rate' (a span of `num_frames * sampling_rate` frames) or
+      'segments' (one frame per equal segment of the whole video;
+      `sampling_rate` and `target_fps` unused).
   """
   num_frames: int
   sampling_rate: int
@@ -97,6 +103,7 @@ class ClipSpec:
   std: tuple[float, float, float] = (0.225, 0.225, 0.225)
   num_clips: int = 1
   num_crops: int = 3
+  sampling: str = 'rate'
 
   @property
   def num_views(self) -> int:
@@ -111,7 +118,7 @@ def clip_spec(config) -> ClipSpec:
       crop_size=tuple(config.model.image_size), target_fps=d.target_fps,
       train_scales=tuple(d.train_scales), flip=d.flip, mean=tuple(d.mean),
       std=tuple(d.std), num_clips=d.test_num_clips,
-      num_crops=d.test_num_crops)
+      num_crops=d.test_num_crops, sampling=d.get('sampling', 'rate'))
 
 
 def temporal_indices(video_frames: int, video_fps: float, spec: ClipSpec,
@@ -127,6 +134,11 @@ def temporal_indices(video_frames: int, video_fps: float, spec: ClipSpec,
       random start with `rng` (training).
     rng: the training draw's generator.
   """
+  if spec.sampling == 'segments':
+    return segment_indices(video_frames, spec, clip, rng)
+  if spec.sampling != 'rate':
+    raise ValueError(f'Unknown sampling {spec.sampling!r}; valid: '
+                     "['rate', 'segments'].")
   span = spec.num_frames * spec.sampling_rate * video_fps / spec.target_fps
   slack = max(video_frames - span, 0.0)
   if clip is None:
@@ -138,6 +150,26 @@ def temporal_indices(video_frames: int, video_fps: float, spec: ClipSpec,
   # Past the end of a short video the last frame repeats; positions are
   # truncated, as the original's `.long()` does.
   return np.clip(positions, 0, video_frames - 1).astype(np.int64)
+
+
+def segment_indices(video_frames: int, spec: ClipSpec,
+                    clip: int | None = None,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+  """One frame per equal segment: `[T]` ints in [0, video_frames).
+
+  The video is cut into `spec.num_frames` segments of equal (fractional)
+  length. Training (`clip` None) draws a uniform position in each segment;
+  test clip `k` of `spec.num_clips` takes the position `(k + 1/2) /
+  num_clips` of the way through each segment, the middle for one clip. A
+  video shorter than `num_frames` repeats frames.
+  """
+  length = video_frames / spec.num_frames
+  if clip is None:
+    offsets = rng.uniform(0.0, 1.0, spec.num_frames)
+  else:
+    offsets = np.full(spec.num_frames, (clip + 0.5) / spec.num_clips)
+  positions = (np.arange(spec.num_frames) + offsets) * length
+  return np.clip(np.floor(positions), 0, video_frames - 1).astype(np.int64)
 
 
 def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:

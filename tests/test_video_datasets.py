@@ -1,0 +1,358 @@
+"""Video files and the video datasets: decoding, layouts, errors, training.
+
+Every video here is generated (synthetic_motion, or frames whose brightness
+encodes their index) and written with PyAV: mp4 (H.264) and webm (VP9).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tsformer_jax import config_lib
+from tsformer_jax import datasets
+from tsformer_jax import input_pipeline as ip
+from tsformer_jax import train
+from tsformer_jax.datasets import kinetics
+from tsformer_jax.datasets import synthetic_motion
+from tsformer_jax.datasets import video_files
+
+WRITERS = {'mp4': video_files.write_mp4, 'webm': video_files.write_webm}
+STEP = 8  # Brightness step per frame of `_counting_frames`.
+
+
+def _counting_frames(n, height=32, width=32):
+  """Grey frames whose level is STEP x their index: uint8 `[n, H, W, 3]`."""
+  levels = STEP * np.arange(n, dtype=np.uint8)
+  return np.broadcast_to(levels[:, None, None, None],
+                         (n, height, width, 3)).copy()
+
+
+def _indices_of(frames):
+  """The index each decoded `_counting_frames` frame shows: `[F]` ints."""
+  return np.round(frames.reshape(len(frames), -1).mean(1) / STEP
+                  ).astype(int).tolist()
+
+
+def _pool(frames, size=4):
+  """Means over size x size blocks: float `[F, H/size, W/size, 3]`."""
+  f, h, w, c = frames.shape
+  return frames.reshape(f, h // size, size, w // size, size, c).astype(
+      float).mean((2, 4))
+
+
+def _config(name, data_dir, variant='tiny'):
+  config = config_lib.get_config('divided', f'{variant},{name}')
+  config.dataset.data_dir = str(data_dir)
+  return config
+
+
+@pytest.mark.parametrize('ext', sorted(WRITERS))
+def test_round_trip_keeps_frames_rate_and_content(tmp_path, ext):
+  frames, _ = synthetic_motion.generate('train', 3)  # [16, 32, 32, 3]
+  path = str(tmp_path / f'clip.{ext}')
+  WRITERS[ext](path, frames, fps=25)
+  video = video_files.VideoFile(path)
+  assert (video.num_frames, video.fps) == (16, 25.0)
+  decoded = video.frames(np.arange(16))
+  assert decoded.shape == frames.shape and decoded.dtype == np.uint8
+  # yuv420p halves the colour resolution and the noise is per pixel:
+  # compare 4 x 4 block means, and where the square is.
+  assert np.abs(_pool(decoded) - _pool(frames)).mean() < 4
+  for a, b in zip(frames, decoded, strict=True):
+    centre = [np.argwhere(f.mean(-1) > 90).mean(0) for f in (a, b)]
+    np.testing.assert_allclose(centre[0], centre[1], atol=1)
+
+
+@pytest.mark.parametrize('ext', sorted(WRITERS))
+def test_frames_are_the_requested_indices(tmp_path, ext):
+  path = str(tmp_path / f'count.{ext}')
+  WRITERS[ext](path, _counting_frames(30))
+  video = video_files.VideoFile(path)
+  assert video.num_frames == 30
+  for indices in ([0, 3, 3, 7, 29], [12, 2, 2, 0], [5]):
+    assert _indices_of(video.frames(np.array(indices))) == indices
+  assert video.frames(np.array([], int)).shape == (0, 32, 32, 3)
+
+
+def test_an_over_estimated_length_repeats_the_last_decoded_frame(tmp_path):
+  """A webm cut in half: its header still says 30 frames."""
+  whole = tmp_path / 'whole.webm'
+  video_files.write_webm(str(whole), _counting_frames(30))
+  cut = tmp_path / 'cut.webm'
+  cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+  video = video_files.VideoFile(str(cut))
+  assert video.num_frames == 30
+  shown = _indices_of(video.frames(np.arange(30)))
+  last = shown[-1]
+  assert 0 < last < 29
+  assert shown == [min(i, last) for i in range(30)]
+
+
+def test_odd_sizes_are_padded_to_even(tmp_path):
+  path = str(tmp_path / 'odd.mp4')
+  video_files.write_mp4(path, _counting_frames(4, 15, 17))
+  assert video_files.VideoFile(path).frames([1]).shape == (1, 16, 18, 3)
+
+
+def test_unreadable_files_are_bad_videos(tmp_path):
+  (tmp_path / 'empty.mp4').write_bytes(b'')
+  (tmp_path / 'noise.mp4').write_bytes(
+      np.random.default_rng(0).bytes(4096))
+  (tmp_path / 'text.webm').write_text('not a video')
+  for name in ('empty.mp4', 'noise.mp4', 'text.webm', 'absent.mp4'):
+    video = video_files.VideoFile(str(tmp_path / name))
+    with pytest.raises(ip.BadVideoError, match=name):
+      _ = video.num_frames
+    with pytest.raises(ip.BadVideoError, match=name):
+      video.frames(np.array([0]))
+  # An mp4 cut after its index: 16 frames announced, none to decode.
+  whole = tmp_path / 'whole.mp4'
+  video_files.write_mp4(str(whole), _counting_frames(16))
+  data = whole.read_bytes()
+  (tmp_path / 'no_frames.mp4').write_bytes(data[:data.index(b'mdat') + 4])
+  video = video_files.VideoFile(str(tmp_path / 'no_frames.mp4'))
+  assert video.num_frames == 16
+  with pytest.raises(ip.BadVideoError, match='no decodable frame'):
+    video.frames(np.array([0]))
+
+
+def test_segment_sampling_takes_one_frame_per_segment():
+  spec = ip.ClipSpec(num_frames=8, sampling_rate=99, crop_size=(8, 8),
+                     sampling='segments', num_clips=1)
+  np.testing.assert_array_equal(ip.temporal_indices(80, 12.0, spec, clip=0),
+                                np.arange(5, 80, 10))  # Middles.
+  two = ip.ClipSpec(8, 1, (8, 8), sampling='segments', num_clips=2)
+  np.testing.assert_array_equal(ip.temporal_indices(80, 30.0, two, clip=0),
+                                np.arange(2, 80, 10))
+  np.testing.assert_array_equal(ip.temporal_indices(80, 30.0, two, clip=1),
+                                np.arange(7, 80, 10))
+  rng = np.random.default_rng(0)
+  draws = np.stack([ip.temporal_indices(80, 30.0, spec, rng=rng)
+                    for _ in range(200)])
+  assert (draws // 10 == np.arange(8)).all()  # Each in its own segment.
+  assert all(len(set(column)) == 10 for column in draws.T)  # Any frame.
+  short = ip.temporal_indices(5, 30.0, spec, clip=0)  # Fewer frames than T.
+  assert list(short) == [0, 0, 1, 2, 2, 3, 4, 4]  # Middles 0.31, 0.94, ...
+  with pytest.raises(ValueError, match="'rate', 'segments'"):
+    ip.temporal_indices(80, 30.0, ip.ClipSpec(8, 1, (8, 8), sampling='x'),
+                        clip=0)
+
+
+def test_configs_select_the_dataset():
+  hr = config_lib.get_config('divided', 'hr,ssv2')
+  assert (hr.dataset.name, hr.model.num_classes, hr.model.num_frames,
+          tuple(hr.model.image_size), hr.data.flip, hr.data.sampling) == (
+              'ssv2', 174, 16, (448, 448), False, 'segments')
+  assert ip.clip_spec(hr).sampling == 'segments'
+  assert config_lib.get_config('divided', 'ssv2').model.num_frames == 8
+  assert config_lib.get_config('divided', 'L,ssv2').model.num_frames == 64
+  k600 = config_lib.get_config('divided', 'k600')
+  assert (k600.variant, k600.dataset.name, k600.model.num_classes,
+          k600.data.flip, k600.data.sampling) == ('base', 'kinetics600', 600,
+                                                  True, 'rate')
+  d48 = config_lib.get_config('joint', 'diving48,hr')
+  assert (d48.model.num_classes, d48.model.num_frames, d48.data.flip) == (
+      48, 16, True)
+  demo = config_lib.get_config('divided', 'demo')
+  assert (demo.dataset.name, demo.model.num_classes) == ('synthetic_motion',
+                                                          4)
+  assert config_lib.get_config('divided').data.sampling == 'rate'
+  with pytest.raises(ValueError, match=r"'ssv3'.*'diving48', 'kinetics400'"):
+    config_lib.get_config('divided', 'hr,ssv3')
+  with pytest.raises(ValueError, match='Two datasets'):
+    config_lib.get_config('divided', 'k400,ssv2')
+
+
+def _write_csv_dataset(root, split, good, bad_at=()):
+  """`good` synthetic_motion videos of `split`, with a corrupt file and an
+  empty one at the positions `bad_at`."""
+  entries, videos = [], iter(range(good))
+  for position in range(good + len(bad_at)):
+    if position in bad_at:
+      path = root / split / f'bad{position}.mp4'
+      path.write_bytes(np.random.default_rng(position).bytes(3000)
+                       if position == bad_at[0] else b'')
+      entries.append(video_files.Entry(str(path), 0))
+      continue
+    index = next(videos)
+    frames, label = synthetic_motion.generate(split, index)
+    path = root / split / f'{index}.mp4'
+    video_files.write_mp4(str(path), frames)
+    entries.append(video_files.Entry(str(path), label))
+  kinetics.write_csv(str(root / f'{split}.csv'), entries, str(root))
+
+
+def test_a_csv_dataset_trains_and_evaluates_skipping_bad_files(tmp_path):
+  data = tmp_path / 'data'
+  (data / 'train').mkdir(parents=True)
+  (data / 'test').mkdir()
+  # The skip counter keys videos by their index: the bad ones sit at
+  # different indices in the two splits.
+  _write_csv_dataset(data, 'train', 6, bad_at=(2, 5))
+  _write_csv_dataset(data, 'test', 4, bad_at=(0, 4))
+  config = config_lib.get_config('divided', 'demo')
+  config.dataset.name = 'kinetics400'
+  config.dataset.data_dir = str(data)
+  config.model.num_classes = 4
+  config.model.depth = 1
+  config.num_train_steps = 2  # One epoch of 8: every video is read.
+  config.batch_size = config.eval_batch_size = 4
+  config.data.test_num_crops = 1
+  results = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  written = json.loads((tmp_path / 'work' / 'results.json').read_text())
+  assert written == results
+  assert results['step'] == 2 and results['skipped_videos'] == 4
+  assert 0 <= results['eval_top1'] <= results['eval_top5'] <= 1
+
+
+def test_csv_lines_paths_and_labels_are_checked(tmp_path):
+  (tmp_path / 'a b').mkdir()
+  video_files.write_mp4(str(tmp_path / 'a b' / 'v.mp4'), _counting_frames(4))
+  (tmp_path / 'train.csv').write_text(
+      f'a b/v.mp4 3\n\n{tmp_path}/a b/v.mp4 1\n')
+  source = datasets.get_source(_config('k400', tmp_path), 'train')
+  assert [os.path.basename(e.path) for e in source.entries] == ['v.mp4'] * 2
+  assert source.labels.tolist() == [3, 1]
+  assert source[1][0].num_frames == 4
+  config = _config('k400', tmp_path)
+  config.model.num_classes = 3
+  with pytest.raises(ValueError, match='class 3.*num_classes is 3'):
+    datasets.get_source(config, 'train')
+  (tmp_path / 'val.csv').write_text('a b/v.mp4 3\nno_label.mp4\n')
+  with pytest.raises(ValueError, match=r'val.csv:2: expected "path label"'):
+    datasets.get_source(_config('k400', tmp_path), 'val')
+  (tmp_path / 'test.csv').write_text('elsewhere/v.mp4 0\n')
+  with pytest.raises(FileNotFoundError, match='None of the first 1 videos'):
+    datasets.get_source(_config('k400', tmp_path), 'test')
+
+
+def test_missing_datasets_name_the_files_expected(tmp_path):
+  with pytest.raises(FileNotFoundError,
+                     match=r"train.csv in '.*'.*path label.*video path"):
+    datasets.get_source(_config('kinetics400', tmp_path), 'train')
+  with pytest.raises(FileNotFoundError, match=(
+      r'something-something-v2-validation.json, '
+      r'something-something-v2-labels.json, 20bn-something-something-v2 or '
+      r'videos in')):
+    datasets.get_source(_config('ssv2', tmp_path), 'test')
+  with pytest.raises(FileNotFoundError,
+                     match=r'Diving48_V2_train.json, rgb in .*/\{vid_name\}'):
+    datasets.get_source(_config('diving48', tmp_path), 'train')
+  with pytest.raises(FileNotFoundError,
+                     match=r'data_dir is empty.*\{train,val,test\}\.csv'):
+    datasets.get_source(_config('k600', ''), 'test')
+  config = _config('k400', tmp_path)
+  with pytest.raises(ValueError, match=r"split 'dev'.*\['test', 'train'"):
+    datasets.get_source(config, 'dev')
+  config.dataset.name = 'ucf101'
+  with pytest.raises(ValueError, match=r"'ucf101'.*'kinetics600', 'ssv2'"):
+    datasets.get_source(config, 'train')
+
+
+SSV2_TEMPLATES = ['Holding something next to something',
+                  'Pushing something from left to right',
+                  'Putting something on a surface']
+
+
+@pytest.mark.parametrize('video_dir', ['20bn-something-something-v2',
+                                       'videos'])
+def test_ssv2_layout_loads_with_its_labels(tmp_path, video_dir):
+  shipped = datasets.class_names(_config('ssv2', ''))
+  assert len(shipped) == 174
+  # The labels file decides the indices: here the reverse of the shipped
+  # (alphabetical) order.
+  labels = {name: str(173 - i) for i, name in enumerate(shipped)}
+  (tmp_path / 'something-something-v2-labels.json').write_text(
+      json.dumps(labels))
+  items = [dict(id=str(100 + i), label='whatever',
+                template=t.replace('something', '[something]'),
+                placeholders=['a', 'b'])
+           for i, t in enumerate(SSV2_TEMPLATES)]
+  (tmp_path / 'something-something-v2-train.json').write_text(
+      json.dumps(items))
+  (tmp_path / 'something-something-v2-validation.json').write_text(
+      json.dumps(items[1:]))
+  for item in items:
+    video_files.write_webm(str(tmp_path / video_dir / f'{item["id"]}.webm'),
+                           _counting_frames(24), fps=12)
+  config = _config('ssv2', tmp_path)
+  train_source = datasets.get_source(config, 'train')
+  names = datasets.class_names(config)
+  assert names == shipped[::-1]
+  assert [names[y] for y in train_source.labels] == SSV2_TEMPLATES
+  assert len(datasets.get_source(config, 'test')) == 2  # Validation list.
+  video, label = train_source[2]
+  assert label == 173 - shipped.index(SSV2_TEMPLATES[2])
+  assert (video.num_frames, video.fps) == (24, 12.0)
+  # Segments: the middle frame of each of 4 segments of 6 frames.
+  spec = ip.clip_spec(config)
+  assert spec.sampling == 'segments' and not spec.flip
+  indices = ip.temporal_indices(video.num_frames, video.fps, spec, clip=0)
+  assert _indices_of(video.frames(indices)) == [3, 9, 15, 21]
+  assert ip.eval_views(video, spec).shape == (3, 4, 32, 32, 3)
+  items[0]['template'] = 'Juggling [something]'
+  (tmp_path / 'something-something-v2-train.json').write_text(
+      json.dumps(items))
+  with pytest.raises(ValueError, match="'Juggling \\[something\\]'"):
+    datasets.get_source(config, 'train')
+
+
+def test_diving48_layout_loads_its_frame_windows(tmp_path):
+  for name in ('a', 'b'):
+    video_files.write_mp4(str(tmp_path / 'rgb' / f'{name}.mp4'),
+                          _counting_frames(16))
+  (tmp_path / 'Diving48_V2_train.json').write_text(json.dumps([
+      dict(vid_name='a', label=47, start_frame=0, end_frame=16),
+      dict(vid_name='b', label=5, start_frame=4, end_frame=12)]))
+  (tmp_path / 'Diving48_V2_test.json').write_text(json.dumps([
+      dict(vid_name='b', label=2, start_frame=0, end_frame=16)]))
+  config = _config('diving48', tmp_path)
+  source = datasets.get_source(config, 'train')
+  assert source.labels.tolist() == [47, 5]
+  whole, cut = source[0][0], source[1][0]
+  assert (whole.num_frames, cut.num_frames) == (16, 8)
+  assert _indices_of(cut.frames(np.array([0, 7, 9]))) == [4, 11, 11]
+  assert datasets.get_source(config, 'val').labels.tolist() == [2]
+  names = datasets.class_names(config)
+  assert len(names) == 48 and names[0] == 'Back+15som+05Twis+FREE'
+
+
+def test_kinetics_class_names(tmp_path):
+  k400 = datasets.class_names(_config('kinetics400', ''))
+  assert len(k400) == 400 and k400[:2] == ['abseiling', 'air drumming']
+  assert datasets.class_names(_config('k600', ''))[:3] == ['0', '1', '2']
+  # Videos in one folder per class name the classes.
+  lines = [f'train/class_{i}/v{j}.mp4 {i}\n' for i in range(600)
+           for j in range(2)]
+  (tmp_path / 'train.csv').write_text(''.join(lines))
+  names = datasets.class_names(_config('k600', tmp_path))
+  assert names[:2] == ['class 0', 'class 1'] and len(names) == 600
+  (tmp_path / 'train.csv').write_text(''.join(lines[:-2]))  # Class missing.
+  assert datasets.class_names(_config('k600', tmp_path))[599] == '599'
+
+
+def test_synthetic_motion_videos_are_written_then_decoded(tmp_path,
+                                                          monkeypatch):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  config = config_lib.get_config('divided', 'demo,synthetic_motion_videos')
+  assert (config.dataset.name, config.model.num_classes,
+          config.data.flip) == ('synthetic_motion_videos', 4, False)
+  assert datasets.data_dir(config) == str(
+      tmp_path / 'cache' / 'tsformer_jax' / 'synthetic_motion_videos')
+  config.dataset.data_dir = str(tmp_path / 'videos')
+  kinetics.prepare_synthetic_motion(config.dataset.data_dir, 'test', count=6)
+  source = datasets.get_source(config, 'test')  # Reads, writes nothing.
+  assert len(source) == 6
+  assert datasets.class_names(config) == list(synthetic_motion.CLASSES)
+  for index in (0, 5):
+    frames, label = synthetic_motion.generate('test', index)
+    video, source_label = source[index]
+    assert source_label == label and video.num_frames == 16
+    decoded = video.frames(np.arange(16))
+    assert np.abs(_pool(decoded) - _pool(frames)).mean() < 4
+  # The in-memory demo stays as it was.
+  memory = datasets.get_source(config_lib.get_config('divided', 'demo'),
+                               'test')
+  assert len(memory) == 256 and memory[5][1] == source[5][1]

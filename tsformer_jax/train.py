@@ -295,10 +295,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Resuming from step %d in %s.', manager.latest_step(),
                  workdir)
     state = restore(manager, state, manager.latest_step())
+  # Per split: the counters know videos by their index in the split.
   skipped = input_pipeline.SkipCounter()
+  eval_skipped = input_pipeline.SkipCounter()
 
   def evaluate_and_log(state):
-    metrics = evaluate(config, state.params, state.apply_fn, skipped)
+    metrics = evaluate(config, state.params, state.apply_fn, eval_skipped)
     writer.write_scalars(int(state.step),
                          {f'eval/{k}': v for k, v in metrics.items()})
     return metrics
@@ -318,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results.update(eval_top1=metrics['top1'], eval_top5=metrics['top5'],
                    eval_loss=metrics['loss'])
   manager.wait_until_finished()
-  results.update(step=int(state.step), skipped_videos=len(skipped))
+  results.update(step=int(state.step),
+                 skipped_videos=len(skipped) + len(eval_skipped))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)

@@ -157,7 +157,7 @@ def test_configs_select_the_dataset():
       48, 16, True)
   demo = config_lib.get_config('divided', 'demo')
   assert (demo.dataset.name, demo.model.num_classes) == ('synthetic_motion',
-                                                          4)
+                                                          2)
   assert config_lib.get_config('divided').data.sampling == 'rate'
   with pytest.raises(ValueError, match=r"'ssv3'.*'diving48', 'kinetics400'"):
     config_lib.get_config('divided', 'hr,ssv3')
@@ -337,7 +337,7 @@ def test_synthetic_motion_videos_are_written_then_decoded(tmp_path,
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
   config = config_lib.get_config('divided', 'demo,synthetic_motion_videos')
   assert (config.dataset.name, config.model.num_classes,
-          config.data.flip) == ('synthetic_motion_videos', 4, False)
+          config.data.flip) == ('synthetic_motion_videos', 2, True)
   assert datasets.data_dir(config) == str(
       tmp_path / 'cache' / 'tsformer_jax' / 'synthetic_motion_videos')
   config.dataset.data_dir = str(tmp_path / 'videos')

@@ -36,10 +36,9 @@ VARIANTS = {
     'demo': dict(
         model=dict(num_frames=8, image_size=(32, 32), patch_size=8,
                    hidden_size=64, depth=2, num_heads=4, mlp_dim=128,
-                   num_classes=4, drop_path=0.0, time_embedding_std=0.5),
+                   num_classes=2, drop_path=0.0, time_embedding_std=0.5),
         dataset=dict(name='synthetic_motion'),
-        # Left and right are classes here: no flips.
-        data=dict(sampling_rate=2, train_scales=(32, 40), flip=False,
+        data=dict(sampling_rate=2, train_scales=(32, 40),
                   test_num_crops=1, num_workers=2),
         optimizer=dict(name='adamw', learning_rate=1e-3, weight_decay=0.05,
                        schedule='cosine', warmup_epochs=1.0),

@@ -11,8 +11,8 @@ missing.
 
 | name | classes | data_dir holds |
 |---|---|---|
-| synthetic_motion | 4 | nothing: generated in memory |
-| synthetic_motion_videos | 4 | `{split}.csv` + mp4s, written on first use |
+| synthetic_motion | 2 | nothing: generated in memory |
+| synthetic_motion_videos | 2 | `{split}.csv` + mp4s, written on first use |
 | kinetics400, kinetics600 | 400, 600 | `{train,val,test}.csv` (`path label`) |
 | ssv2 | 174 | SSv2 label JSONs + `20bn-something-something-v2/` |
 | diving48 | 48 | `Diving48_V2_{train,test}.json` + `rgb/` |
@@ -104,13 +104,13 @@ DATASETS = {d.name: d for d in [
         name='synthetic_motion', num_classes=len(synthetic_motion.CLASSES),
         splits={s: s for s in synthetic_motion.SPLITS},
         load=lambda data_dir, split: synthetic_motion.Source(split),
-        on_disk=False, flip=False,
+        on_disk=False,
         names=lambda data_dir: list(synthetic_motion.CLASSES)),
     Dataset(
         name='synthetic_motion_videos',
         num_classes=len(synthetic_motion.CLASSES),
         splits={s: f'{s}.csv' for s in synthetic_motion.SPLITS},
-        load=kinetics.load, flip=False,
+        load=kinetics.load,
         names=lambda data_dir: list(synthetic_motion.CLASSES),
         layout='{data_dir}/{train,test}.csv and {train,test}/*.mp4',
         how_to='They are written on first use; delete the folder to write '

@@ -1,12 +1,13 @@
-"""synthetic_motion: moving squares whose class is their direction of motion.
+"""synthetic_motion: moving squares whose class is the order of their colours.
 
-Every clip shows one coloured square gliding over a noisy background, in one
-of `CLASSES` directions. The start point is uniform over the positions from
-which the whole path stays inside the frame, so the set of positions a clip
-visits is equally likely under a direction and its reverse: any single frame,
-and any unordered set of frames, says nothing about the class. Only the
-order of the frames does, which is what temporal attention can see and a
-per-frame model (`space_only`) cannot.
+Every clip shows one square gliding in a random direction over a noisy
+background. It is red for the first half of the clip and blue for the
+second, or the other way round: that order is the class. The direction,
+start, size and speed are drawn so that a clip played backwards is exactly
+as likely as played forwards, so any single frame, and any unordered set of
+frames, says nothing about the class. Only the order of the frames does,
+which is what temporal attention can see and a per-frame model
+(`space_only`, which averages its frames) cannot: it stays at chance.
 
 Clips are a pure function of (split, index): the dataset is regenerated
 identically anywhere, with no download.
@@ -21,8 +22,8 @@ import numpy as np
 
 from tsformer_jax import input_pipeline
 
-CLASSES = ('right', 'left', 'down', 'up')
-_DIRECTIONS = {'right': (0, 1), 'left': (0, -1), 'down': (1, 0), 'up': (-1, 0)}
+CLASSES = ('red_then_blue', 'blue_then_red')
+_COLOURS = {'red': (230.0, 60.0, 60.0), 'blue': (60.0, 90.0, 230.0)}
 SPLITS = {'train': 2048, 'test': 256}
 
 
@@ -31,7 +32,7 @@ class Spec:
   """The generated videos.
 
   Attributes:
-    num_frames: frames per video.
+    num_frames: frames per video; the colour changes half way.
     size: frame height and width in pixels.
     square: (min, max) side of the square in pixels.
     speed: pixels moved per frame.
@@ -39,8 +40,8 @@ class Spec:
   """
   num_frames: int = 16
   size: int = 32
-  square: tuple[int, int] = (5, 8)
-  speed: float = 1.4
+  square: tuple[int, int] = (8, 12)
+  speed: float = 0.8
   noise: float = 8.0
 
 
@@ -51,26 +52,25 @@ def generate(split: str, index: int, spec: Spec = Spec()
     raise ValueError(f'Unknown split {split!r}; valid: {sorted(SPLITS)}.')
   rng = np.random.default_rng([zlib.crc32(split.encode()), index])
   label = int(rng.integers(len(CLASSES)))
+  first, second = (_COLOURS[c] for c in CLASSES[label].split('_then_'))
   side = int(rng.integers(spec.square[0], spec.square[1] + 1))
-  travel = spec.speed * (spec.num_frames - 1)
-  room = spec.size - side - travel
-  if room < 0:
-    raise ValueError(f'A {side}-pixel square moving {travel} pixels does not '
-                     f'fit in {spec.size} pixels: lower speed or num_frames.')
-  dy, dx = _DIRECTIONS[CLASSES[label]]
-  # Along the motion the start leaves room for the whole path; across it
-  # the square may sit anywhere.
-  start = [rng.uniform(0, room) + (travel if d < 0 else 0) if d else
-           rng.uniform(0, spec.size - side) for d in (dy, dx)]
-  colour = rng.uniform(100, 255, size=3)
+  angle = rng.uniform(0.0, 2 * np.pi)
+  velocity = spec.speed * np.array([np.sin(angle), np.cos(angle)])  # (y, x)
+  travel = velocity * (spec.num_frames - 1)
+  room = spec.size - side - np.abs(travel)
+  if (room < 0).any():
+    raise ValueError(f'A {side}-pixel square moving {np.abs(travel).max():.1f}'
+                     f' pixels does not fit in {spec.size} pixels: lower '
+                     'speed or num_frames.')
+  # Uniform over the starts that keep the whole path inside the frame.
+  start = rng.uniform(0.0, room) + np.maximum(-travel, 0.0)
   background = rng.uniform(0, 60, size=(spec.size, spec.size, 3))
   frames = np.empty((spec.num_frames, spec.size, spec.size, 3), np.uint8)
   for t in range(spec.num_frames):
-    noise = rng.normal(0, spec.noise, size=background.shape)
-    frame = background + noise
-    y, x = (int(round(s + d * spec.speed * t)) for s, d in zip(
-        start, (dy, dx), strict=True))
-    frame[y:y + side, x:x + side] = colour
+    frame = background + rng.normal(0, spec.noise, size=background.shape)
+    y, x = np.round(start + velocity * t).astype(int)
+    frame[y:y + side, x:x + side] = (first if t < spec.num_frames // 2
+                                     else second)
     frames[t] = np.clip(frame, 0, 255)
   return frames, label
 

@@ -201,9 +201,9 @@ def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array
 
 
 def evaluate(config, params, apply_fn: Callable,
+             source: input_pipeline.Source,
              skipped: input_pipeline.SkipCounter) -> dict[str, float]:
-  """Top-1 / top-5 over `config.dataset.eval_split` with multi-view testing."""
-  source = datasets.get_source(config, config.dataset.eval_split)
+  """Top-1 / top-5 over the videos of `source` with multi-view testing."""
   spec = input_pipeline.clip_spec(config)
   step = jax.jit(functools.partial(eval_step, apply_fn=apply_fn))
   totals = None
@@ -284,7 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   train_source = datasets.get_source(config, config.dataset.train_split)
-  datasets.get_source(config, config.dataset.eval_split)  # Fail early.
+  # Both splits are opened first, so that a missing one fails at start.
+  eval_source = datasets.get_source(config, config.dataset.eval_split)
   steps_per_epoch = len(train_source) // config.batch_size
   num_steps = total_steps(config, steps_per_epoch)
   rng = jax.random.key(config.seed)
@@ -300,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_skipped = input_pipeline.SkipCounter()
 
   def evaluate_and_log(state):
-    metrics = evaluate(config, state.params, state.apply_fn, eval_skipped)
+    metrics = evaluate(config, state.params, state.apply_fn, eval_source,
+                       eval_skipped)
     writer.write_scalars(int(state.step),
                          {f'eval/{k}': v for k, v in metrics.items()})
     return metrics

@@ -12,6 +12,7 @@ import itertools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -180,6 +181,35 @@ def test_attend_einsum_equals_fused_with_mask_and_bfloat16():
     assert ref.dtype == fused.dtype == dtype
     np.testing.assert_allclose(np.float32(ref), np.float32(fused), atol=atol)
     np.testing.assert_allclose(np.float32(ref), np.float32(auto), atol=atol)
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_chunked_attention_equals_einsum_with_gradients(masked):
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, 3, 37, 4, 8)).astype(np.float32)
+             for _ in range(3))
+  # Key padding as the groupings make it, with a block of keys all masked.
+  mask = rng.random((3, 1, 1, 37)) > 0.3 if masked else None
+  if masked:
+    mask[..., 10:20] = False
+
+  def loss(implementation, q, k, v):
+    if implementation == 'chunked':
+      out = attention.chunked_attention(q, k, v, mask, query_chunk=8,
+                                        key_chunk=5)
+    else:
+      out = attention.attend(q, k, v, mask, implementation=implementation)
+    return jnp.sum(out ** 2), out
+
+  grad = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)
+  ref_grads, ref = grad('einsum', q, k, v)
+  grads, out = grad('chunked', q, k, v)
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  for a, b in zip(grads, ref_grads, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_allclose(
+      attention.attend(q, k, v, mask, implementation='chunked'), ref,
+      atol=1e-6)
 
 
 def test_attention_dropout_drops_and_rescales():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import tsformer_jax
+from tsformer_jax import attention
 from tsformer_jax import config_lib
 
 from conftest import SCHEMES
@@ -63,12 +64,56 @@ def test_fused_attention_equals_einsum(scheme):
   params = _randomize(tiny_params(scheme, image_size=(40, 24)))
   clips = random_clips(config)
   logits = {}
-  for impl in ('einsum', 'xla', 'auto'):
+  for impl in ('einsum', 'xla', 'chunked', 'auto'):
     config.model.attention_impl = impl
     model = tsformer_jax.create_model(config)
     logits[impl] = apply(model, params, clips)
-  np.testing.assert_allclose(logits['xla'], logits['einsum'], atol=1e-5)
-  np.testing.assert_allclose(logits['auto'], logits['einsum'], atol=1e-5)
+  for impl in ('xla', 'chunked', 'auto'):
+    np.testing.assert_allclose(logits[impl], logits['einsum'], atol=1e-5)
+
+
+@pytest.mark.parametrize('scheme', ['divided', 'space_only'])
+def test_remat_policies_give_the_same_gradients(scheme):
+  grads = {}
+  for remat in ('none', 'full', 'dots', 'dots_no_batch'):
+    config = tiny_config(scheme, remat=remat, drop_path=0.3)
+    model = tsformer_jax.create_model(config)
+    clips = random_clips(config)
+
+    def loss(params, model=model, clips=clips):
+      logits = model.apply({'params': params}, clips, train=True,
+                           rngs={'dropout': jax.random.key(1)})
+      return jnp.sum(logits ** 2)
+
+    grads[remat] = jax.jit(jax.grad(loss))(tiny_params(scheme))
+  for remat in ('full', 'dots', 'dots_no_batch'):
+    for a, b in zip(jax.tree.leaves(grads['none']),
+                    jax.tree.leaves(grads[remat]), strict=True):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('scheme', SCHEMES)
+def test_attention_weights_on_request_from_the_same_forward(scheme):
+  config = tiny_config(scheme, image_size=(40, 24))
+  params = _randomize(tiny_params(scheme, image_size=(40, 24)))
+  model = tsformer_jax.create_model(config)
+  clips = random_clips(config)
+  logits, state = jax.jit(lambda p, x: model.apply(
+      {'params': p}, x, mutable=['attention']))(params, clips)
+  np.testing.assert_allclose(logits, apply(model, params, clips), atol=1e-5)
+  steps = attention.get_scheme(scheme).steps
+  grid = model.grid
+  for i in range(config.model.depth):
+    block = state['attention'][f'block_{i}']
+    assert sorted(block) == sorted(f'{s.grouping}_attention' for s in steps)
+    for step in steps:
+      (weights,) = block[f'{step.grouping}_attention']['weights']
+      group = attention.GROUPINGS[step.grouping]
+      length = group.split(np.zeros((1,) + grid[:1] + (grid[1] * grid[2],)),
+                           grid).shape[2] + step.with_cls
+      assert weights.shape == (2, group.num_groups(grid),
+                               config.model.num_heads, length, length)
+      np.testing.assert_allclose(weights.sum(-1)[..., 1:], 1.0, atol=1e-5)
 
 
 @pytest.mark.parametrize('scheme', SCHEMES)

@@ -45,6 +45,7 @@ with a mask that allows exactly that step's (query, key) pairs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -55,8 +56,11 @@ import numpy as np
 
 Array = jax.Array
 Grid = tuple[int, int, int]  # (T, H, W): frames and patches per column and row.
-Implementation = Literal['einsum', 'xla', 'cudnn', 'auto']
-IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn', 'auto')
+Implementation = Literal['einsum', 'xla', 'cudnn', 'chunked', 'auto']
+IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn', 'chunked', 'auto')
+# Query and key block sizes of the chunked (memory-efficient) attention.
+QUERY_CHUNK = 1024
+KEY_CHUNK = 4096
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array | None = None, *,
@@ -73,8 +77,9 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None = None, *,
       entries are excluded from the softmax.
     implementation: `'einsum'` is the reference written out below; `'xla'`
       and `'cudnn'` call `jax.nn.dot_product_attention` (cuDNN's fused
-      kernel needs a GPU and half precision); `'auto'` takes cuDNN where its
-      shape rules allow and XLA elsewhere.
+      kernel needs a GPU and half precision); `'chunked'` never holds more
+      than a `QUERY_CHUNK x KEY_CHUNK` block of scores (`chunked_attention`);
+      `'auto'` takes cuDNN where its shape rules allow and XLA elsewhere.
     dropout_rate: attention dropout on the softmax weights. Only the einsum
       path can drop weights, so it is used whenever dropout is active.
     dropout_rng: PRNG key for the attention dropout.
@@ -95,23 +100,114 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None = None, *,
         pass  # cuDNN's own shape rules (they vary by version) said no.
     implementation = 'xla'
   if implementation == 'einsum':
-    return _einsum_attention(q, k, v, mask, dropout_rate, dropout_rng)
+    weights = attention_weights(q, k, mask)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+      keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
+                                  weights.shape)
+      weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    return weighted_values(weights, v)
+  if implementation == 'chunked':
+    return chunked_attention(q, k, v, mask)
   return _fused_attention(q, k, v, mask, implementation)
 
 
-def _einsum_attention(q, k, v, mask, dropout_rate, dropout_rng):
-  # Logits and softmax in float32 whatever the compute dtype: exp() of
-  # bfloat16 logits loses the small attention weights.
+def attention_weights(q: Array, k: Array, mask: Array | None = None
+                      ) -> Array:
+  """softmax(q k^T / sqrt(D_h)): `[..., Lq, H, Dh]` -> `[..., H, Lq, Lk]`.
+
+  Logits and softmax are float32 whatever the compute dtype: exp() of
+  bfloat16 logits loses the small attention weights.
+  """
   logits = jnp.einsum('...qhd,...khd->...hqk', q, k,
                       preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(q.shape[-1])
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1)
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def weighted_values(weights: Array, v: Array) -> Array:
+  """weights `[..., H, Lq, Lk]`, v `[..., Lk, H, Dh]` -> `[..., Lq, H, Dh]`."""
   return jnp.einsum('...hqk,...khd->...qhd', weights.astype(v.dtype), v)
+
+
+def chunked_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
+                      *, query_chunk: int = QUERY_CHUNK,
+                      key_chunk: int = KEY_CHUNK) -> Array:
+  """`attend` in O(query_chunk x key_chunk) memory instead of O(Lq x Lk).
+
+  Rabe and Staats, "Self-attention does not need O(n^2) memory" (2021):
+  queries are taken `query_chunk` at a time; for each, every block of
+  `key_chunk` keys gives its partial softmax sums relative to its own
+  maximum, and the blocks are combined after rescaling to the overall
+  maximum. Each block is rematerialised in the backward pass, so training
+  does not keep the scores either. Sequences are padded to whole chunks
+  (padded keys are masked out, padded queries dropped).
+
+  Args:
+    q, k, v, mask: as in `attend`; the mask must be broadcastable to
+      `[..., H, Lq, Lk]`.
+    query_chunk: queries per block.
+    key_chunk: keys per block.
+
+  Returns:
+    `[..., Lq, H, Dh]` in the dtype of `v`.
+  """
+  batch, (lq, h, dh), lk = q.shape[:-3], q.shape[-3:], k.shape[-3]
+  qc, kc = min(query_chunk, lq), min(key_chunk, lk)
+  nq, nk = -(-lq // qc), -(-lk // kc)
+  flat = lambda a: a.reshape((-1,) + a.shape[-3:])
+  q, k, v = flat(q), flat(k), flat(v)  # [B, L, H, Dh]
+  q = jnp.pad(q, ((0, 0), (0, nq * qc - lq), (0, 0), (0, 0)))
+  k = jnp.pad(k, ((0, 0), (0, nk * kc - lk), (0, 0), (0, 0)))
+  v = jnp.pad(v, ((0, 0), (0, nk * kc - lk), (0, 0), (0, 0)))
+  # Batch axes of the mask are broadcast (small: no Lq x Lk product unless
+  # the mask itself has one); its query and key axes are padded.
+  if mask is None:
+    mask = jnp.ones((1, 1, 1, lk), bool)
+  else:
+    mask = jnp.asarray(mask).reshape(
+        (1,) * (len(batch) + 3 - jnp.ndim(mask)) + jnp.shape(mask))
+    mask = jnp.broadcast_to(mask, batch + mask.shape[-3:-1] + (lk,))
+    mask = mask.reshape((-1,) + mask.shape[-3:])
+  mq = mask.shape[-2]
+  if mq > 1:
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, nq * qc - lq), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, nk * kc - lk)))
+  scale = 1.0 / math.sqrt(dh)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def summarize(q_block, key_index, mask_block):
+    """Sums of one query block against one key block, and their max."""
+    k_block = jax.lax.dynamic_slice_in_dim(k, key_index * kc, kc, axis=1)
+    v_block = jax.lax.dynamic_slice_in_dim(v, key_index * kc, kc, axis=1)
+    m_block = jax.lax.dynamic_slice_in_dim(mask_block, key_index * kc, kc,
+                                           axis=3)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q_block, k_block,
+                        preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(m_block, logits, jnp.finfo(jnp.float32).min)
+    peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    weights = jnp.where(m_block, jnp.exp(logits - peak), 0.0)
+    values = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v_block,
+                        preferred_element_type=jnp.float32)
+    return values, weights.sum(axis=-1), peak[..., 0]
+
+  def query_block(query_index):
+    q_block = jax.lax.dynamic_slice_in_dim(q, query_index * qc, qc, axis=1)
+    mask_block = (jax.lax.dynamic_slice_in_dim(mask, query_index * qc, qc,
+                                               axis=2) if mq > 1 else mask)
+    values, sums, peaks = jax.lax.map(
+        lambda i: summarize(q_block, i, mask_block), jnp.arange(nk))
+    top = peaks.max(axis=0)  # [B, H, qc]
+    rescale = jnp.exp(peaks - top)  # [nk, B, H, qc]
+    total = jnp.einsum('nbhq,nbhq->bhq', sums, rescale)
+    values = jnp.einsum('nbqhd,nbhq->bqhd', values, rescale)
+    total = jnp.where(total > 0, total, 1.0)
+    return values / jnp.moveaxis(total, 1, 2)[..., None]
+
+  out = jax.lax.map(query_block, jnp.arange(nq))  # [nq, B, qc, H, Dh]
+  out = jnp.moveaxis(out, 0, 1).reshape((-1, nq * qc, h, dh))[:, :lq]
+  return out.reshape(batch + (lq, h, dh)).astype(v.dtype)
 
 
 def _cudnn_may_apply(q, mask) -> bool:
@@ -204,8 +300,8 @@ GROUPINGS = {
 
 
 def grouped_attention(qkv: Array, cls_qkv: Array | None, grouping: str,
-                      grid: Grid, **attend_kwargs
-                      ) -> tuple[Array, Array | None]:
+                      grid: Grid, *, return_weights: bool = False,
+                      **attend_kwargs):
   """One attention step: attention inside each group of `grouping`.
 
   Args:
@@ -217,10 +313,16 @@ def grouped_attention(qkv: Array, cls_qkv: Array | None, grouping: str,
       class token per frame for `space_only`) copy c joins group c only.
     grouping: a key of `GROUPINGS`.
     grid: `(T, H, W)` with `N == H * W`.
+    return_weights: also return the softmax weights, computed once with the
+      einsum reference and used for the output too.
     **attend_kwargs: passed to `attend` (implementation, dropout).
 
   Returns:
-    `(out [B, T, N, H, Dh], cls_out [B, C, H, Dh] or None)`.
+    `(out [B, T, N, H, Dh], cls_out [B, C, H, Dh] or None)`, and with
+    `return_weights` a third element, the weights `[B, G, H, L, L]` in the
+    group order of `GROUPINGS[grouping].split` (float32). With the class
+    token, position 0 of every group is its copy of the class token, and
+    L counts it.
   """
   if grouping not in GROUPINGS:
     raise ValueError(f'Unknown grouping {grouping!r}; valid: '
@@ -240,12 +342,19 @@ def grouped_attention(qkv: Array, cls_qkv: Array | None, grouping: str,
       valid = np.pad(valid, ((0, 0), (1, 0)), constant_values=True)
   q, k, v = (tokens[:, :, :, i] for i in range(3))  # [B, G, L, H, Dh]
   mask = None if valid is None else jnp.asarray(valid[:, None, None, :])
-  out = attend(q, k, v, mask, **attend_kwargs)  # [B, G, L, H, Dh]
+  weights = None
+  if return_weights:
+    weights = attention_weights(q, k, mask)  # [B, G, H, L, L]
+    out = weighted_values(weights, v)
+  else:
+    out = attend(q, k, v, mask, **attend_kwargs)  # [B, G, L, H, Dh]
   cls_out = None
   if cls_qkv is not None:
     cls_out, out = out[:, :, 0], out[:, :, 1:]
     if cls_qkv.shape[1] == 1 and g > 1:
       cls_out = _mean_over_real_groups(cls_out, valid)
+  if return_weights:
+    return group.merge(out, grid), cls_out, weights
   return group.merge(out, grid), cls_out
 
 

@@ -82,6 +82,8 @@ def get_config(scheme: str, arg: str | None = None
       attention_impl='auto',
       dtype='float32',
       time_embedding_std=0.0,
+      # Block rematerialisation: 'none', 'full', 'dots', 'dots_no_batch'.
+      remat='none',
   ))
   config.dataset = ml_collections.ConfigDict(dict(
       name='kinetics400',

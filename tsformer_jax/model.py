@@ -93,11 +93,19 @@ class AttentionStep(nn.Module):
                            kernel_init=_trunc_normal, name='proj')
     cls_qkv = qkv(norm(cls)) if self.step.with_cls else None
     use_dropout = self.attention_dropout > 0.0 and not deterministic
-    out, cls_out = attention.grouped_attention(
+    # Asked for with `apply(..., mutable=['attention'])`: the same forward
+    # pass, also keeping its softmax weights (for rollout).
+    keep_weights = self.is_mutable_collection('attention')
+    outputs = attention.grouped_attention(
         qkv(norm(x)), cls_qkv, self.step.grouping, grid,
+        return_weights=keep_weights,
         implementation=self.attention_impl,
         dropout_rate=self.attention_dropout,
         dropout_rng=self.make_rng('dropout') if use_dropout else None)
+    out, cls_out = outputs[:2]
+    if keep_weights:
+      # [B, G, H, L, L], see `attention.grouped_attention`.
+      self.sow('attention', 'weights', outputs[2])
     drop = nn.Dropout(self.dropout)
     # Zero-initialised, so the step is a no-op until trained.
     fc = (nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros,
@@ -146,9 +154,13 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, cls: Array, x: Array, grid: attention.Grid, *,
+  def __call__(self, cls: Array, x: Array, grid: attention.Grid,
                deterministic: bool) -> tuple[Array, Array]:
-    """cls: [B, C, D], x: [B, T, N, D] -> same shapes."""
+    """cls: [B, C, D], x: [B, T, N, D] -> same shapes.
+
+    `grid` and `deterministic` are positional so that `nn.remat` can treat
+    them as static.
+    """
     drop_path = DropPath(self.drop_path)
     for step in self.scheme.steps:
       dcls, dx = AttentionStep(
@@ -198,6 +210,12 @@ class TimeSformer(nn.Module):
       scratch, a zero (or 0.02) start leaves frame order nearly symmetric
       and slow to learn: a brightness-ramp order task is learned within 75
       steps with 0.5 and not within 150 with 0.02.
+    remat: rematerialisation of each block in the backward pass, a key of
+      `REMAT_POLICIES`: 'none' keeps every activation; 'full' keeps only
+      the blocks' inputs and recomputes the rest; 'dots' keeps the matmul
+      outputs and recomputes the cheap elementwise work; 'dots_no_batch'
+      keeps only matmuls without batch axes (the linear layers, not the
+      attention scores).
   """
   attention: str = 'divided'
   num_classes: int = 400
@@ -215,6 +233,7 @@ class TimeSformer(nn.Module):
   attention_impl: str = 'auto'
   dtype: str = 'float32'
   time_embedding_std: float = 0.0
+  remat: str = 'none'
 
   @property
   def frame_shape(self) -> tuple[int, int]:
@@ -269,13 +288,14 @@ class TimeSformer(nn.Module):
     cls = drop(cls, deterministic=deterministic).astype(dtype)
     x = drop(x, deterministic=deterministic).astype(dtype)
 
+    block = remat_block(self.remat)
     for i, rate in enumerate(np.linspace(0.0, self.drop_path, self.depth)):
-      cls, x = Block(
+      cls, x = block(
           scheme, self.num_heads, self.mlp_dim, dropout=self.dropout,
           attention_dropout=self.attention_dropout, drop_path=float(rate),
           layer_norm_eps=self.layer_norm_eps,
           attention_impl=self.attention_impl, dtype=dtype,
-          name=f'block_{i}')(cls, x, grid, deterministic=deterministic)
+          name=f'block_{i}')(cls, x, grid, deterministic)
 
     # One class token per frame (space_only) is averaged before the norm, as
     # the original does; otherwise C == 1 and this only drops the axis.
@@ -287,6 +307,25 @@ class TimeSformer(nn.Module):
     logits = nn.Dense(self.num_classes, kernel_init=_trunc_normal,
                       dtype=dtype, name='head')(features)
     return logits.astype(jnp.float32)
+
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat_block(remat: str) -> type[Block]:
+  """`Block`, rematerialised with the policy `REMAT_POLICIES[remat]`."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'Unknown model.remat {remat!r}; valid: '
+                     f'{sorted(REMAT_POLICIES)}.')
+  if remat == 'none':
+    return Block
+  # Arguments 3 and 4 (counting self) are the grid and `deterministic`.
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(3, 4))
 
 
 def config_fields() -> tuple[str, ...]:

@@ -16,6 +16,9 @@ setuptools.setup(
     python_requires='>=3.10',
     install_requires=[
         'absl-py>=2.0',
+        # Prepared datasets (tsformer_jax.datasets.prepare): TFDS in
+        # ArrayRecord files.
+        'array-record>=0.5',
         # PyAV: decodes the video datasets and writes mp4 / webm.
         'av>=18',
         'clu>=0.0.12',
@@ -27,9 +30,12 @@ setuptools.setup(
         'numpy>=1.26',
         'optax>=0.2.4',
         'orbax-checkpoint>=0.11',
+        # Frame encoding for TFDS and GIFs of the attention rollout.
+        'pillow>=10',
         # clu's TensorBoard writer and the clip resizing use TensorFlow.
         'tensorboard>=2.16',
         'tensorflow-cpu>=2.16',
+        'tensorflow-datasets>=4.9.3',
     ],
     extras_require={
         'test': [

@@ -1,9 +1,11 @@
 """Test helpers: tiny configs and their parameters, clips, jitted apply."""
 
+import fcntl
 import functools
 
 import jax
 import numpy as np
+import pytest
 
 import tsformer_jax
 from tsformer_jax import attention
@@ -66,3 +68,28 @@ def hf_logits(model, clips):
     cls = hidden.hidden_states[-1][:, 0].reshape(
         clips.shape[0], clips.shape[1], -1).mean(1)
     return model.classifier(model.timesformer.layernorm(cls)).numpy()
+
+
+# A divided demo model trained on synthetic_motion, shared by the tests that
+# need a model that has learned something (prediction, rollout). Trained once
+# per test run: pytest-xdist workers share the directory under a file lock.
+DEMO_STEPS = 320
+
+
+@pytest.fixture(scope='session')
+def demo_workdir(tmp_path_factory, worker_id):
+  """The workdir of a finished divided demo training run (DEMO_STEPS)."""
+  from tsformer_jax import train  # pylint: disable=g-import-not-at-top
+  shared = tmp_path_factory.getbasetemp()
+  if worker_id != 'master':
+    shared = shared.parent
+  workdir = shared / 'demo_divided'
+  with open(shared / 'demo_divided.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / 'results.json').exists():
+      config = config_lib.get_config('divided', 'demo')
+      config.num_train_steps = DEMO_STEPS
+      config.optimizer.learning_rate = 2e-3
+      config.checkpoint_every_steps = DEMO_STEPS
+      train.train_and_evaluate(config, str(workdir), mode='train')
+  return workdir

@@ -90,6 +90,11 @@ def get_config(scheme: str, arg: str | None = None
       data_dir='',
       train_split='train',
       eval_split='test',
+      # 'files': decode the videos of data_dir; 'tfds': read the dataset
+      # prepared in tfds_dir by `python -m tsformer_jax.datasets.prepare`
+      # (empty: ~/.cache/tsformer_jax/tfds), encoded frames in ArrayRecord.
+      format='files',
+      tfds_dir='',
   ))
   config.data = ml_collections.ConfigDict(dict(
       sampling_rate=32,
@@ -120,6 +125,14 @@ def get_config(scheme: str, arg: str | None = None
       decay_factor=0.1,
       warmup_epochs=0.0,
       grad_clip_norm=0.0,
+  ))
+  # The device mesh (`sharding.py`): clips split over all axes; parameters
+  # and optimizer state split over `fsdp` when its size is above 1 (arrays
+  # of at least fsdp_min_size elements), replicated otherwise.
+  config.sharding = ml_collections.ConfigDict(dict(
+      axes=('data', 'fsdp'),
+      shape=(-1, 1),
+      fsdp_min_size=2 ** 14,
   ))
   config.batch_size = 64
   config.grad_accum_steps = 8

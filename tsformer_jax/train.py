@@ -35,6 +35,7 @@ from tsformer_jax import checkpoints
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline
 from tsformer_jax import model as model_lib
+from tsformer_jax import sharding
 
 TrainState = train_state.TrainState
 
@@ -86,13 +87,29 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return int(config.num_epochs * steps_per_epoch)
 
 
-def create_train_state(config, rng: jax.Array, steps_per_epoch: int
-                       ) -> TrainState:
+def create_train_state(config, rng: jax.Array, steps_per_epoch: int,
+                       mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """Parameters (fresh or `config.init_from`) and optimizer state.
+
+  With a `mesh`, every array is placed with `sharding.state_shardings`
+  (replicated, or split over the `fsdp` axis); every process must pass the
+  same `rng`, so that all of them build the same values.
+  """
   model = model_lib.create_model(config)
   # Fresh, or from `config.init_from` (ViT or TimeSformer weights).
   params = checkpoints.init_params_from(config, rng)
-  return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=create_optimizer(config, steps_per_epoch))
+  state = TrainState.create(apply_fn=model.apply, params=params,
+                            tx=create_optimizer(config, steps_per_epoch))
+  if mesh is None:
+    return state
+  shardings = sharding.state_shardings(state, mesh, config)
+  return jax.tree.map(_put, state, shardings)
+
+
+def _put(x, target: jax.sharding.Sharding) -> jax.Array:
+  # Every process holds the whole value; each places its own shards.
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, target, lambda i: x[i])
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -140,7 +157,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   if clips.shape[0] % micro:
     raise ValueError(f'batch of {clips.shape[0]} does not split into '
                      f'grad_accum_steps={micro} micro-batches.')
-  split = lambda x: x.reshape((micro, -1) + x.shape[1:])
+  # Micro-batch i takes examples i, i + micro, ...: with the batch split
+  # over devices, every micro-batch then keeps every device busy.
+  split = lambda x: x.reshape((-1, micro) + x.shape[1:]).swapaxes(0, 1)
 
   def loss_fn(params, clips, targets, rng):
     logits = state.apply_fn({'params': params}, clips, train=True,
@@ -202,15 +221,27 @@ def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array
 
 def evaluate(config, params, apply_fn: Callable,
              source: input_pipeline.Source,
-             skipped: input_pipeline.SkipCounter) -> dict[str, float]:
-  """Top-1 / top-5 over the videos of `source` with multi-view testing."""
+             skipped: input_pipeline.SkipCounter,
+             step: Callable | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+  """Top-1 / top-5 over the videos of `source` with multi-view testing.
+
+  `step` is `eval_step` compiled for `params` (`jit_eval_step`); compiled
+  here when None. With a `mesh`, every process reads its share of each
+  batch, which is then split over the mesh's devices.
+  """
   spec = input_pipeline.clip_spec(config)
-  step = jax.jit(functools.partial(eval_step, apply_fn=apply_fn))
+  if mesh is None:
+    mesh = sharding.create_mesh(config)
+  if step is None:
+    step = jit_eval_step(config, params, apply_fn, mesh)
+  batches = sharding.batch_sharding(mesh)
   totals = None
   for batch in input_pipeline.eval_batches(
       source, spec, config.eval_batch_size, config.data.num_workers,
-      skipped):
-    sums = step(params, batch)
+      skipped, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    sums = step(params, sharding.global_batch(batch, batches))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise input_pipeline.BadVideoError('No evaluation video could be read.')
@@ -218,6 +249,32 @@ def evaluate(config, params, apply_fn: Callable,
   return dict(top1=float(totals['top1']) / count,
               top5=float(totals['top5']) / count,
               loss=float(totals['loss']) / count, videos=count)
+
+
+def jit_eval_step(config, params, apply_fn: Callable,
+                  mesh: jax.sharding.Mesh) -> Callable:
+  """`eval_step` jitted for `params` laid out as on `mesh`."""
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn),
+                 in_shardings=(sharding.state_shardings(params, mesh, config),
+                               sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def jit_train_step(config, state: TrainState, schedule: optax.Schedule,
+                   mesh: jax.sharding.Mesh) -> Callable:
+  """`train_step` with explicit shardings: the state as
+  `sharding.state_shardings` lays it out, the batch split over the mesh,
+  key and metrics replicated. The old state's buffers are donated."""
+  sharding.check_batch_size(config.batch_size // config.grad_accum_steps,
+                            mesh, 'batch_size / grad_accum_steps')
+  state_shardings = sharding.state_shardings(state, mesh, config)
+  replicated = sharding.replicated(mesh)
+  return jax.jit(
+      functools.partial(train_step, config=config, schedule=schedule),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                    replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 class _Preemption:
@@ -288,9 +345,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_source = datasets.get_source(config, config.dataset.eval_split)
   steps_per_epoch = len(train_source) // config.batch_size
   num_steps = total_steps(config, steps_per_epoch)
+  mesh = sharding.create_mesh(config)
+  logging.info('Mesh %s over %d devices in %d processes.', dict(mesh.shape),
+               mesh.size, jax.process_count())
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  state = create_train_state(config, init_rng, steps_per_epoch)
+  state = create_train_state(config, init_rng, steps_per_epoch, mesh)
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     logging.info('Resuming from step %d in %s.', manager.latest_step(),
@@ -300,9 +360,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   skipped = input_pipeline.SkipCounter()
   eval_skipped = input_pipeline.SkipCounter()
 
+  eval_step_fn = jit_eval_step(config, state.params, state.apply_fn, mesh)
+
   def evaluate_and_log(state):
     metrics = evaluate(config, state.params, state.apply_fn, eval_source,
-                       eval_skipped)
+                       eval_skipped, eval_step_fn, mesh)
     writer.write_scalars(int(state.step),
                          {f'eval/{k}': v for k, v in metrics.items()})
     return metrics
@@ -312,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     schedule = learning_rate_schedule(config, steps_per_epoch)
     state, results['train_loss'], metrics = _train(
         config, workdir, state, step_rng, num_steps, schedule, train_source,
-        manager, writer, skipped,
+        manager, writer, skipped, mesh,
         evaluate_and_log if mode == 'train_and_eval' else None)
   finished = int(state.step) >= num_steps
   if mode == 'eval' or (mode == 'train_and_eval' and finished and
@@ -332,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
-           writer, skipped, evaluate_fn: Callable | None
+           writer, skipped, mesh, evaluate_fn: Callable | None
            ) -> tuple[TrainState, float | None, dict | None]:
   """The training loop from `state.step` to `num_steps` (or SIGTERM).
 
@@ -341,12 +403,13 @@ def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
   the end, and saves those steps with their metrics (for the best-N).
   Returns the state, the last logged training loss and eval metrics.
   """
-  step_fn = jax.jit(functools.partial(train_step, config=config,
-                                      schedule=schedule), donate_argnums=0)
+  step_fn = jit_train_step(config, state, schedule, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
   batches = input_pipeline.train_batches(
       source, input_pipeline.clip_spec(config), config.batch_size, config.seed,
       start_step=int(state.step), num_workers=config.data.num_workers,
-      skipped=skipped)
+      skipped=skipped, process_index=jax.process_index(),
+      process_count=jax.process_count())
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps,
                                            writer=writer)]
   if jax.process_index() == 0 and config.profile:
@@ -355,7 +418,8 @@ def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
   last_loss, metrics, history, tick = None, None, [], time.time()
   with _Preemption() as preemption:
     for step in range(int(state.step) + 1, num_steps + 1):
-      state, step_metrics = step_fn(state, next(batches), rng)
+      batch = sharding.global_batch(next(batches), batch_sharding)
+      state, step_metrics = step_fn(state, batch, rng)
       for hook in hooks:
         hook(step)
       history.append(step_metrics)

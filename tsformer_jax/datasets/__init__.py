@@ -7,7 +7,9 @@ from the config variant's. `config_lib` takes the class count, flips,
 sampling and frames from here; `get_source(config, split)` turns
 `config.dataset` into a random-access `input_pipeline.Source` of labelled
 videos, failing at once, with the layout it expects, when files are
-missing.
+missing. With `config.dataset.format = 'tfds'` it reads instead the TFDS
+dataset that `python -m tsformer_jax.datasets.prepare` wrote
+(`tfds_builders.py`): encoded frames in ArrayRecord, read by index.
 
 | name | classes | data_dir holds |
 |---|---|---|
@@ -173,11 +175,19 @@ def data_dir(config) -> str:
       f'), which should hold {dataset.layout}. {dataset.how_to}')
 
 
+FORMATS = ('files', 'tfds')
+
+
 def get_source(config, split: str) -> input_pipeline.Source:
   """The videos of `split` of `config.dataset`.
 
+  `config.dataset.format` says where they are read: 'files' decodes the
+  dataset's own files in `data_dir`; 'tfds' reads the TFDS dataset that
+  `python -m tsformer_jax.datasets.prepare` wrote to `tfds_dir`
+  (`tfds_builders.py`).
+
   Raises:
-    ValueError: an unknown dataset or split, or labels beyond
+    ValueError: an unknown dataset, split or format, or labels beyond
       `config.model.num_classes`.
     FileNotFoundError: the dataset's files are missing; the message names
       the files expected, where, and how to prepare them.
@@ -186,6 +196,16 @@ def get_source(config, split: str) -> input_pipeline.Source:
   if split not in dataset.splits:
     raise ValueError(f'Unknown split {split!r} of {dataset.name}; valid: '
                      f'{sorted(dataset.splits)}.')
+  # Configs saved before the field existed read files.
+  data_format = config.dataset.get('format', 'files')
+  if data_format not in FORMATS:
+    raise ValueError(f'Unknown config.dataset.format {data_format!r}; '
+                     f'valid: {list(FORMATS)}.')
+  if data_format == 'tfds':
+    # Imported here: TensorFlow Datasets loads TensorFlow, which reading
+    # files does not need.
+    from tsformer_jax.datasets import tfds_builders
+    return tfds_builders.load(config, split)
   root = data_dir(config)
   if dataset.prepare is not None:
     dataset.prepare(root, split)

@@ -1,0 +1,270 @@
+"""Prediction on video files and the long-video protocol (clips averaged)."""
+
+import copy
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import tsformer_jax
+from tsformer_jax import checkpoints
+from tsformer_jax import config_lib
+from tsformer_jax import input_pipeline
+from tsformer_jax import long_video
+from tsformer_jax import predict
+from tsformer_jax.datasets import synthetic_motion
+from tsformer_jax.datasets import video_files
+
+from conftest import apply
+
+# The demo's clips: 8 frames at rate 2 span 16 frames at 30 fps.
+SPAN = 16
+
+
+def _write(path, frames, fps=30.0):
+  video_files.write_mp4(str(path), frames, fps)
+  return str(path)
+
+
+def _long_frames(parts, extra=0):
+  """Test videos 0..parts-1 of synthetic_motion one after the other, and
+  `extra` frames of the next."""
+  frames = [synthetic_motion.generate('test', i)[0] for i in range(parts + 1)]
+  return np.concatenate(frames)[:parts * SPAN + extra]
+
+
+@pytest.fixture(scope='module')
+def demo(demo_workdir):
+  return checkpoints.load_checkpoint(str(demo_workdir / 'checkpoints'))
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  """Three demo test videos, a corrupt file and an empty one, mixed."""
+  root = tmp_path_factory.mktemp('videos')
+  good = [_write(root / f'{i}.mp4', synthetic_motion.generate('test', i)[0])
+          for i in range(3)]
+  corrupt, empty = root / 'corrupt.mp4', root / 'empty.mp4'
+  corrupt.write_bytes(b'\x00\x00\x00\x18ftypmp42' + bytes(range(256)) * 4)
+  empty.write_bytes(b'')
+  return [good[0], str(corrupt), good[1], good[2], str(empty)]
+
+
+def _eval_scores(config, params, path):
+  """Evaluation's path: all test views, model, softmax averaged: `[C]`."""
+  views = input_pipeline.eval_views(video_files.VideoFile(path),
+                                    input_pipeline.clip_spec(config))
+  logits = apply(tsformer_jax.create_model(config), params, views)
+  return np.asarray(jax.nn.softmax(logits)).mean(0)
+
+
+def _features(config, params, path):
+  """Per-view features of `model.apply` with num_classes = 0: `[V, D]`."""
+  config = copy.deepcopy(config)
+  config.model.num_classes = 0
+  views = input_pipeline.eval_views(video_files.VideoFile(path),
+                                    input_pipeline.clip_spec(config))
+  headless = {k: v for k, v in params.items() if k != 'head'}
+  return np.asarray(apply(tsformer_jax.create_model(config), headless, views))
+
+
+def test_prediction_equals_evaluation_and_reports_bad_files(demo, files):
+  config, params = demo
+  # Batches of 2 views: videos share batches and the last one is padded.
+  results = predict.predict_videos(config, params, files, batch_size=2)
+  assert [r.path for r in results] == files
+  for result in results:
+    if 'corrupt' in result.path or 'empty' in result.path:
+      assert result.scores is None and result.path in result.error
+      continue
+    assert result.error is None
+    expected = _eval_scores(config, params, result.path)
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5)
+    assert result.top_k(1)[0][0] == int(np.argmax(expected))
+    assert len(result.clip) == config.data.test_num_clips * \
+        config.data.test_num_crops
+
+
+def test_stride_clips_cover_the_video_end_to_end():
+  spec = input_pipeline.clip_spec(config_lib.get_config('divided', 'demo'))
+
+  def starts(frames, fps, **coverage):
+    indices = long_video.clip_indices(frames, fps, spec,
+                                      long_video.Coverage(**coverage))
+    return indices[:, 0].tolist(), indices
+
+  # A stride of one span: back to back, the last clip ending at the end.
+  assert starts(64, 30.0, stride_seconds=SPAN / 30)[0] == [0, 16, 32, 48]
+  assert starts(70, 30.0, stride_frames=16)[0] == [0, 16, 32, 48, 54]
+  # Half a span: overlapping clips.
+  assert starts(40, 30.0, stride_frames=8)[0] == [0, 8, 16, 24]
+  # At 15 fps a clip spans 8 source frames; the stride is 7.5 frames.
+  first, indices = starts(40, 15.0, stride_seconds=0.5)
+  assert first == [0, 7, 15, 22, 30, 32]
+  np.testing.assert_array_equal(indices[1], [7, 8, 9, 10, 11, 12, 13, 14])
+  # Clip at 16 of a 16-frame span: linspace(16, 31, 8), truncated.
+  np.testing.assert_array_equal(starts(64, 30.0, stride_frames=16)[1][1],
+                                [16, 18, 20, 22, 24, 26, 28, 31])
+  # Shorter than a clip: one clip repeating the last frame.
+  first, indices = starts(10, 30.0, stride_frames=16)
+  assert first == [0] and indices.max() == 9
+  for frames, fps, stride in [(64, 30.0, 16), (70, 30.0, 16), (301, 25.0, 9),
+                              (1000, 30.0, 3.3)]:
+    indices = long_video.clip_indices(
+        frames, fps, spec, long_video.Coverage(stride_frames=stride))
+    span = long_video.clip_span(fps, spec)
+    assert indices[0, 0] == 0 and indices[-1, -1] == frames - 1
+    assert (np.diff(indices[:, 0]) <= span).all()  # No frame left out.
+    assert (np.diff(indices, axis=1) >= 0).all()
+  # A number of clips: evaluation's placement, first frame to last.
+  indices = long_video.clip_indices(70, 30.0, spec,
+                                    long_video.Coverage(num_clips=3))
+  assert indices[:, 0].tolist() == [0, 27, 54] and indices[-1, -1] == 69
+  segments = dataclasses.replace(spec, sampling='segments')
+  with pytest.raises(ValueError, match='number of clips'):
+    long_video.clip_indices(70, 30.0, segments,
+                            long_video.Coverage(stride_frames=16))
+  with pytest.raises(ValueError, match='exactly one'):
+    long_video.Coverage(num_clips=2, stride_frames=16)
+
+
+def test_one_pass_decoding_equals_decoding_each_clip(tmp_path):
+  path = _write(tmp_path / 'v.mp4', _long_frames(1, extra=4))  # 20 frames
+  # Overlapping, out of order, repeated and past the end (the last frame).
+  rows = np.array([[0, 2, 4], [10, 11, 12], [1, 1, 3], [18, 19, 25],
+                   [5, 30, 2], [3, 4, 5]])
+  clips = dict(long_video.decode_clips(path, rows))
+  assert sorted(clips) == list(range(len(rows)))
+  for k, row in enumerate(rows):
+    np.testing.assert_array_equal(clips[k], video_files.decode(path, row))
+
+
+def _fake_logits(clips):
+  """A model whose logits are the clip's mean colour, times 4."""
+  return 4 * np.asarray(clips).mean(axis=(1, 2, 3))  # [B, 3]
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_long_videos_average_clip_softmaxes_across_batches(tmp_path):
+  config = config_lib.get_config('divided', 'demo')
+  spec = input_pipeline.clip_spec(config)
+  videos = [
+      _write(tmp_path / 'long.mp4', _long_frames(4, extra=6)),  # 70 frames
+      _write(tmp_path / 'short.mp4', _long_frames(1)),
+      str(tmp_path / 'missing.mp4'),
+      _write(tmp_path / 'three.mp4', _long_frames(3)),
+      input_pipeline.ArrayVideo(_long_frames(2)[::-1].copy()),
+  ]
+  starts = [[0, 16, 32, 48, 54], [0], None, [0, 16, 32], [0, 16]]
+  calls = []
+
+  def forward(params, clips):
+    calls.append(len(clips))
+    return dict(scores=_softmax(_fake_logits(clips)),
+                features=np.asarray(clips)[:, :, 5, 7, :].reshape(
+                    len(clips), -1))
+
+  results = predict.predict_videos(
+      config, None, videos, batch_size=3, forward=forward,
+      coverage=long_video.Coverage(stride_seconds=SPAN / 30))
+  assert calls == [3, 3, 3, 3]  # 11 views in fixed batches, the last padded.
+  assert 'missing.mp4' in results[2].error and results[2].scores is None
+  for video, result, first in zip(videos, results, starts, strict=True):
+    if first is None:
+      continue
+    video = (video_files.VideoFile(video) if isinstance(video, str)
+             else video)
+    clips = []
+    for s in first:  # Independently: 8 frames evenly over the 16 from s.
+      indices = np.linspace(s, s + SPAN - 1, 8).astype(int)
+      clips.append(input_pipeline.normalize(video.frames(indices), spec))
+    clips = np.stack(clips)  # 32 x 32 frames: the crop is the frame.
+    assert result.error is None and result.start.tolist() == first
+    assert result.clip.tolist() == list(range(len(first)))
+    np.testing.assert_allclose(result.view_scores,
+                               _softmax(_fake_logits(clips)), atol=1e-6)
+    np.testing.assert_allclose(result.scores,
+                               _softmax(_fake_logits(clips)).mean(0),
+                               atol=1e-6)
+    np.testing.assert_allclose(
+        result.features, clips[:, :, 5, 7, :].reshape(len(first), -1).mean(0),
+        atol=1e-6)
+
+
+def test_cli_writes_json_and_features(demo, demo_workdir, files, tmp_path,
+                                      capsys):
+  config, params = demo
+  out = tmp_path / 'features.npz'
+  status = predict.main(['predict', f'--checkpoint={demo_workdir}/checkpoints',
+                         *files, '--json', f'--features_out={out}',
+                         '--batch_size=2'])
+  captured = capsys.readouterr()
+  assert status == 1  # Two files could not be read.
+  errors = captured.err.strip().splitlines()
+  assert len(errors) == 2
+  assert files[1] in errors[0] and files[4] in errors[1]
+  document = json.loads(captured.out)
+  good = [0, 2, 3]
+  for i, video in enumerate(document['videos']):
+    assert video['path'] == files[i]
+    if i not in good:
+      assert video['error'] and not video['top_k']
+      continue
+    expected = _eval_scores(config, params, files[i])
+    assert [t['index'] for t in video['top_k']] == \
+        np.argsort(-expected).tolist()  # top_k 5, clipped to 2 classes.
+    assert [t['label'] for t in video['top_k']] == [
+        synthetic_motion.CLASSES[j] for j in np.argsort(-expected)]
+    np.testing.assert_allclose([t['probability'] for t in video['top_k']],
+                               np.sort(expected)[::-1], atol=1e-5)
+
+  arrays = np.load(out)  # No pickles: every array is numeric or text.
+  assert arrays['paths'].tolist() == files
+  assert np.isnan(arrays['video_features'][[1, 4]]).all()
+  assert arrays['clip_video'].tolist() == good
+  assert arrays['clip_start'].tolist() == [0, 0, 0]
+  for i in good:
+    features = _features(config, params, files[i])
+    rows = arrays['clip_video'] == i
+    np.testing.assert_allclose(arrays['clip_features'][rows], features,
+                               atol=1e-5)
+    np.testing.assert_allclose(arrays['video_features'][i],
+                               features.mean(0), atol=1e-5)
+    np.testing.assert_allclose(arrays['video_scores'][i],
+                               _eval_scores(config, params, files[i]),
+                               atol=1e-5)
+
+  # Good files only, text, two clips each: exit status 0.
+  status = predict.main(['predict', f'--checkpoint={demo_workdir}/checkpoints',
+                         files[0], files[2], '--clips=2'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert status == 0
+  assert lines[0] == f'{files[0]} (2 views)' and len(lines) == 6
+  assert {line.split()[-1] for line in lines[1:3]} == set(
+      synthetic_motion.CLASSES)
+
+
+def test_clips_and_crops_are_evaluations_views():
+  config = config_lib.get_config('divided', 'demo')
+  spec = dataclasses.replace(input_pipeline.clip_spec(config), num_clips=2,
+                             num_crops=3)
+  # Landscape frames, so that the left, centre and right crops differ.
+  frames = np.concatenate([_long_frames(3), _long_frames(3)[:, :, ::-1]], 2)
+  video = input_pipeline.ArrayVideo(frames[:, :, 8:56].copy())
+  forward = lambda params, clips: dict(scores=_softmax(_fake_logits(clips)))
+  result, = predict.predict_videos(
+      config, None, [video], batch_size=4, forward=forward,
+      coverage=long_video.Coverage(num_clips=2, num_crops=3))
+  assert result.clip.tolist() == [0, 0, 0, 1, 1, 1]
+  assert result.crop.tolist() == [0, 1, 2, 0, 1, 2]
+  assert result.start.tolist() == [0, 0, 0, 32, 32, 32]
+  expected = _softmax(_fake_logits(input_pipeline.eval_views(video, spec)))
+  assert np.ptp(expected, axis=0).min() > 1e-3  # The views differ.
+  np.testing.assert_allclose(result.view_scores, expected, atol=1e-6)
+  np.testing.assert_allclose(result.scores, expected.mean(0), atol=1e-6)

@@ -1,0 +1,271 @@
+"""TFDS datasets: the synthetic_motion builder, converted video datasets,
+reading them as sources, training on them, and the missing-data error."""
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+
+from tsformer_jax import config_lib
+from tsformer_jax import datasets
+from tsformer_jax import input_pipeline as ip
+from tsformer_jax import train
+from tsformer_jax.datasets import kinetics
+from tsformer_jax.datasets import synthetic_motion
+from tsformer_jax.datasets import tfds_builders
+from tsformer_jax.datasets import video_files
+
+ROOT = pathlib.Path(__file__).parent.parent
+LIMIT = 48  # synthetic_motion videos per split: enough for 6 batches of 8.
+
+
+def _tfds_config(arg, tfds_dir, **dataset):
+  config = config_lib.get_config('divided', arg)
+  config.dataset.update(dict(format='tfds', tfds_dir=str(tfds_dir),
+                             **dataset))
+  return config
+
+
+@pytest.fixture(scope='module')
+def synthetic_dir(tmp_path_factory):
+  """The first LIMIT videos of each synthetic_motion split, as TFDS."""
+  root = tmp_path_factory.mktemp('tfds')
+  config = _tfds_config('demo', root)
+  directory = tfds_builders.prepare(config, limit=LIMIT, num_workers=2)
+  assert directory == str(root / 'synthetic_motion' / '1.0.0')
+  return root
+
+
+def test_synthetic_motion_tfds_holds_the_generated_clips(synthetic_dir):
+  config = _tfds_config('demo', synthetic_dir)
+  info = tfds.builder_from_directory(tfds_builders.builder_dir(config)).info
+  assert (info.name, str(info.version)) == ('synthetic_motion', '1.0.0')
+  assert info.features['label'].names == list(synthetic_motion.CLASSES)
+  assert {s: info.splits[s].num_examples for s in info.splits} == {
+      'train': LIMIT, 'test': LIMIT}
+  assert all(f.endswith('.array_record-00000-of-00001')
+             for s in info.splits for f in info.splits[s].filenames)
+  for split in ('train', 'test'):
+    source = datasets.get_source(config, split)
+    assert len(source) == LIMIT
+    assert source.split_metadata == dict(skipped=0, errors=[], max_label=1)
+    for index in (0, 7, LIMIT - 1):
+      frames, label = synthetic_motion.generate(split, index)
+      video, stored_label = source[index]
+      assert (stored_label, video.num_frames, video.fps) == (label, 16, 30.0)
+      # PNG is lossless: the very same pixels.
+      np.testing.assert_array_equal(video.frames(np.arange(16)), frames)
+      np.testing.assert_array_equal(video.frames(np.array([9, 2, 9])),
+                                    frames[[9, 2, 9]])
+  # Example ids, read without our source.
+  raw = tfds.builder_from_directory(tfds_builders.builder_dir(config)
+                                    ).as_data_source('test')
+  assert raw[5]['id'] == b'test/00005'
+  np.testing.assert_array_equal(raw[5]['video'],
+                                synthetic_motion.generate('test', 5)[0])
+
+
+def test_preparing_again_keeps_the_data_or_refuses_other_settings(
+    synthetic_dir):
+  config = _tfds_config('demo', synthetic_dir)
+  info = tfds_builders.builder_dir(config) + '/dataset_info.json'
+  before = os.stat(info).st_mtime_ns
+  assert tfds_builders.prepare(config, limit=LIMIT) == os.path.dirname(info)
+  assert os.stat(info).st_mtime_ns == before
+  with pytest.raises(ValueError, match=r"prepared with \{'limit': 48\}.*"
+                     r"asked for \{'limit': 8\}.*Delete the folder"):
+    tfds_builders.prepare(config, limit=8)
+
+
+class _First:
+  """The first `n` videos of a source."""
+
+  def __init__(self, source, n):
+    self.source, self.n = source, n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, index):
+    return self.source[index]
+
+
+def test_training_runs_on_the_tfds_source(synthetic_dir, tmp_path):
+  config = _tfds_config('demo', synthetic_dir)
+  config.model.update(depth=1, num_frames=4)
+  config.num_train_steps = 2
+  config.batch_size = config.eval_batch_size = 8
+  config.data.num_workers = 2
+  # Batches equal those read from the generated clips themselves.
+  spec = ip.clip_spec(config)
+  batches = [next(ip.train_batches(source, spec, 8, seed=3, start_step=5,
+                                   num_workers=2))
+             for source in (datasets.get_source(config, 'train'),
+                            _First(synthetic_motion.Source('train'), LIMIT))]
+  np.testing.assert_array_equal(batches[0]['labels'], batches[1]['labels'])
+  np.testing.assert_array_equal(batches[0]['clips'], batches[1]['clips'])
+  results = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert results['step'] == 2 and results['skipped_videos'] == 0
+  assert 0 <= results['eval_top1'] <= results['eval_top5'] <= 1
+  assert np.isfinite(results['train_loss'])
+
+
+def test_missing_tfds_data_names_the_folder_and_the_command(tmp_path):
+  config = _tfds_config('tiny,k400', tmp_path / 'none',
+                        data_dir='/data/k 400')
+  expected = str(tmp_path / 'none' / 'encoded_videos' / 'kinetics400' /
+                 '1.0.0')
+  command = ("python -m tsformer_jax.datasets.prepare "
+             "--config=configs/divided.py:tiny,kinetics400 "
+             f"--out={tmp_path / 'none'} "
+             "'--config.dataset.data_dir=/data/k 400'")
+  with pytest.raises(FileNotFoundError) as error:
+    datasets.get_source(config, 'train')
+  message = str(error.value)
+  assert f"{expected!r} holds no prepared kinetics400" in message
+  assert message.endswith(command)
+  config.dataset.format = 'tfrecord'
+  with pytest.raises(ValueError, match=r"'tfrecord'.*\['files', 'tfds'\]"):
+    datasets.get_source(config, 'train')
+
+
+def test_subsample_keeps_at_most_the_target_rate():
+  indices, fps = tfds_builders.subsample(30, 30.0, 15.0)
+  assert (indices.tolist(), fps) == (list(range(0, 30, 2)), 15.0)
+  indices, fps = tfds_builders.subsample(10, 25.0, 10.0)  # 0, 2.5, 5, 7.5
+  assert (indices.tolist(), fps) == ([0, 2, 5, 7], 10.0)
+  for target in (0.0, 30.0, 60.0):  # Keep all: no target, or slower.
+    indices, fps = tfds_builders.subsample(7, 30.0, target)
+    assert (indices.tolist(), fps) == (list(range(7)), 30.0)
+
+
+STEP = 8  # Brightness step per frame of `_counting_frames`.
+
+
+def _counting_frames(n, height=32, width=32):
+  """Grey frames whose level is STEP x their index: uint8 `[n, H, W, 3]`."""
+  levels = STEP * np.arange(n, dtype=np.uint8)
+  return np.broadcast_to(levels[:, None, None, None],
+                         (n, height, width, 3)).copy()
+
+
+def _indices_of(frames):
+  return np.round(frames.reshape(len(frames), -1).mean(1) / STEP
+                  ).astype(int).tolist()
+
+
+def test_streamed_frames_equal_decoded_frames(tmp_path):
+  path = str(tmp_path / 'count.mp4')
+  video_files.write_mp4(path, _counting_frames(20))
+  whole = tmp_path / 'whole.webm'
+  video_files.write_webm(str(whole), _counting_frames(30))
+  cut = tmp_path / 'cut.webm'  # Its header still says 30 frames.
+  cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+  for video, indices in [
+      (video_files.VideoFile(path), [0, 0, 3, 19]),
+      (video_files.VideoFile(path, 4, 12), [0, 3, 7, 7, 9]),  # A window.
+      (video_files.VideoFile(str(cut)), list(range(30)))]:
+    streamed = np.stack(list(tfds_builders.iter_frames(video, indices)))
+    np.testing.assert_array_equal(streamed, video.frames(np.array(indices)))
+  assert _indices_of(streamed)[-1] < 29  # The cut repeats its last frame.
+  bad = tmp_path / 'bad.mp4'
+  bad.write_bytes(b'not a video')
+  with pytest.raises(ip.BadVideoError, match='bad.mp4'):
+    list(tfds_builders.iter_frames(video_files.VideoFile(str(bad)), [0]))
+
+
+def _write_csv_split(root, split, good, bad_at):
+  """synthetic_motion videos `0..good-1` of `split` as mp4, with a corrupt
+  file at `bad_at[0]` and an empty one at `bad_at[1]`."""
+  (root / split).mkdir(parents=True)
+  entries, videos = [], iter(range(good))
+  for position in range(good + len(bad_at)):
+    if position in bad_at:
+      path = root / split / f'bad{position}.mp4'
+      path.write_bytes(np.random.default_rng(position).bytes(3000)
+                       if position == bad_at[0] else b'')
+      entries.append(video_files.Entry(str(path), 0))
+      continue
+    index = next(videos)
+    frames, label = synthetic_motion.generate(split, index)
+    path = root / split / f'{index}.mp4'
+    video_files.write_mp4(str(path), frames, fps=25)
+    entries.append(video_files.Entry(str(path), label + 2 * (index % 2)))
+  kinetics.write_csv(str(root / f'{split}.csv'), entries, str(root))
+  return entries
+
+
+def _jpeg(frame, quality):
+  """An independent JPEG round trip with PIL."""
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(frame).save(buffer, format='JPEG', quality=quality)
+  return np.asarray(PIL.Image.open(buffer).convert('RGB'))
+
+
+def test_a_csv_dataset_converts_with_the_cli(tmp_path):
+  data, out = tmp_path / 'data', tmp_path / 'tfds'
+  entries = {'train': _write_csv_split(data, 'train', 5, bad_at=(1, 4)),
+             'test': _write_csv_split(data, 'test', 3, bad_at=())}
+  subprocess.run(
+      [sys.executable, '-m', 'tsformer_jax.datasets.prepare',
+       f'--config={ROOT}/configs/divided.py:tiny,k400',
+       f'--config.dataset.data_dir={data}', f'--out={out}',
+       '--num_workers=2'],
+      check=True, cwd=ROOT, capture_output=True, timeout=120)
+  config = _tfds_config('tiny,k400', out, data_dir=str(data))
+  directory = tfds_builders.builder_dir(config)
+  assert directory == str(out / 'encoded_videos' / 'kinetics400' / '1.0.0')
+  metadata = json.loads(pathlib.Path(directory, 'metadata.json').read_text())
+  assert (metadata['short_side'], metadata['fps'],
+          metadata['jpeg_quality']) == (320, 0.0, 90)
+  train_meta = metadata['splits']['train']
+  assert train_meta['skipped'] == 2 and train_meta['max_label'] == 3
+  assert ['bad1.mp4' in e for e in train_meta['errors']] == [True, False]
+  assert 'bad4.mp4' in train_meta['errors'][1]
+  assert metadata['splits']['test']['skipped'] == 0
+  raw = tfds.builder_from_directory(directory).as_data_source('train')
+  for split in ('train', 'test'):
+    source = datasets.get_source(config, split)
+    good = [e for e in entries[split] if 'bad' not in e.path]
+    assert len(source) == len(good)
+    assert source.split_metadata['skipped'] == (2 if split == 'train' else 0)
+    for index, entry in enumerate(good):
+      video, label = source[index]
+      file = video_files.VideoFile(entry.path)
+      assert (label, video.num_frames, video.fps) == (entry.label, 16, 25.0)
+      stored = video.frames(np.arange(16))
+      decoded = file.frames(np.arange(16))
+      # Exactly the decoded frames through JPEG at quality 90 ...
+      np.testing.assert_array_equal(
+          stored, np.stack([_jpeg(f, 90) for f in decoded]))
+      # ... whose error on these noisy 32 px frames is 5.2 on average.
+      assert np.abs(stored.astype(float) - decoded).mean() < 6
+      if split == 'train':
+        assert raw[index]['path'].decode() == entry.path
+  with pytest.raises(FileNotFoundError, match=(
+      r"(?s)holds splits \['test', 'train'\], not 'val'. Delete .*"
+      r'--splits=test,train,val$')):
+    datasets.get_source(config, 'val')
+
+
+def test_conversion_shrinks_and_subsamples(tmp_path):
+  data = tmp_path / 'data'
+  (data / 'v').mkdir(parents=True)
+  video_files.write_mp4(str(data / 'v' / 'a.mp4'),
+                        _counting_frames(30, 48, 64), fps=30)
+  (data / 'train.csv').write_text('v/a.mp4 1\n')
+  config = _tfds_config('tiny,k400', tmp_path / 'tfds', data_dir=str(data),
+                        eval_split='train')
+  tfds_builders.prepare(config, short_side=24, fps=15.0, num_workers=1)
+  video, label = datasets.get_source(config, 'train')[0]
+  assert (label, video.num_frames, video.fps) == (1, 15, 15.0)
+  frames = video.frames(np.arange(15))
+  assert frames.shape == (15, 24, 32, 3)
+  assert _indices_of(frames) == list(range(0, 30, 2))

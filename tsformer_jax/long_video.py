@@ -1,0 +1,327 @@
+"""Clips covering whole videos, batched across videos, averaged per video.
+
+The paper classifies a video longer than one clip (HowTo100M) by averaging
+the scores of clips that cover it from start to end. Here a `Coverage` says
+which clips to take: `num_clips` evenly spaced, exactly as evaluation places
+its test clips (`input_pipeline.temporal_indices`), or one every
+`stride_seconds` / `stride_frames` from the first frame on, plus one ending
+on the last frame, so that a stride no longer than the clip's span leaves no
+frame out (a longer stride leaves gaps, by request). A clip spans
+`num_frames * sampling_rate` frames at `target_fps`, i.e. that many times
+`fps / target_fps` source frames, as in training and evaluation.
+
+`clip_batches` turns many videos into fixed-size batches of normalised clips
+and the video each came from: a long video's clips run over several batches
+and short videos share one. A file is decoded in one pass that keeps only
+the frames of clips not yet complete (`decode_clips`), so a long video is
+never held in memory whole. A video that cannot be read is recorded in
+`errors` and the others go on. `average_by_video` then averages per-clip
+scores or features per video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from collections.abc import Sequence
+import dataclasses
+
+import av
+import numpy as np
+
+from tsformer_jax import input_pipeline
+from tsformer_jax.datasets import video_files
+
+# What PyAV and the file system raise on a bad file (as video_files.decode).
+DECODE_ERRORS = (input_pipeline.BadVideoError, av.FFmpegError, OSError,
+                 ValueError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+  """Which clips and crops of each video to take.
+
+  Exactly one of `num_clips`, `stride_seconds` and `stride_frames` is set.
+
+  Attributes:
+    num_clips: clips evenly spaced from the first frame to the last, placed
+      as evaluation places `spec.num_clips` test clips.
+    stride_seconds: a clip every this many seconds, and one ending on the
+      last frame.
+    stride_frames: the same in source frames (fractions allowed).
+    num_crops: spatial crops per clip: 1 (centre) or 3 (the two ends and
+      the centre of the long side, as evaluation's).
+  """
+  num_clips: int | None = None
+  stride_seconds: float | None = None
+  stride_frames: float | None = None
+  num_crops: int = 1
+
+  def __post_init__(self):
+    given = {k: v for k, v in (('num_clips', self.num_clips),
+                               ('stride_seconds', self.stride_seconds),
+                               ('stride_frames', self.stride_frames))
+             if v is not None}
+    if len(given) != 1:
+      raise ValueError('Set exactly one of num_clips, stride_seconds and '
+                       f'stride_frames; got {given or "none"}.')
+    (name, value), = given.items()
+    if value <= 0 or (name == 'num_clips' and int(value) != value):
+      raise ValueError(f'{name} must be a positive '
+                       f'{"integer" if name == "num_clips" else "number"}, '
+                       f'got {value}.')
+    if self.num_crops not in (1, 3):
+      raise ValueError(f'num_crops must be 1 or 3, got {self.num_crops}.')
+
+  @classmethod
+  def evaluation(cls, spec: input_pipeline.ClipSpec) -> Coverage:
+    """Evaluation's views: `spec.num_clips` clips x `spec.num_crops`."""
+    return cls(num_clips=spec.num_clips, num_crops=spec.num_crops)
+
+
+def clip_span(video_fps: float, spec: input_pipeline.ClipSpec) -> float:
+  """Source frames one clip spans: `num_frames * sampling_rate` at
+  `target_fps`, rescaled to the video's rate."""
+  return spec.num_frames * spec.sampling_rate * video_fps / spec.target_fps
+
+
+def indices_at(start: float, video_frames: int, video_fps: float,
+               spec: input_pipeline.ClipSpec) -> np.ndarray:
+  """Frame indices `[T]` of the clip starting at (fractional) `start`.
+
+  As `input_pipeline.temporal_indices`: `T` positions evenly spaced over the
+  span, truncated; past the end of a short video the last frame repeats.
+  """
+  span = clip_span(video_fps, spec)
+  positions = np.linspace(start, start + span - 1, spec.num_frames)
+  return np.clip(positions, 0, video_frames - 1).astype(np.int64)
+
+
+def stride_starts(video_frames: int, span: float, stride: float
+                  ) -> np.ndarray:
+  """Clip starts `[K]` every `stride` frames, plus one ending at the end.
+
+  The first clip starts at frame 0 and the last ends on the last frame; a
+  video no longer than `span` gets one clip, at 0.
+  """
+  if stride <= 0:
+    raise ValueError(f'The clip stride must be positive, got {stride}.')
+  slack = max(video_frames - span, 0.0)
+  # The tolerance absorbs rounding in seconds-to-frames conversions, so
+  # that a stride dividing the slack adds no near-duplicate last clip.
+  starts = np.arange(int(np.floor(slack / stride + 1e-9)) + 1) * stride
+  if slack - starts[-1] > 1e-6:
+    starts = np.append(starts, slack)
+  return starts
+
+
+def check_coverage(spec: input_pipeline.ClipSpec, coverage: Coverage):
+  """Fails on a stride with segment sampling (SSv2), whose every clip
+  already spans the whole video: a number of clips is what fits there."""
+  if coverage.num_clips is None and spec.sampling != 'rate':
+    raise ValueError(f'A clip stride needs sampling="rate"; with '
+                     f'{spec.sampling!r} sampling every clip spans the whole '
+                     'video: set a number of clips instead.')
+
+
+def clip_indices(video_frames: int, video_fps: float,
+                 spec: input_pipeline.ClipSpec, coverage: Coverage
+                 ) -> np.ndarray:
+  """Frame indices of every clip `coverage` takes: int64 `[K, T]`.
+
+  Row `k` is clip `k` in time order; its first entry is its start frame.
+  """
+  if video_frames < 1:
+    raise input_pipeline.BadVideoError('The video has no frames.')
+  check_coverage(spec, coverage)
+  if coverage.num_clips is not None:
+    spec = dataclasses.replace(spec, num_clips=coverage.num_clips)
+    return np.stack([
+        input_pipeline.temporal_indices(video_frames, video_fps, spec,
+                                        clip=k)
+        for k in range(coverage.num_clips)])
+  stride = (coverage.stride_frames if coverage.stride_frames is not None
+            else coverage.stride_seconds * video_fps)
+  starts = stride_starts(video_frames, clip_span(video_fps, spec), stride)
+  return np.stack([indices_at(s, video_frames, video_fps, spec)
+                   for s in starts])
+
+
+def decode_clips(path: str, indices: np.ndarray
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+  """Decodes `path` once and yields each clip as soon as it is complete.
+
+  Frames are those of `video_files.decode` (frame `i` is the `i`-th frame
+  decoded; indices past the last decodable frame give that frame), but only
+  the frames of clips still incomplete are kept, so memory holds about one
+  clip's span, not the video.
+
+  Args:
+    path: the video file.
+    indices: int `[K, T]`, the frame indices of each clip.
+
+  Yields:
+    `(k, uint8 [T, H, W, 3])` for every clip `k`, in order of its last
+    frame (ties in order of `k`).
+
+  Raises:
+    input_pipeline.BadVideoError: the file cannot be opened, has no
+      decodable frame, or fails to decode (possibly after some clips).
+  """
+  indices = np.asarray(indices, np.int64)
+  if indices.size and indices.min() < 0:
+    raise ValueError(f'Negative frame index {indices.min()} for {path}.')
+  ends = indices.max(axis=1)
+  order = np.argsort(ends, kind='stable').tolist()
+  done = 0  # Clips of `order` yielded so far.
+  users: dict[int, int] = {}  # frame -> clips still waiting for it
+  for row in indices:
+    for i in set(row.tolist()):
+      users[i] = users.get(i, 0) + 1
+  kept: dict[int, np.ndarray] = {}
+
+  def take(k: int) -> np.ndarray:
+    clip = np.stack([kept[i] for i in indices[k].tolist()])
+    for i in set(indices[k].tolist()):
+      users[i] -= 1
+      if not users[i]:
+        del kept[i]
+    return clip
+
+  last, count = None, 0
+  try:
+    with av.open(path) as container:
+      if not container.streams.video:
+        raise input_pipeline.BadVideoError(f'{path}: no video stream.')
+      stream = container.streams.video[0]
+      stream.thread_type = 'AUTO'
+      for i, frame in enumerate(container.decode(stream)):
+        if users.get(i):
+          kept[i] = frame.to_ndarray(format='rgb24')
+        last, count = frame, i + 1
+        while done < len(order) and ends[order[done]] <= i:
+          done += 1
+          yield order[done - 1], take(order[done - 1])
+        if done == len(order):
+          return
+  except input_pipeline.BadVideoError:
+    raise
+  except DECODE_ERRORS as e:
+    raise input_pipeline.BadVideoError(f'{path}: {e}') from e
+  if last is None:
+    raise input_pipeline.BadVideoError(f'{path}: no decodable frame.')
+  # The header over-estimated the length: the last frame stands in.
+  if count - 1 not in kept:
+    kept[count - 1] = last.to_ndarray(format='rgb24')
+  for k in order[done:]:
+    yield k, np.stack([kept[min(i, count - 1)] for i in indices[k].tolist()])
+
+
+def video_clips(video: input_pipeline.Video, indices: np.ndarray
+                ) -> Iterator[tuple[int, np.ndarray]]:
+  """`(k, uint8 [T, H, W, 3])` for each row `k` of `indices` `[K, T]`.
+
+  A `video_files.VideoFile` is decoded in one pass (`decode_clips`); other
+  videos are asked for one clip at a time.
+  """
+  if isinstance(video, video_files.VideoFile):
+    if video.end is not None:
+      indices = np.minimum(indices, video.end - video.start - 1)
+    yield from decode_clips(video.path, indices + video.start)
+  else:
+    for k, row in enumerate(indices):
+      yield k, video.frames(row)
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """Where one view of a batch comes from.
+
+  Attributes:
+    video: index of its video in the list given to `clip_batches`.
+    clip: its clip within the video, in time order.
+    crop: its crop within the clip.
+    start: the clip's first frame.
+  """
+  video: int
+  clip: int
+  crop: int
+  start: int
+
+
+def video_views(video: input_pipeline.Video, index: int,
+                spec: input_pipeline.ClipSpec, coverage: Coverage
+                ) -> Iterator[tuple[View, np.ndarray]]:
+  """Every view of one video: `(View, float32 [T, H, W, 3])`, normalised."""
+  if video.num_frames < 1:
+    raise input_pipeline.BadVideoError('The video has no frames.')
+  indices = clip_indices(video.num_frames, video.fps, spec, coverage)
+  crop_spec = dataclasses.replace(spec, num_crops=coverage.num_crops)
+  for k, frames in video_clips(video, indices):
+    for c, crop in enumerate(input_pipeline.eval_crops(frames, crop_spec)):
+      yield (View(index, k, c, int(indices[k, 0])),
+             input_pipeline.normalize(crop, spec))
+
+
+def clip_batches(videos: Sequence[input_pipeline.Video],
+                 spec: input_pipeline.ClipSpec, coverage: Coverage,
+                 batch_size: int, errors: dict[int, str] | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """The views of all `videos`, `batch_size` at a time, in video order.
+
+  Yields `{'clips': float32 [B, T, H, W, 3], 'video', 'clip', 'crop': int32
+  [B], 'start': int64 [B], 'mask': bool [B]}` (see `View`); the last batch
+  is padded with zero clips whose mask is False, so every batch has the
+  same shape. A video that fails to read is recorded as
+  `errors[index] = message` and skipped; if it fails part way, its earlier
+  views may already have been yielded, and callers should drop them.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be positive, got {batch_size}.')
+  check_coverage(spec, coverage)
+  errors = errors if errors is not None else {}
+  chunk: list[tuple[View, np.ndarray]] = []
+  for index, video in enumerate(videos):
+    try:
+      for view in video_views(video, index, spec, coverage):
+        chunk.append(view)
+        if len(chunk) == batch_size:
+          yield _stack(chunk, batch_size)
+          chunk = []
+    except DECODE_ERRORS as e:
+      errors[index] = str(e) or type(e).__name__
+  if chunk:
+    yield _stack(chunk, batch_size)
+
+
+def _stack(chunk: Sequence[tuple[View, np.ndarray]], size: int
+           ) -> dict[str, np.ndarray]:
+  clips = np.zeros((size,) + chunk[0][1].shape, np.float32)
+  fields = {name: np.zeros((size,), np.int32)
+            for name in ('video', 'clip', 'crop')}
+  start = np.zeros((size,), np.int64)
+  mask = np.zeros((size,), bool)
+  for i, (view, clip) in enumerate(chunk):
+    clips[i], start[i], mask[i] = clip, view.start, True
+    for name, values in fields.items():
+      values[i] = getattr(view, name)
+  return dict(clips=clips, start=start, mask=mask, **fields)
+
+
+def average_by_video(values: np.ndarray, videos: np.ndarray,
+                     num_videos: int) -> np.ndarray:
+  """Means of the rows of each video: `[num_videos, ...]`.
+
+  Args:
+    values: `[N, ...]`, e.g. per-view softmax scores `[N, C]` or features
+      `[N, D]`.
+    videos: int `[N]`, the video of each row.
+    num_videos: how many videos there are; a video without rows gets NaN.
+  """
+  values = np.asarray(values, np.float64)
+  videos = np.asarray(videos, np.int64)
+  sums = np.zeros((num_videos,) + values.shape[1:])
+  np.add.at(sums, videos, values)
+  counts = np.bincount(videos, minlength=num_videos).astype(np.float64)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    means = sums / counts.reshape((-1,) + (1,) * (values.ndim - 1))
+  return means.astype(np.float32)

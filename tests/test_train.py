@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tsformer_jax
 from tsformer_jax import checkpoints
 from tsformer_jax import config_lib
+from tsformer_jax import input_pipeline
 from tsformer_jax import train
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -158,3 +160,57 @@ def test_unknown_mode_lists_the_valid_ones():
   with pytest.raises(ValueError, match="valid: .*'train_and_eval'"):
     train.train_and_evaluate(config_lib.get_config('divided', 'demo'),
                              '/nonexistent', mode='fit')
+
+
+class _ListSource:
+  """Videos in memory; `None` stands for one that fails to open."""
+
+  def __init__(self, videos, labels):
+    self.videos, self.labels = videos, labels
+
+  def __len__(self):
+    return len(self.videos)
+
+  def __getitem__(self, index):
+    if self.videos[index] is None:
+      raise input_pipeline.BadVideoError('unreadable')
+    return self.videos[index], self.labels[index]
+
+
+def test_long_videos_are_evaluated_whole_with_averaged_clip_scores():
+  config = config_lib.get_config('divided', 'tiny')
+  config.data.update(test_clip_stride=0.5, test_num_crops=1,
+                     sampling_rate=2, target_fps=30.0)
+  config.eval_batch_size = 4
+  params = train.create_train_state(config, jax.random.key(0), 1).params
+  model = tsformer_jax.create_model(config)
+  rng = np.random.default_rng(0)
+  lengths = [100, 8, 47]  # 30 fps: a clip spans 8 frames, stride 15.
+  videos = [input_pipeline.ArrayVideo(
+      rng.integers(0, 255, (n, 40, 48, 3), np.uint8)) for n in lengths]
+  labels = [3, 1, 7]
+  skipped = input_pipeline.SkipCounter()
+  metrics = train.evaluate(config, params, model.apply,
+                           _ListSource(videos + [None], labels + [0]),
+                           skipped)
+  # Independently: clips at 0, 15, 30, ... and one ending on the last frame,
+  # each spanning 8 frames (4 frames at rate 2: offsets linspace(0, 7, 4)
+  # truncated), centre-cropped after the short-side resize.
+  spec = input_pipeline.clip_spec(config)
+  expected_nll, expected_top1 = [], []
+  for video, label, n in zip(videos, labels, lengths, strict=True):
+    starts = list(range(0, n - 8 + 1, 15))
+    if starts[-1] != n - 8:
+      starts.append(n - 8)
+    clips = np.stack([
+        input_pipeline.normalize(input_pipeline.eval_crops(
+            video.array[s + np.array([0, 2, 4, 7])], spec)[0], spec)
+        for s in starts])
+    probs = np.asarray(jax.nn.softmax(model.apply({'params': params},
+                                                  clips))).mean(0)
+    expected_nll.append(-np.log(probs[label]))
+    expected_top1.append(np.argmax(probs) == label)
+  assert metrics['videos'] == 3 and len(skipped) == 1
+  np.testing.assert_allclose(metrics['loss'], np.mean(expected_nll),
+                             rtol=1e-4)
+  assert metrics['top1'] == np.mean(expected_top1)

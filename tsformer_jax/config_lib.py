@@ -107,6 +107,9 @@ def get_config(scheme: str, arg: str | None = None
       std=(0.225, 0.225, 0.225),
       test_num_clips=1,
       test_num_crops=3,
+      # > 0: evaluate long videos whole (the paper's HowTo100M protocol):
+      # clips every this many seconds from start to end, scores averaged.
+      test_clip_stride=0.0,
       # 'rate': a clip spans num_frames * sampling_rate frames (Kinetics);
       # 'segments': one frame per equal segment of the video (SSv2).
       sampling='rate',

@@ -5,6 +5,15 @@ r"""Train and evaluate TimeSformer.
       --config.dataset.data_dir=/data/k400 --workdir=DIR --mode=eval
 
 Running the same command again resumes from the last checkpoint in DIR.
+
+Multi-process (one process per host, or several on one machine):
+
+  python -m tsformer_jax.main ... --coordinator_address=HOST0:PORT \
+      --num_processes=N --process_id=I
+
+or the environment variables TSFORMER_COORDINATOR, TSFORMER_NUM_PROCESSES
+and TSFORMER_PROCESS_ID; on Cloud TPU pods and SLURM, `--distributed` lets
+JAX find its peers itself.
 """
 
 from absl import app
@@ -12,6 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from tsformer_jax import sharding
 from tsformer_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Job config.',
@@ -21,10 +31,24 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and '
 _MODE = flags.DEFINE_enum('mode', 'train_and_eval',
                           ['train', 'eval', 'train_and_eval'], 'What to run.')
 
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 in a multi-process '
+    f'job (or ${sharding.COORDINATOR_ENV}).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Processes in the job (or '
+    f'${sharding.NUM_PROCESSES_ENV}).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, f'This process (or ${sharding.PROCESS_ID_ENV}).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() and let it '
+    'find the cluster (Cloud TPU pods, SLURM).')
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value, auto=_DISTRIBUTED.value)
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                      _MODE.value)
   logging.info('Results: %s', results)

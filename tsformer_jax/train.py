@@ -34,7 +34,9 @@ import orbax.checkpoint as ocp
 from tsformer_jax import checkpoints
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline
+from tsformer_jax import long_video
 from tsformer_jax import model as model_lib
+from tsformer_jax import predict
 from tsformer_jax import sharding
 
 TrainState = train_state.TrainState
@@ -230,6 +232,8 @@ def evaluate(config, params, apply_fn: Callable,
   here when None. With a `mesh`, every process reads its share of each
   batch, which is then split over the mesh's devices.
   """
+  if config.data.get('test_clip_stride', 0.0) > 0:
+    return evaluate_long_videos(config, params, source, skipped)
   spec = input_pipeline.clip_spec(config)
   if mesh is None:
     mesh = sharding.create_mesh(config)
@@ -249,6 +253,52 @@ def evaluate(config, params, apply_fn: Callable,
   return dict(top1=float(totals['top1']) / count,
               top5=float(totals['top5']) / count,
               loss=float(totals['loss']) / count, videos=count)
+
+
+def evaluate_long_videos(config, params, source: input_pipeline.Source,
+                         skipped: input_pipeline.SkipCounter
+                         ) -> dict[str, float]:
+  """The long-video protocol (HowTo100M in the paper): every video is
+  covered from start to end by clips every `config.data.test_clip_stride`
+  seconds (x `test_num_crops` crops), whose softmax scores are averaged.
+
+  Videos hold different numbers of clips, so this runs the clips of all
+  videos through `predict.predict_videos` in one process.
+  """
+  if jax.process_count() > 1:
+    raise ValueError('Long-video evaluation (data.test_clip_stride > 0) '
+                     'runs in one process; run --mode=eval without '
+                     '--num_processes.')
+  videos, labels, indices = [], [], []
+  for index in range(len(source)):
+    try:
+      video, label = source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      skipped.add(index, e)  # As the batched pipeline: count, go on.
+      continue
+    videos.append(video)
+    labels.append(label)
+    indices.append(index)
+  coverage = long_video.Coverage(stride_seconds=config.data.test_clip_stride,
+                                 num_crops=config.data.test_num_crops)
+  predictions = predict.predict_videos(config, params, videos,
+                                       coverage=coverage)
+  scores, good = [], []
+  for index, label, prediction in zip(indices, labels, predictions,
+                                      strict=True):
+    if prediction.error is not None:
+      skipped.add(index, input_pipeline.BadVideoError(prediction.error))
+    else:
+      scores.append(prediction.scores)
+      good.append(label)
+  if not scores:
+    raise input_pipeline.BadVideoError('No evaluation video could be read.')
+  sums = video_metrics(jnp.asarray(np.stack(scores)), jnp.asarray(good),
+                       jnp.ones(len(good), bool))
+  count = float(sums['count'])
+  return dict(top1=float(sums['top1']) / count,
+              top5=float(sums['top5']) / count,
+              loss=float(sums['loss']) / count, videos=count)
 
 
 def jit_eval_step(config, params, apply_fn: Callable,

@@ -25,6 +25,8 @@ setuptools.setup(
         'einops>=0.8',
         'flax>=0.10',
         'jax>=0.6',
+        # Attention-rollout plots and memory/cost plots.
+        'matplotlib>=3.8',
         'ml-collections>=1.0',
         'ml-dtypes>=0.4',
         'numpy>=1.26',

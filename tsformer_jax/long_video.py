@@ -187,28 +187,15 @@ def decode_clips(path: str, indices: np.ndarray
         del kept[i]
     return clip
 
-  last, count = None, 0
-  try:
-    with av.open(path) as container:
-      if not container.streams.video:
-        raise input_pipeline.BadVideoError(f'{path}: no video stream.')
-      stream = container.streams.video[0]
-      stream.thread_type = 'AUTO'
-      for i, frame in enumerate(container.decode(stream)):
-        if users.get(i):
-          kept[i] = frame.to_ndarray(format='rgb24')
-        last, count = frame, i + 1
-        while done < len(order) and ends[order[done]] <= i:
-          done += 1
-          yield order[done - 1], take(order[done - 1])
-        if done == len(order):
-          return
-  except input_pipeline.BadVideoError:
-    raise
-  except DECODE_ERRORS as e:
-    raise input_pipeline.BadVideoError(f'{path}: {e}') from e
-  if last is None:
-    raise input_pipeline.BadVideoError(f'{path}: no decodable frame.')
+  for i, frame in video_files.decoded_frames(path):
+    if users.get(i):
+      kept[i] = frame.to_ndarray(format='rgb24')
+    last, count = frame, i + 1
+    while done < len(order) and ends[order[done]] <= i:
+      done += 1
+      yield order[done - 1], take(order[done - 1])
+    if done == len(order):
+      return
   # The header over-estimated the length: the last frame stands in.
   if count - 1 not in kept:
     kept[count - 1] = last.to_ndarray(format='rgb24')

@@ -23,7 +23,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -33,9 +32,9 @@ from PIL import Image
 
 from tsformer_jax import attention
 from tsformer_jax import checkpoints
-from tsformer_jax import datasets
 from tsformer_jax import input_pipeline
 from tsformer_jax import model as model_lib
+from tsformer_jax import predict
 from tsformer_jax import rollout
 from tsformer_jax.datasets import video_files
 
@@ -181,22 +180,6 @@ def write_importance_png(path: str, importance: np.ndarray,
   fig.savefig(path, dpi=100)
 
 
-def label_names(config) -> list[str]:
-  """`datasets.class_names`, or index strings where they do not fit the
-  checkpoint's head."""
-  num_classes = config.model.num_classes
-  try:
-    names = datasets.class_names(config)
-  except (OSError, ValueError) as e:
-    logging.warning('No class names (%s); showing class indices.', e)
-    return [str(i) for i in range(num_classes)]
-  if len(names) != num_classes:
-    logging.warning('%d class names for a head of %d classes; showing class '
-                    'indices.', len(names), num_classes)
-    return [str(i) for i in range(num_classes)]
-  return names
-
-
 def visualize(checkpoint: str, video_path: str, out_dir: str, *,
               alpha: float = 0.5, frame_ms: int = 250) -> dict:
   """Writes the three images for one video; returns what it found.
@@ -227,7 +210,7 @@ def visualize(checkpoint: str, video_path: str, out_dir: str, *,
   title = os.path.basename(video_path)
   if result.probabilities.size:
     best = int(np.argmax(result.probabilities))
-    label = label_names(config)[best]
+    label = predict.label_names(config)[best]
     probability = float(result.probabilities[best])
     title = f'{title}: {label} ({probability:.2f})'
   heat = pixel_heatmaps(result.heatmaps, result.frames.shape[1:3])

@@ -42,7 +42,6 @@ import os
 import shlex
 import tempfile
 
-import av
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
@@ -56,7 +55,6 @@ DATA_VERSION = '1.0.0'
 SYNTHETIC = 'synthetic_motion'
 SYNTHETIC_FPS = 30.0  # As `synthetic_motion.Source`.
 FILE_FORMAT = 'array_record'
-_AV_ERRORS = (av.FFmpegError, OSError, ValueError)
 
 
 def default_tfds_dir() -> str:
@@ -177,26 +175,16 @@ def _decode_ascending(path: str, wanted: list[int]) -> Iterator[np.ndarray]:
   indices past the last decodable frame give that frame."""
   if not wanted:
     return
-  position, last = 0, None
-  try:
-    with av.open(path) as container:
-      if not container.streams.video:
-        raise input_pipeline.BadVideoError(f'{path}: no video stream.')
-      stream = container.streams.video[0]
-      stream.thread_type = 'AUTO'
-      for i, frame in enumerate(container.decode(stream)):
-        last = frame
-        if wanted[position] == i:
-          rgb = frame.to_ndarray(format='rgb24')
-          while position < len(wanted) and wanted[position] == i:
-            yield rgb
-            position += 1
-          if position == len(wanted):
-            return
-  except _AV_ERRORS as e:
-    raise input_pipeline.BadVideoError(f'{path}: {e}') from e
-  if last is None:
-    raise input_pipeline.BadVideoError(f'{path}: no decodable frame.')
+  position = 0
+  for i, frame in video_files.decoded_frames(path):
+    last = frame
+    if wanted[position] == i:
+      rgb = frame.to_ndarray(format='rgb24')
+      while position < len(wanted) and wanted[position] == i:
+        yield rgb
+        position += 1
+      if position == len(wanted):
+        return
   rgb = last.to_ndarray(format='rgb24')
   for _ in wanted[position:]:
     yield rgb

@@ -20,6 +20,7 @@ which the input pipeline counts and skips.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Sequence
 import dataclasses
 import fractions
@@ -102,23 +103,12 @@ def decode(path: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
   wanted = set(indices.tolist())
   last_wanted = int(indices.max())
   found: dict[int, np.ndarray] = {}
-  last, count = None, 0
-  try:
-    with av.open(path) as container:
-      if not container.streams.video:
-        raise input_pipeline.BadVideoError(f'{path}: no video stream.')
-      stream = container.streams.video[0]
-      stream.thread_type = 'AUTO'
-      for i, frame in enumerate(container.decode(stream)):
-        if i in wanted:
-          found[i] = frame.to_ndarray(format='rgb24')
-        last, count = frame, i + 1
-        if i >= last_wanted:
-          break
-  except _ERRORS as e:
-    raise input_pipeline.BadVideoError(f'{path}: {e}') from e
-  if last is None:
-    raise input_pipeline.BadVideoError(f'{path}: no decodable frame.')
+  for i, frame in decoded_frames(path):
+    if i in wanted:
+      found[i] = frame.to_ndarray(format='rgb24')
+    last, count = frame, i + 1
+    if i >= last_wanted:
+      break
   if count <= last_wanted:
     # The header over-estimated the length: the last frame stands in.
     logging.debug('%s: %d frames decoded, frame %d asked for.', path, count,
@@ -126,6 +116,33 @@ def decode(path: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
     if count - 1 not in found:
       found[count - 1] = last.to_ndarray(format='rgb24')
   return np.stack([found[min(i, count - 1)] for i in indices.tolist()])
+
+
+def decoded_frames(path: str) -> Iterator[tuple[int, av.VideoFrame]]:
+  """`(i, frame)` for the frames of the first video stream, in order.
+
+  Frame `i` is the `i`-th frame decoded (headers' frame counts and
+  timestamps are not trusted). Stopping early closes the file.
+
+  Raises:
+    input_pipeline.BadVideoError: the file cannot be opened, has no video
+      stream or no decodable frame, or fails to decode part way (after
+      yielding the frames before the failure).
+  """
+  count = 0
+  try:
+    with av.open(path) as container:
+      if not container.streams.video:
+        raise input_pipeline.BadVideoError(f'{path}: no video stream.')
+      stream = container.streams.video[0]
+      stream.thread_type = 'AUTO'
+      for i, frame in enumerate(container.decode(stream)):
+        count = i + 1
+        yield i, frame
+  except _ERRORS as e:
+    raise input_pipeline.BadVideoError(f'{path}: {e}') from e
+  if not count:
+    raise input_pipeline.BadVideoError(f'{path}: no decodable frame.')
 
 
 class VideoFile:

@@ -49,6 +49,10 @@ setuptools.setup(
             'torch==2.13.0',
             'transformers>=4.40,<6',
             'safetensors>=0.4',
+            # Runs the notebooks top to bottom (tests/test_notebooks.py).
+            'ipykernel>=6.29',
+            'nbclient>=0.10',
+            'nbformat>=5.10',
         ],
     },
     classifiers=[

@@ -709,13 +709,14 @@ def test_loading_works_without_torch(tmp_path, vit_files):
 # ----------------------------------------------------------------------------
 # Orbax, errors
 
-def test_orbax_round_trip(tmp_path):
+def test_orbax_round_trip(tmp_path, monkeypatch):
   config = tiny_config('sparse_local_global', image_size=(32, 48))
   config.init_from.path = 'somewhere.npz'
   params = _random_params(config)
   checkpoints.save_checkpoint(tmp_path / 'ckpt', config, params)
   assert checkpoints.detect_format(tmp_path / 'ckpt') == 'orbax'
-  loaded_config, loaded = tsformer_jax.load_checkpoint(tmp_path / 'ckpt')
+  monkeypatch.chdir(tmp_path)  # A relative path, as users type it.
+  loaded_config, loaded = tsformer_jax.load_checkpoint('ckpt')
   assert loaded_config.to_dict() == config.to_dict()
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params),

@@ -1019,7 +1019,8 @@ def save_checkpoint(path: str, config, params, *,
 
 
 def _read_orbax(path: str) -> tuple[ml_collections.ConfigDict, dict]:
-  directory, item = _orbax_directory(path)
+  # Orbax takes absolute paths only; users type relative ones.
+  directory, item = _orbax_directory(os.path.abspath(path))
   checkpointer = _checkpointer(item)
   config = config_from_json(checkpointer.restore(
       directory, args=ocp.args.Composite(

@@ -34,6 +34,61 @@ _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 _gelu = functools.partial(nn.gelu, approximate=False)
 
 
+@functools.cache
+def _cpu_has_bfloat16_units() -> bool:
+  """Whether this machine's CPU multiplies bfloat16 natively (Linux)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = set(f.read().split())
+  except OSError:
+    return False
+  return bool(flags & {'amx_bf16', 'avx512_bf16'})
+
+
+def _sum_in_float32(dtype) -> bool:
+  """Whether products of `dtype` should ask XLA for a float32 result.
+
+  XLA's CPU kernels (YNNPACK) multiply bfloat16 only into float32. On CPUs
+  with bfloat16 units (AMX, AVX512-BF16) a bfloat16 -> bfloat16 product
+  misses them and runs several times slower; on other CPUs XLA converts
+  bfloat16 products to float32 ones, which beats their emulated bfloat16
+  kernels. GPUs' bfloat16 products sum in float32 already.
+  """
+  return (dtype == jnp.bfloat16 and jax.default_backend() == 'cpu' and
+          _cpu_has_bfloat16_units())
+
+
+def _dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                 preferred_element_type=None) -> Array:
+  """`lax.dot_general`, summed in float32 where `_sum_in_float32` says so.
+
+  The float32 sum is rounded once to the inputs' dtype, as the plain
+  product's is: the result is the same up to that rounding.
+  """
+  dtype = jnp.result_type(lhs, rhs)
+  if not _sum_in_float32(dtype):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers,
+                               precision=precision,
+                               preferred_element_type=preferred_element_type)
+  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                            preferred_element_type=jnp.float32)
+  return out.astype(dtype)
+
+
+def _conv_general_dilated(lhs: Array, rhs: Array, *args, **kwargs) -> Array:
+  """`lax.conv_general_dilated`, summed in float32 as `_dot_general`."""
+  dtype = jnp.result_type(lhs, rhs)
+  if not _sum_in_float32(dtype):
+    return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+  kwargs['preferred_element_type'] = jnp.float32
+  return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs).astype(dtype)
+
+
+# Linear layers whose bfloat16 products take XLA's fast CPU kernels.
+_Dense = functools.partial(nn.Dense, dot_general=_dot_general)
+_DenseGeneral = functools.partial(nn.DenseGeneral, dot_general=_dot_general)
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops a whole residual branch per clip.
 
@@ -86,11 +141,11 @@ class AttentionStep(nn.Module):
                        f'{self.num_heads}.')
     norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                         name='norm')
-    qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads),
-                          dtype=self.dtype, kernel_init=_trunc_normal,
-                          name='qkv')
-    proj = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
-                           kernel_init=_trunc_normal, name='proj')
+    qkv = _DenseGeneral((3, self.num_heads, d // self.num_heads),
+                        dtype=self.dtype, kernel_init=_trunc_normal,
+                        name='qkv')
+    proj = _DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
+                         kernel_init=_trunc_normal, name='proj')
     cls_qkv = qkv(norm(cls)) if self.step.with_cls else None
     use_dropout = self.attention_dropout > 0.0 and not deterministic
     # Asked for with `apply(..., mutable=['attention'])`: the same forward
@@ -108,8 +163,8 @@ class AttentionStep(nn.Module):
       self.sow('attention', 'weights', outputs[2])
     drop = nn.Dropout(self.dropout)
     # Zero-initialised, so the step is a no-op until trained.
-    fc = (nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                   name='fc') if self.step.output_fc else lambda y: y)
+    fc = (_Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                 name='fc') if self.step.output_fc else lambda y: y)
 
     def residual(y):
       return fc(drop(proj(y), deterministic=deterministic))
@@ -126,11 +181,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, z: Array, *, deterministic: bool) -> Array:
     d = z.shape[-1]
-    z = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=_trunc_normal,
-                 name='fc1')(z)
+    z = _Dense(self.hidden_dim, dtype=self.dtype, kernel_init=_trunc_normal,
+               name='fc1')(z)
     z = nn.Dropout(self.dropout)(_gelu(z), deterministic=deterministic)
-    z = nn.Dense(d, dtype=self.dtype, kernel_init=_trunc_normal,
-                 name='fc2')(z)
+    z = _Dense(d, dtype=self.dtype, kernel_init=_trunc_normal,
+               name='fc2')(z)
     return nn.Dropout(self.dropout)(z, deterministic=deterministic)
 
 
@@ -271,7 +326,9 @@ class TimeSformer(nn.Module):
     deterministic = not train
 
     x = nn.Conv(d, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding='VALID', dtype=dtype, name='embedding')(clips)
+                padding='VALID', dtype=dtype,
+                conv_general_dilated=_conv_general_dilated,
+                name='embedding')(clips)
     x = x.reshape(b, self.num_frames, n, d)  # [B, T, N, D], rows major
     pos = self.param('pos_embedding', _trunc_normal, (1, 1 + n, d))
     cls = self.param('cls', _trunc_normal, (1, 1, d))
@@ -304,8 +361,8 @@ class TimeSformer(nn.Module):
                             name='norm')(cls)
     if not self.num_classes:
       return features.astype(jnp.float32)
-    logits = nn.Dense(self.num_classes, kernel_init=_trunc_normal,
-                      dtype=dtype, name='head')(features)
+    logits = _Dense(self.num_classes, kernel_init=_trunc_normal,
+                    dtype=dtype, name='head')(features)
     return logits.astype(jnp.float32)
 
 

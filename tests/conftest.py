@@ -93,3 +93,20 @@ def demo_workdir(tmp_path_factory, worker_id):
       config.checkpoint_every_steps = DEMO_STEPS
       train.train_and_evaluate(config, str(workdir), mode='train')
   return workdir
+
+
+COUNT_STEP = 8  # Brightness step per frame of `counting_frames`.
+
+
+def counting_frames(n, height=32, width=32):
+  """Grey frames whose level is COUNT_STEP x their index: uint8
+  `[n, H, W, 3]`, so that a decoded frame tells which one it is."""
+  levels = COUNT_STEP * np.arange(n, dtype=np.uint8)
+  return np.broadcast_to(levels[:, None, None, None],
+                         (n, height, width, 3)).copy()
+
+
+def frame_indices(frames):
+  """The index each decoded `counting_frames` frame shows: `[F]` ints."""
+  return np.round(frames.reshape(len(frames), -1).mean(1) / COUNT_STEP
+                  ).astype(int).tolist()

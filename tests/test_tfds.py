@@ -22,6 +22,9 @@ from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import tfds_builders
 from tsformer_jax.datasets import video_files
 
+from conftest import counting_frames
+from conftest import frame_indices
+
 ROOT = pathlib.Path(__file__).parent.parent
 LIMIT = 48  # synthetic_motion videos per split: enough for 6 batches of 8.
 
@@ -146,26 +149,13 @@ def test_subsample_keeps_at_most_the_target_rate():
     assert (indices.tolist(), fps) == (list(range(7)), 30.0)
 
 
-STEP = 8  # Brightness step per frame of `_counting_frames`.
-
-
-def _counting_frames(n, height=32, width=32):
-  """Grey frames whose level is STEP x their index: uint8 `[n, H, W, 3]`."""
-  levels = STEP * np.arange(n, dtype=np.uint8)
-  return np.broadcast_to(levels[:, None, None, None],
-                         (n, height, width, 3)).copy()
-
-
-def _indices_of(frames):
-  return np.round(frames.reshape(len(frames), -1).mean(1) / STEP
-                  ).astype(int).tolist()
 
 
 def test_streamed_frames_equal_decoded_frames(tmp_path):
   path = str(tmp_path / 'count.mp4')
-  video_files.write_mp4(path, _counting_frames(20))
+  video_files.write_mp4(path, counting_frames(20))
   whole = tmp_path / 'whole.webm'
-  video_files.write_webm(str(whole), _counting_frames(30))
+  video_files.write_webm(str(whole), counting_frames(30))
   cut = tmp_path / 'cut.webm'  # Its header still says 30 frames.
   cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
   for video, indices in [
@@ -174,7 +164,7 @@ def test_streamed_frames_equal_decoded_frames(tmp_path):
       (video_files.VideoFile(str(cut)), list(range(30)))]:
     streamed = np.stack(list(tfds_builders.iter_frames(video, indices)))
     np.testing.assert_array_equal(streamed, video.frames(np.array(indices)))
-  assert _indices_of(streamed)[-1] < 29  # The cut repeats its last frame.
+  assert frame_indices(streamed)[-1] < 29  # The cut repeats its last frame.
   bad = tmp_path / 'bad.mp4'
   bad.write_bytes(b'not a video')
   with pytest.raises(ip.BadVideoError, match='bad.mp4'):
@@ -259,7 +249,7 @@ def test_conversion_shrinks_and_subsamples(tmp_path):
   data = tmp_path / 'data'
   (data / 'v').mkdir(parents=True)
   video_files.write_mp4(str(data / 'v' / 'a.mp4'),
-                        _counting_frames(30, 48, 64), fps=30)
+                        counting_frames(30, 48, 64), fps=30)
   (data / 'train.csv').write_text('v/a.mp4 1\n')
   config = _tfds_config('tiny,k400', tmp_path / 'tfds', data_dir=str(data),
                         eval_split='train')
@@ -268,4 +258,4 @@ def test_conversion_shrinks_and_subsamples(tmp_path):
   assert (label, video.num_frames, video.fps) == (1, 15, 15.0)
   frames = video.frames(np.arange(15))
   assert frames.shape == (15, 24, 32, 3)
-  assert _indices_of(frames) == list(range(0, 30, 2))
+  assert frame_indices(frames) == list(range(0, 30, 2))

@@ -18,21 +18,10 @@ from tsformer_jax.datasets import kinetics
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import video_files
 
+from conftest import counting_frames
+from conftest import frame_indices
+
 WRITERS = {'mp4': video_files.write_mp4, 'webm': video_files.write_webm}
-STEP = 8  # Brightness step per frame of `_counting_frames`.
-
-
-def _counting_frames(n, height=32, width=32):
-  """Grey frames whose level is STEP x their index: uint8 `[n, H, W, 3]`."""
-  levels = STEP * np.arange(n, dtype=np.uint8)
-  return np.broadcast_to(levels[:, None, None, None],
-                         (n, height, width, 3)).copy()
-
-
-def _indices_of(frames):
-  """The index each decoded `_counting_frames` frame shows: `[F]` ints."""
-  return np.round(frames.reshape(len(frames), -1).mean(1) / STEP
-                  ).astype(int).tolist()
 
 
 def _pool(frames, size=4):
@@ -68,23 +57,23 @@ def test_round_trip_keeps_frames_rate_and_content(tmp_path, ext):
 @pytest.mark.parametrize('ext', sorted(WRITERS))
 def test_frames_are_the_requested_indices(tmp_path, ext):
   path = str(tmp_path / f'count.{ext}')
-  WRITERS[ext](path, _counting_frames(30))
+  WRITERS[ext](path, counting_frames(30))
   video = video_files.VideoFile(path)
   assert video.num_frames == 30
   for indices in ([0, 3, 3, 7, 29], [12, 2, 2, 0], [5]):
-    assert _indices_of(video.frames(np.array(indices))) == indices
+    assert frame_indices(video.frames(np.array(indices))) == indices
   assert video.frames(np.array([], int)).shape == (0, 32, 32, 3)
 
 
 def test_an_over_estimated_length_repeats_the_last_decoded_frame(tmp_path):
   """A webm cut in half: its header still says 30 frames."""
   whole = tmp_path / 'whole.webm'
-  video_files.write_webm(str(whole), _counting_frames(30))
+  video_files.write_webm(str(whole), counting_frames(30))
   cut = tmp_path / 'cut.webm'
   cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
   video = video_files.VideoFile(str(cut))
   assert video.num_frames == 30
-  shown = _indices_of(video.frames(np.arange(30)))
+  shown = frame_indices(video.frames(np.arange(30)))
   last = shown[-1]
   assert 0 < last < 29
   assert shown == [min(i, last) for i in range(30)]
@@ -92,7 +81,7 @@ def test_an_over_estimated_length_repeats_the_last_decoded_frame(tmp_path):
 
 def test_odd_sizes_are_padded_to_even(tmp_path):
   path = str(tmp_path / 'odd.mp4')
-  video_files.write_mp4(path, _counting_frames(4, 15, 17))
+  video_files.write_mp4(path, counting_frames(4, 15, 17))
   assert video_files.VideoFile(path).frames([1]).shape == (1, 16, 18, 3)
 
 
@@ -109,7 +98,7 @@ def test_unreadable_files_are_bad_videos(tmp_path):
       video.frames(np.array([0]))
   # An mp4 cut after its index: 16 frames announced, none to decode.
   whole = tmp_path / 'whole.mp4'
-  video_files.write_mp4(str(whole), _counting_frames(16))
+  video_files.write_mp4(str(whole), counting_frames(16))
   data = whole.read_bytes()
   (tmp_path / 'no_frames.mp4').write_bytes(data[:data.index(b'mdat') + 4])
   video = video_files.VideoFile(str(tmp_path / 'no_frames.mp4'))
@@ -208,7 +197,7 @@ def test_a_csv_dataset_trains_and_evaluates_skipping_bad_files(tmp_path):
 
 def test_csv_lines_paths_and_labels_are_checked(tmp_path):
   (tmp_path / 'a b').mkdir()
-  video_files.write_mp4(str(tmp_path / 'a b' / 'v.mp4'), _counting_frames(4))
+  video_files.write_mp4(str(tmp_path / 'a b' / 'v.mp4'), counting_frames(4))
   (tmp_path / 'train.csv').write_text(
       f'a b/v.mp4 3\n\n{tmp_path}/a b/v.mp4 1\n')
   source = datasets.get_source(_config('k400', tmp_path), 'train')
@@ -275,7 +264,7 @@ def test_ssv2_layout_loads_with_its_labels(tmp_path, video_dir):
       json.dumps(items[1:]))
   for item in items:
     video_files.write_webm(str(tmp_path / video_dir / f'{item["id"]}.webm'),
-                           _counting_frames(24), fps=12)
+                           counting_frames(24), fps=12)
   config = _config('ssv2', tmp_path)
   train_source = datasets.get_source(config, 'train')
   names = datasets.class_names(config)
@@ -289,7 +278,7 @@ def test_ssv2_layout_loads_with_its_labels(tmp_path, video_dir):
   spec = ip.clip_spec(config)
   assert spec.sampling == 'segments' and not spec.flip
   indices = ip.temporal_indices(video.num_frames, video.fps, spec, clip=0)
-  assert _indices_of(video.frames(indices)) == [3, 9, 15, 21]
+  assert frame_indices(video.frames(indices)) == [3, 9, 15, 21]
   assert ip.eval_views(video, spec).shape == (3, 4, 32, 32, 3)
   items[0]['template'] = 'Juggling [something]'
   (tmp_path / 'something-something-v2-train.json').write_text(
@@ -301,7 +290,7 @@ def test_ssv2_layout_loads_with_its_labels(tmp_path, video_dir):
 def test_diving48_layout_loads_its_frame_windows(tmp_path):
   for name in ('a', 'b'):
     video_files.write_mp4(str(tmp_path / 'rgb' / f'{name}.mp4'),
-                          _counting_frames(16))
+                          counting_frames(16))
   (tmp_path / 'Diving48_V2_train.json').write_text(json.dumps([
       dict(vid_name='a', label=47, start_frame=0, end_frame=16),
       dict(vid_name='b', label=5, start_frame=4, end_frame=12)]))
@@ -312,7 +301,7 @@ def test_diving48_layout_loads_its_frame_windows(tmp_path):
   assert source.labels.tolist() == [47, 5]
   whole, cut = source[0][0], source[1][0]
   assert (whole.num_frames, cut.num_frames) == (16, 8)
-  assert _indices_of(cut.frames(np.array([0, 7, 9]))) == [4, 11, 11]
+  assert frame_indices(cut.frames(np.array([0, 7, 9]))) == [4, 11, 11]
   assert datasets.get_source(config, 'val').labels.tolist() == [2]
   names = datasets.class_names(config)
   assert len(names) == 48 and names[0] == 'Back+15som+05Twis+FREE'

@@ -2,6 +2,7 @@
 
 import fcntl
 import functools
+import math
 
 import jax
 import numpy as np
@@ -110,3 +111,19 @@ def frame_indices(frames):
   """The index each decoded `counting_frames` frame shows: `[F]` ints."""
   return np.round(frames.reshape(len(frames), -1).mean(1) / COUNT_STEP
                   ).astype(int).tolist()
+
+
+# Which patches attend to which in each grouping, written from the paper's
+# description alone: (t, h, w) of a query and a key, and the grid (T, H, W)
+# -> allowed? The independent reference of the attention and rollout tests.
+ALLOWED = {
+    'space': lambda q, k, g: q[0] == k[0],
+    'joint': lambda q, k, g: True,
+    'time': lambda q, k, g: q[1:] == k[1:],
+    'width': lambda q, k, g: q[:2] == k[:2],
+    'height': lambda q, k, g: (q[0], q[2]) == (k[0], k[2]),
+    'local': lambda q, k, g: (
+        q[1] // math.ceil(g[1] / 2) == k[1] // math.ceil(g[1] / 2) and
+        q[2] // math.ceil(g[2] / 2) == k[2] // math.ceil(g[2] / 2)),
+    'global': lambda q, k, g: [a % 2 for a in q] == [b % 2 for b in k],
+}

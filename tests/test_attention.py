@@ -18,18 +18,7 @@ import pytest
 
 from tsformer_jax import attention
 
-# (t, h, w) of a query and a key, and the grid (T, H, W) -> allowed?
-ALLOWED = {
-    'space': lambda q, k, g: q[0] == k[0],
-    'joint': lambda q, k, g: True,
-    'time': lambda q, k, g: q[1:] == k[1:],
-    'width': lambda q, k, g: q[:2] == k[:2],
-    'height': lambda q, k, g: (q[0], q[2]) == (k[0], k[2]),
-    'local': lambda q, k, g: (
-        q[1] // math.ceil(g[1] / 2) == k[1] // math.ceil(g[1] / 2) and
-        q[2] // math.ceil(g[2] / 2) == k[2] // math.ceil(g[2] / 2)),
-    'global': lambda q, k, g: [a % 2 for a in q] == [b % 2 for b in k],
-}
+from conftest import ALLOWED
 
 # Heights and widths that differ, are odd, or are not divisible by 2 or 4.
 GRIDS = [(2, 2, 2), (3, 5, 7), (4, 3, 6), (1, 1, 3), (5, 6, 1), (3, 7, 5)]

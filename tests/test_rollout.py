@@ -34,22 +34,11 @@ from tsformer_jax import visualize
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import video_files
 
+from conftest import ALLOWED
 from conftest import SCHEMES
 from conftest import random_clips
 from conftest import tiny_config
 
-# (t, h, w) of a query and a key, and the grid (T, H, W) -> allowed?
-ALLOWED = {
-    'space': lambda q, k, g: q[0] == k[0],
-    'joint': lambda q, k, g: True,
-    'time': lambda q, k, g: q[1:] == k[1:],
-    'width': lambda q, k, g: q[:2] == k[:2],
-    'height': lambda q, k, g: (q[0], q[2]) == (k[0], k[2]),
-    'local': lambda q, k, g: (
-        q[1] // math.ceil(g[1] / 2) == k[1] // math.ceil(g[1] / 2) and
-        q[2] // math.ceil(g[2] / 2) == k[2] // math.ceil(g[2] / 2)),
-    'global': lambda q, k, g: [a % 2 for a in q] == [b % 2 for b in k],
-}
 # Odd in every axis: `global` pads time, height and width, `local` height
 # and width.
 ODD = dict(num_frames=3, image_size=(40, 24))  # grid 3 x 5 x 3

@@ -7,7 +7,9 @@ HF supports square patch grids only; non-square grids are covered by the
 masked-attention tests in test_attention.py.
 """
 
+import jax
 import numpy as np
+import optax
 import pytest
 import torch
 from transformers import TimesformerConfig
@@ -82,6 +84,52 @@ def test_base_size_divided_matches_hf():
   want = hf_logits(hf, clips)
   assert want.std() > 0.1
   np.testing.assert_allclose(ours, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize('attention_type', ['divided_space_time',
+                                            'joint_space_time'])
+def test_training_gradients_match_hf(attention_type):
+  """Every parameter's gradient of the training loss equals PyTorch's.
+
+  HF's gradients are mapped to our parameter layout with the same converter
+  as its weights (a pure re-layout, so it maps gradients too). This checks
+  our backward pass, including the linear layers' CPU weight gradient
+  (`model._cpu_linear`), against an independent autograd.
+  """
+  hf = _hf_model(1, attention_type=attention_type, num_frames=3,
+                 image_size=32, patch_size=8, hidden_size=32,
+                 num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=80, num_labels=5)
+  config = checkpoints.config_from_hf(hf.config.to_dict())
+  config.model.drop_path = 0.0
+  params = checkpoints.params_from_hf_state_dict(hf.state_dict(), config)
+  clips = np.random.default_rng(0).normal(
+      size=(2, 3, 32, 32, 3)).astype(np.float32)
+  labels = np.array([1, 4])
+
+  pixels = torch.from_numpy(clips).permute(0, 1, 4, 2, 3)
+  loss = torch.nn.functional.cross_entropy(hf(pixels).logits,
+                                           torch.from_numpy(labels))
+  loss.backward()
+  want = checkpoints.params_from_hf_state_dict(
+      {name: p.grad for name, p in hf.named_parameters()}, config)
+
+  model = tsformer_jax.create_model(config)
+
+  def loss_fn(p):
+    logits = model.apply({'params': p}, clips, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+
+  ours = jax.jit(jax.grad(loss_fn))(params)
+  flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
+  for path, grad in jax.tree_util.tree_leaves_with_path(ours):
+    name = jax.tree_util.keystr(path)
+    reference = np.asarray(flat_want[path])
+    scale = np.abs(reference).max()
+    assert scale > 1e-7, name  # Every parameter is in play.
+    np.testing.assert_allclose(grad, reference, atol=1e-4 * scale, rtol=0,
+                               err_msg=name)
 
 
 def test_converter_names_the_misfit():

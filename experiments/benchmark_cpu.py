@@ -39,6 +39,16 @@ Writes `cpu.md` and `cpu.json` to --out.
 XLA CPU flags go in the environment, e.g.
 `XLA_FLAGS=--xla_cpu_enable_fast_math=true python ...`; the run records
 them.
+
+Memory allocator: glibc hands every freed block over 32 MiB back to the
+kernel, and XLA allocates a step's temporaries as one block (2.7 GiB for a
+base training step), so each step faults all its pages back in, zeroed:
+700,000 page faults and 2-10 s of kernel time per base training step, the
+more the busier the machine's memory. With `--malloc=retain` (the default)
+the script restarts itself under `MALLOC_TUNABLES` (one arena that neither
+maps nor trims, so freed memory is reused), for both frameworks alike;
+`--malloc=default` keeps glibc's defaults. A training run on CPU gains the
+same from `GLIBC_TUNABLES=<MALLOC_TUNABLES> python -m tsformer_jax.main`.
 """
 
 from __future__ import annotations
@@ -50,16 +60,17 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import tsformer_jax
 from tsformer_jax import checkpoints
 from tsformer_jax import config_lib
+from tsformer_jax import summary
 
 # Model sizes beside the paper's base (8 x 224, ViT-B/16).
 SIZES = {
@@ -73,7 +84,8 @@ HF_NAMES = {ours: hf for hf, ours in checkpoints.HF_ATTENTION_TYPES.items()}
 DTYPES = ('float32', 'bfloat16')
 MODES = ('forward', 'train')
 FRAMEWORKS = ('jax', 'torch')
-LEARNING_RATE = 0.005
+MALLOC_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+                   'glibc.malloc.trim_threshold=68719476736')
 
 
 def model_config(scheme: str, size: str, dtype: str):
@@ -134,28 +146,17 @@ def jax_runner(config, batch_size: int, mode: str
       compiled(params, clips).block_until_ready()
     return run, flops, int(memory.temp_size_in_bytes) if memory else 0
 
-  tx = optax.sgd(LEARNING_RATE, momentum=0.9, nesterov=True)
+  step, tx = summary.sgd_train_step(config)
   labels = jnp.asarray(_labels(config, batch_size))
-
-  def loss_fn(p):
-    logits = model.apply({'params': p}, clips, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, labels).mean()
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state):
-    params, opt_state = state
-    updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state,
-                                   params)
-    return optax.apply_updates(params, updates), opt_state
-
-  state = (params, tx.init(params))
-  compiled = step.lower(state).compile()
+  rng = jax.random.key(1)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), clips, labels, rng).compile()
   memory = compiled.memory_analysis()
-  holder = [state]
+  holder = [(params, tx.init(params))]
 
   def run():
-    holder[0] = jax.block_until_ready(compiled(holder[0]))
+    params, opt_state, _ = compiled(*holder[0], clips, labels, rng)
+    holder[0] = jax.block_until_ready((params, opt_state))
   return run, flops, int(memory.temp_size_in_bytes) if memory else 0
 
 
@@ -184,8 +185,8 @@ def torch_runner(config, batch_size: int, mode: str) -> Callable[[], None]:
 
   model.train()
   labels = torch.from_numpy(_labels(config, batch_size))
-  opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9,
-                        nesterov=True)
+  opt = torch.optim.SGD(model.parameters(), lr=summary.SGD_LEARNING_RATE,
+                        momentum=0.9, nesterov=True)
 
   def run():
     with autocast():
@@ -201,13 +202,19 @@ def torch_runner(config, batch_size: int, mode: str) -> Callable[[], None]:
 
 def interleaved_times(runners: dict[str, Callable[[], None]], reps: int,
                       warmup: int = 1) -> dict[str, list[float]]:
-  """Seconds per call of each runner, rep by rep in turn, after warm-up."""
-  for run in runners.values():
-    for _ in range(warmup):
-      run()
+  """Seconds per call of each runner, taking turns rep by rep.
+
+  Each turn starts with `warmup` untimed calls, so that every timed call
+  follows a call of its own framework, as in a training loop: the first
+  call after the other framework's finds its caches, and the memory the
+  allocator had kept for it, taken by the other (up to 1 s slower per
+  training step of the base model).
+  """
   times = {name: [] for name in runners}
   for _ in range(reps):
     for name, run in runners.items():
+      for _ in range(warmup):
+        run()
       start = time.perf_counter()
       run()
       times[name].append(time.perf_counter() - start)
@@ -381,6 +388,7 @@ def environment() -> dict:
               transformers=transformers.__version__,
               python=platform.python_version(),
               xla_flags=os.environ.get('XLA_FLAGS', ''),
+              glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
               load_average=os.getloadavg())
 
 
@@ -405,8 +413,9 @@ def markdown(env: dict, ceilings: dict, cases: list[dict], command: str
       f'{env["cpu"]} ({", ".join(env["isa_flags"]) or "no AVX2"}), '
       f'{env["threads"]} threads for both; jax {env["jax"]}, torch '
       f'{env["torch"]}, transformers {env["transformers"]}; XLA_FLAGS '
-      f'`{env["xla_flags"] or "(none)"}`; load average at the start '
-      f'{env["load_average"][0]:.1f}.', '',
+      f'`{env["xla_flags"] or "(none)"}`; GLIBC_TUNABLES '
+      f'`{env.get("glibc_tunables") or "(none)"}`; load average at the '
+      f'start {env["load_average"][0]:.1f}.', '',
       '## Matrix-product ceilings (n x n x n)', '',
       '| framework, dtype | n | GFLOP/s |', '|---|---|---|']
   for name, c in ceilings.items():
@@ -459,7 +468,15 @@ def main():
   parser.add_argument('--out', default='experiments/results')
   parser.add_argument('--name', default='cpu',
                       help='output file names: NAME.md and NAME.json')
+  parser.add_argument('--malloc', default='retain',
+                      choices=('retain', 'default'),
+                      help='glibc allocator settings, see the docstring')
   args = parser.parse_args()
+  if (args.malloc == 'retain' and sys.platform == 'linux' and
+      os.environ.get('GLIBC_TUNABLES') != MALLOC_TUNABLES):
+    # Read by glibc at process start only.
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
   schemes = _list(args.schemes, SCHEMES)
   sizes = _list(args.sizes, tuple(SIZES))
   dtypes = _list(args.dtypes, DTYPES)

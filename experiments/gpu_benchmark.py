@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import functools
 import json
 import os
 import platform
@@ -36,7 +35,6 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import tsformer_jax
 from tsformer_jax import attention
@@ -76,36 +74,18 @@ def time_steps(step, state, batch, steps: int) -> list[float]:
   return times
 
 
-TX = optax.sgd(0.005, momentum=0.9, nesterov=True)
-
-
 def lower_train_step(config, batch_size: int):
-  """The jitted training step of `config.model` lowered on abstract shapes
-  of the state `(params, opt_state)` and the batch `(clips, labels)`."""
-  model = tsformer_jax.create_model(config)
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state, batch):
-    params, opt_state = state
-    clips, labels = batch
-
-    def loss_fn(p):
-      logits = model.apply({'params': p}, clips, train=True,
-                           rngs={'dropout': jax.random.key(2)})
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
-
-    grads = jax.grad(loss_fn)(params)
-    updates, opt_state = TX.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
+  """`summary.sgd_train_step` of `config.model`, jitted and lowered on
+  abstract shapes of `(params, opt_state, clips, labels, rng)`."""
+  step, tx = summary.sgd_train_step(config)
   params = jax.eval_shape(
       lambda: tsformer_jax.init_params(config, jax.random.key(0)))
   clips = jax.ShapeDtypeStruct(
       tsformer_jax.dummy_clips(config, batch_size).shape, jnp.float32)
   labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  return step.lower((params, jax.eval_shape(TX.init, params)),
-                    (clips, labels))
+  rng = jax.eval_shape(lambda: jax.random.key(2))
+  return jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, jax.eval_shape(tx.init, params), clips, labels, rng)
 
 
 def compile_all(lowered: dict) -> dict:
@@ -129,17 +109,25 @@ def compile_all(lowered: dict) -> dict:
   return {key: compiled[key] for key in lowered}
 
 
-def jax_train_step_times(compiled, params, clips_shape, num_classes: int,
+def jax_train_step_times(compiled, config, params, clips_shape,
                          steps: int) -> tuple[list[float], int]:
-  """Seconds per step of a compiled step on random clips of `clips_shape`,
-  and the temporary bytes XLA plans for it. `params` are copied: the step
-  consumes its state."""
+  """Seconds per step of a compiled `lower_train_step` on random clips of
+  `clips_shape`, and the temporary bytes XLA plans for it. `params` are
+  copied: the step consumes its state."""
   clips = jax.random.normal(jax.random.key(1), clips_shape)
-  labels = jnp.arange(clips_shape[0], dtype=jnp.int32) % num_classes
-  state = (jax.tree.map(jnp.copy, params), TX.init(params))
+  labels = jnp.arange(clips_shape[0],
+                      dtype=jnp.int32) % config.model.num_classes
+  rng = jax.random.key(2)
+  tx = summary.sgd_train_step(config)[1]
+  state = (jax.tree.map(jnp.copy, params), tx.init(params))
+
+  def step(state, batch):
+    params, opt_state, _ = compiled(*state, *batch, rng)
+    return params, opt_state
+
   memory = compiled.memory_analysis()
   temp = int(memory.temp_size_in_bytes) if memory else 0
-  return time_steps(compiled, state, (clips, labels), steps), temp
+  return time_steps(step, state, (clips, labels), steps), temp
 
 
 def torch_train_step_times(batch_size: int, steps: int) -> list[float] | None:
@@ -269,8 +257,8 @@ def main():
   rows = []
   for (impl, remat, b), step in compiled.items():
     times, temp = jax_train_step_times(
-        step, params, tsformer_jax.dummy_clips(config, b).shape,
-        config.model.num_classes, args.steps)
+        step, config, params, tsformer_jax.dummy_clips(config, b).shape,
+        args.steps)
     rows.append(row(f'tsformer_jax ({impl}, remat {remat})', b, times,
                     flops, peak, temp))
     print(rows[-1], flush=True)

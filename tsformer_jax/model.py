@@ -88,10 +88,11 @@ def _cpu_linear(x: Array, kernel: Array) -> Array:
   kernels (YNNPACK) take row-major operands only, so XLA transposes one,
   and in a linear layer's backward pass it fuses that transpose into the
   elementwise work before it (GELU's derivative, the q/k/v gradients'
-  concatenation): a strided loop that ran at a tenth of a plain copy's
-  speed and cost a quarter of a ViT-B training step. Here the narrower of
-  x and dy is transposed on its own, behind an optimisation barrier that
-  keeps it a plain copy. Measured in `experiments/benchmark_cpu.py`.
+  concatenation): a strided loop ten times slower than a plain copy, 13%
+  of a divided base training step (or it sends the product to a slower
+  kernel). Here the narrower of x and dy is transposed on its own, behind
+  an optimisation barrier that keeps it a plain copy: the step is 15-20%
+  faster (`experiments/benchmark_cpu.py`).
   """
   return _matmul(x, kernel)
 

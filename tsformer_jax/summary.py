@@ -53,12 +53,16 @@ def summarize(config) -> dict[str, Any]:
   )
 
 
+# The plain step's optimizer: SGD, Nesterov momentum 0.9, this rate.
+SGD_LEARNING_RATE = 0.005
+
+
 def sgd_train_step(config) -> Callable:
   """A plain training step of `config.model`: cross-entropy, backward and
   SGD with momentum. `step(params, opt_state, clips, labels, rng)` returns
   the new params and optimizer state and the loss."""
   model = tsformer_jax.create_model(config)
-  tx = optax.sgd(0.005, momentum=0.9, nesterov=True)
+  tx = optax.sgd(SGD_LEARNING_RATE, momentum=0.9, nesterov=True)
 
   def step(params, opt_state, clips, labels, rng):
     def loss_fn(p):

@@ -2,6 +2,7 @@
 
 import fcntl
 import functools
+import itertools
 import math
 
 import jax
@@ -127,3 +128,58 @@ ALLOWED = {
         q[2] // math.ceil(g[2] / 2) == k[2] // math.ceil(g[2] / 2)),
     'global': lambda q, k, g: [a % 2 for a in q] == [b % 2 for b in k],
 }
+
+
+
+def reference_masks(grouping, grid, with_cls):
+  """One attention step as explicit masks over a clip's patches, from
+  `ALLOWED`.
+
+  Returns `(allowed, mask, g)`: `allowed [N, N]` says which patch (in
+  (t, h, w) order) attends to which. With the class token, one copy of it
+  joins each set of mutually attending patches (in order of first
+  appearance, so for `space` copy i is frame i): `mask [G + N, G + N]`
+  over the tokens [copies; patches], with G copies; without, G = 0.
+  """
+  coords = list(itertools.product(*map(range, grid)))
+  allowed = np.array([[ALLOWED[grouping](q, k, grid) for k in coords]
+                      for q in coords])
+  groups = []
+  for row in allowed if with_cls else []:
+    if not any((row == g).all() for g in groups):
+      groups.append(row)
+  g, n = len(groups), len(coords)
+  mask = np.zeros((g + n, g + n), bool)
+  mask[g:, g:] = allowed
+  for i, members in enumerate(groups):
+    mask[i, i] = True
+    mask[i, g:] = members
+    mask[g:, i] = members
+  return allowed, mask, g
+
+def write_csv_split(root, split, good, bad_at=(), fps=None,
+                    relabel=lambda label, index: label):
+  """`good` synthetic_motion videos of `split` as mp4 files under
+  `root/split` and their CSV `root/split.csv`, with a corrupt file at
+  position `bad_at[0]` and an empty one at `bad_at[1]`. Returns the CSV's
+  entries; `relabel(label, index)` gives each good video's label."""
+  from tsformer_jax.datasets import kinetics  # pylint: disable=g-import-not-at-top
+  from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
+  from tsformer_jax.datasets import video_files  # pylint: disable=g-import-not-at-top
+  (root / split).mkdir(parents=True, exist_ok=True)
+  fps = video_files.DEFAULT_FPS if fps is None else fps
+  entries, videos = [], iter(range(good))
+  for position in range(good + len(bad_at)):
+    if position in bad_at:
+      path = root / split / f'bad{position}.mp4'
+      path.write_bytes(np.random.default_rng(position).bytes(3000)
+                       if position == bad_at[0] else b'')
+      entries.append(video_files.Entry(str(path), 0))
+      continue
+    index = next(videos)
+    frames, label = synthetic_motion.generate(split, index)
+    path = root / split / f'{index}.mp4'
+    video_files.write_mp4(str(path), frames, fps=fps)
+    entries.append(video_files.Entry(str(path), relabel(label, index)))
+  kinetics.write_csv(str(root / f'{split}.csv'), entries, str(root))
+  return entries

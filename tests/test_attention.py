@@ -8,7 +8,6 @@ one token per group of mutually attending patches (a copy of the shared
 class token, or the frame's own one), and the copies' outputs are averaged.
 """
 
-import itertools
 import math
 
 import jax
@@ -19,6 +18,7 @@ import pytest
 from tsformer_jax import attention
 
 from conftest import ALLOWED
+from conftest import reference_masks
 
 # Heights and widths that differ, are odd, or are not divisible by 2 or 4.
 GRIDS = [(2, 2, 2), (3, 5, 7), (4, 3, 6), (1, 1, 3), (5, 6, 1), (3, 7, 5)]
@@ -36,32 +36,16 @@ def _softmax_attention(q, k, v, mask):
 
 def masked_reference(qkv, cls_qkv, grouping, grid):
   """qkv: [B, T, N, 3, H, Dh], cls_qkv: [B, C, 3, H, Dh] or None."""
-  t, h, w = grid
-  coords = list(itertools.product(range(t), range(h), range(w)))
-  n = len(coords)
-  allowed = np.array([[ALLOWED[grouping](a, b, grid) for b in coords]
-                      for a in coords])
+  allowed, mask, g = reference_masks(grouping, grid, cls_qkv is not None)
+  n = len(allowed)
   patches = qkv.reshape(qkv.shape[0], n, *qkv.shape[3:]).astype(np.float64)
   if cls_qkv is None:
     out = _softmax_attention(*(patches[:, :, i] for i in range(3)), allowed)
     return out.reshape(qkv.shape[:3] + out.shape[2:]), None
-  # One class-token copy per set of mutually attending patches, in order of
-  # first appearance (so for `space` copy c is frame c).
-  groups = []
-  for row in allowed:
-    if not any((row == g).all() for g in groups):
-      groups.append(row)
   c = cls_qkv.shape[1]
-  assert c in (1, len(groups))
+  assert c in (1, g)
   cls_tokens = cls_qkv.astype(np.float64)[:, [i if c > 1 else 0
-                                               for i in range(len(groups))]]
-  g = len(groups)
-  mask = np.zeros((g + n, g + n), bool)
-  mask[g:, g:] = allowed
-  for i, members in enumerate(groups):
-    mask[i, i] = True
-    mask[i, g:] = members
-    mask[g:, i] = members
+                                               for i in range(g)]]
   tokens = np.concatenate([cls_tokens, patches], axis=1)
   out = _softmax_attention(*(tokens[:, :, i] for i in range(3)), mask)
   cls_out = out[:, :g].mean(axis=1, keepdims=True) if c == 1 else out[:, :g]

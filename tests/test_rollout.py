@@ -12,7 +12,6 @@ back into the class token's row as the model folds their outputs.
 """
 
 import dataclasses
-import itertools
 import math
 import os
 import subprocess
@@ -34,9 +33,9 @@ from tsformer_jax import visualize
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import video_files
 
-from conftest import ALLOWED
 from conftest import SCHEMES
 from conftest import random_clips
+from conftest import reference_masks
 from conftest import tiny_config
 
 # Odd in every axis: `global` pads time, height and width, `local` height
@@ -95,27 +94,12 @@ def _reference_step_matrix(cls, x, p, step, grid, eps):
   Returns float64 [B, C + T * N, C + T * N].
   """
   b, c = cls.shape[:2]
-  coords = list(itertools.product(*map(range, grid)))
-  n = len(coords)
-  allowed = np.array([[ALLOWED[step.grouping](q, k, grid) for k in coords]
-                      for q in coords])
+  allowed, mask, g = reference_masks(step.grouping, grid, step.with_cls)
+  n = len(allowed)
   size = c + n
-  # One class-token copy per set of mutually attending patches, in order of
-  # first appearance (for `space` copy i is frame i); none without it.
-  groups = []
-  for row in allowed if step.with_cls else []:
-    if not any((row == g).all() for g in groups):
-      groups.append(row)
-  g = len(groups)
   # Extended token list: [copies; patches]; copy i is class token `owner[i]`.
   owner = [i if c > 1 else 0 for i in range(g)]
   assert c in (1, g) or not g
-  mask = np.zeros((g + n, g + n), bool)
-  mask[g:, g:] = allowed
-  for i, members in enumerate(groups):
-    mask[i, i] = True
-    mask[i, g:] = members
-    mask[g:, i] = members
   tokens = np.concatenate(
       [cls.astype(np.float64)[:, owner],
        x.astype(np.float64).reshape(b, n, -1)], axis=1)

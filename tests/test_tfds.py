@@ -17,13 +17,13 @@ from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline as ip
 from tsformer_jax import train
-from tsformer_jax.datasets import kinetics
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import tfds_builders
 from tsformer_jax.datasets import video_files
 
 from conftest import counting_frames
 from conftest import frame_indices
+from conftest import write_csv_split
 
 ROOT = pathlib.Path(__file__).parent.parent
 LIMIT = 48  # synthetic_motion videos per split: enough for 6 batches of 8.
@@ -172,24 +172,9 @@ def test_streamed_frames_equal_decoded_frames(tmp_path):
 
 
 def _write_csv_split(root, split, good, bad_at):
-  """synthetic_motion videos `0..good-1` of `split` as mp4, with a corrupt
-  file at `bad_at[0]` and an empty one at `bad_at[1]`."""
-  (root / split).mkdir(parents=True)
-  entries, videos = [], iter(range(good))
-  for position in range(good + len(bad_at)):
-    if position in bad_at:
-      path = root / split / f'bad{position}.mp4'
-      path.write_bytes(np.random.default_rng(position).bytes(3000)
-                       if position == bad_at[0] else b'')
-      entries.append(video_files.Entry(str(path), 0))
-      continue
-    index = next(videos)
-    frames, label = synthetic_motion.generate(split, index)
-    path = root / split / f'{index}.mp4'
-    video_files.write_mp4(str(path), frames, fps=25)
-    entries.append(video_files.Entry(str(path), label + 2 * (index % 2)))
-  kinetics.write_csv(str(root / f'{split}.csv'), entries, str(root))
-  return entries
+  # Labels up to 3, so that the stored max_label is put to the test.
+  return write_csv_split(root, split, good, bad_at, fps=25,
+                         relabel=lambda label, index: label + 2 * (index % 2))
 
 
 def _jpeg(frame, quality):

@@ -20,6 +20,7 @@ from tsformer_jax.datasets import video_files
 
 from conftest import counting_frames
 from conftest import frame_indices
+from conftest import write_csv_split
 
 WRITERS = {'mp4': video_files.write_mp4, 'webm': video_files.write_webm}
 
@@ -154,32 +155,13 @@ def test_configs_select_the_dataset():
     config_lib.get_config('divided', 'k400,ssv2')
 
 
-def _write_csv_dataset(root, split, good, bad_at=()):
-  """`good` synthetic_motion videos of `split`, with a corrupt file and an
-  empty one at the positions `bad_at`."""
-  entries, videos = [], iter(range(good))
-  for position in range(good + len(bad_at)):
-    if position in bad_at:
-      path = root / split / f'bad{position}.mp4'
-      path.write_bytes(np.random.default_rng(position).bytes(3000)
-                       if position == bad_at[0] else b'')
-      entries.append(video_files.Entry(str(path), 0))
-      continue
-    index = next(videos)
-    frames, label = synthetic_motion.generate(split, index)
-    path = root / split / f'{index}.mp4'
-    video_files.write_mp4(str(path), frames)
-    entries.append(video_files.Entry(str(path), label))
-  kinetics.write_csv(str(root / f'{split}.csv'), entries, str(root))
-
-
 def test_a_csv_dataset_trains_and_evaluates_skipping_bad_files(tmp_path):
   data = tmp_path / 'data'
   (data / 'train').mkdir(parents=True)
   (data / 'test').mkdir()
   # Bad videos at the same indices in both splits count once each.
-  _write_csv_dataset(data, 'train', 6, bad_at=(2, 5))
-  _write_csv_dataset(data, 'test', 4, bad_at=(2, 5))
+  write_csv_split(data, 'train', 6, bad_at=(2, 5))
+  write_csv_split(data, 'test', 4, bad_at=(2, 5))
   config = config_lib.get_config('divided', 'demo')
   config.dataset.name = 'kinetics400'
   config.dataset.data_dir = str(data)

@@ -130,7 +130,6 @@ ALLOWED = {
 }
 
 
-
 def reference_masks(grouping, grid, with_cls):
   """One attention step as explicit masks over a clip's patches, from
   `ALLOWED`.
@@ -156,6 +155,7 @@ def reference_masks(grouping, grid, with_cls):
     mask[i, g:] = members
     mask[g:, i] = members
   return allowed, mask, g
+
 
 def write_csv_split(root, split, good, bad_at=(), fps=None,
                     relabel=lambda label, index: label):

@@ -74,20 +74,6 @@ def time_steps(step, state, batch, steps: int) -> list[float]:
   return times
 
 
-def lower_train_step(config, batch_size: int):
-  """`summary.sgd_train_step` of `config.model`, jitted and lowered on
-  abstract shapes of `(params, opt_state, clips, labels, rng)`."""
-  step, tx = summary.sgd_train_step(config)
-  params = jax.eval_shape(
-      lambda: tsformer_jax.init_params(config, jax.random.key(0)))
-  clips = jax.ShapeDtypeStruct(
-      tsformer_jax.dummy_clips(config, batch_size).shape, jnp.float32)
-  labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  rng = jax.eval_shape(lambda: jax.random.key(2))
-  return jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, jax.eval_shape(tx.init, params), clips, labels, rng)
-
-
 def compile_all(lowered: dict) -> dict:
   """Compiles the lowered steps `{(impl, remat, batch): lowered}`.
 
@@ -111,8 +97,8 @@ def compile_all(lowered: dict) -> dict:
 
 def jax_train_step_times(compiled, config, params, clips_shape,
                          steps: int) -> tuple[list[float], int]:
-  """Seconds per step of a compiled `lower_train_step` on random clips of
-  `clips_shape`, and the temporary bytes XLA plans for it. `params` are
+  """Seconds per step of a compiled `summary.lower_sgd_train_step` on random
+  clips of `clips_shape`, and the temporary bytes XLA plans for it. `params` are
   copied: the step consumes its state."""
   clips = jax.random.normal(jax.random.key(1), clips_shape)
   labels = jnp.arange(clips_shape[0],
@@ -248,7 +234,7 @@ def main():
   for impl, remat in variants:
     config.model.attention_impl, config.model.remat = impl, remat
     for b in batch_sizes:
-      lowered[impl, remat, b] = lower_train_step(config, b)
+      lowered[impl, remat, b] = summary.lower_sgd_train_step(config, b)
   start = time.perf_counter()
   compiled = compile_all(lowered)
   print(f'compiled {len(compiled)} training steps in '

@@ -78,6 +78,22 @@ def sgd_train_step(config) -> Callable:
   return step, tx
 
 
+def lower_sgd_train_step(config, batch_size: int = 1) -> jax.stages.Lowered:
+  """`sgd_train_step` of `config.model`, jitted with params and optimizer
+  state donated and lowered on abstract shapes of `(params, opt_state,
+  clips, labels, rng)` for `batch_size` clips; nothing is allocated."""
+  step, tx = sgd_train_step(config)
+  params = jax.eval_shape(
+      lambda: tsformer_jax.init_params(config, jax.random.key(0)))
+  opt_state = jax.eval_shape(tx.init, params)
+  clips = jax.ShapeDtypeStruct(
+      tsformer_jax.dummy_clips(config, batch_size).shape, np.float32)
+  labels = jax.ShapeDtypeStruct((batch_size,), np.int32)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  return jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt_state, clips, labels, rng)
+
+
 def train_step_memory(config, batch_size: int = 1) -> dict[str, int]:
   """XLA's memory analysis of `sgd_train_step` compiled for `batch_size`
   clips on the default backend; nothing is allocated.
@@ -87,16 +103,7 @@ def train_step_memory(config, batch_size: int = 1) -> dict[str, int]:
   (outputs written over donated arguments) and `peak`, their sum less the
   aliased part.
   """
-  step, tx = sgd_train_step(config)
-  params = jax.eval_shape(
-      lambda: tsformer_jax.init_params(config, jax.random.key(0)))
-  opt_state = jax.eval_shape(tx.init, params)
-  clips = jax.ShapeDtypeStruct(
-      tsformer_jax.dummy_clips(config, batch_size).shape, np.float32)
-  labels = jax.ShapeDtypeStruct((batch_size,), np.int32)
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, opt_state, clips, labels, rng).compile()
+  compiled = lower_sgd_train_step(config, batch_size).compile()
   memory = compiled.memory_analysis()
   sizes = dict(arguments=memory.argument_size_in_bytes,
                temp=memory.temp_size_in_bytes,

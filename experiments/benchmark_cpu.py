@@ -34,7 +34,8 @@ same network.
 A case predicted (from its FLOPs and the ceiling) to take longer than
 --max_seconds per call, or to need more memory than is available (XLA's
 memory analysis of our compiled step), is skipped and listed as such.
-Writes `cpu.md` and `cpu.json` to --out.
+Writes `cpu.md` and `cpu.json` to --out after every case; the same command
+with `--resume` continues a stopped run, keeping the cases it finished.
 
 XLA CPU flags go in the environment, e.g.
 `XLA_FLAGS=--xla_cpu_enable_fast_math=true python ...`; the run records
@@ -446,6 +447,51 @@ def markdown(env: dict, ceilings: dict, cases: list[dict], command: str
   return '\n'.join(lines) + '\n'
 
 
+def case_key(case: dict) -> tuple:
+  return tuple(case[k] for k in ('scheme', 'size', 'dtype', 'batch_size',
+                                 'mode'))
+
+
+def save_run(out: str, name: str, env: dict, ceilings: dict,
+             cases: list[dict], command: str) -> str:
+  """Writes NAME.md and NAME.json (after every case, so that a stopped run
+  keeps what it measured); returns the markdown."""
+  add_fractions(cases, ceilings)
+  text = markdown(env, ceilings, cases, command)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, name + '.md'), 'w') as f:
+    f.write(text)
+  with open(os.path.join(out, name + '.json'), 'w') as f:
+    json.dump(dict(environment=env, ceilings=ceilings, cases=cases), f,
+              indent=2)
+  return text
+
+
+# What must match for a run to be continued in another process.
+SAME_MACHINE = ('cpu', 'threads', 'jax', 'torch', 'transformers',
+                'xla_flags', 'glibc_tunables')
+
+
+def load_run(out: str, name: str, env: dict
+             ) -> tuple[dict, dict, dict[tuple, dict]]:
+  """The environment, ceilings and cases (by `case_key`) of an earlier run
+  saved by `save_run`, to be continued on the same machine and software."""
+  path = os.path.join(out, name + '.json')
+  if not os.path.exists(path):
+    raise SystemExit(f'--resume: no earlier run at {path}; run without '
+                     '--resume to start one.')
+  with open(path) as f:
+    run = json.load(f)
+  differ = [k for k in SAME_MACHINE if run['environment'].get(k) != env[k]]
+  if differ:
+    raise SystemExit(
+        f'--resume: {path} was measured with a different ' +
+        ', '.join(f'{k} ({run["environment"].get(k)!r}, now {env[k]!r})'
+                  for k in differ) + '; use another --name.')
+  env = dict(env, load_average=run['environment']['load_average'])
+  return env, run['ceilings'], {case_key(c): c for c in run['cases']}
+
+
 def _list(value: str, valid=None, kind=str) -> list:
   items = [kind(v) for v in value.split(',') if v]
   if valid is not None:
@@ -468,6 +514,9 @@ def main():
   parser.add_argument('--out', default='experiments/results')
   parser.add_argument('--name', default='cpu',
                       help='output file names: NAME.md and NAME.json')
+  parser.add_argument('--resume', action='store_true',
+                      help='keep the cases already in NAME.json, run the '
+                      'rest')
   parser.add_argument('--malloc', default='retain',
                       choices=('retain', 'default'),
                       help='glibc allocator settings, see the docstring')
@@ -487,32 +536,33 @@ def main():
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   env = environment()
   print(env, flush=True)
+  command = 'python experiments/benchmark_cpu.py ' + ' '.join(
+      f'--{k}={v}' for k, v in vars(args).items()
+      if v != parser.get_default(k) and k != 'resume').strip()
   ceilings = matmul_ceilings()
+  done = {}
+  if args.resume:
+    env, earlier_ceilings, done = load_run(args.out, args.name, env)
+    ceilings = merge_ceilings(earlier_ceilings, ceilings)
   cases = []
   for size in sizes:
     for scheme in schemes:
       for dtype in dtypes:
         for mode in modes:
           for b in batch_sizes:
+            done_case = done.get((scheme, size, dtype, b, mode))  # case_key
+            if done_case:
+              cases.append(done_case)
+              continue
             cases.append(benchmark_case(
                 scheme, size, dtype, b, mode, reps=args.reps,
                 ceilings=ceilings, max_seconds=args.max_seconds))
             print(json.dumps(cases[-1]), flush=True)
+            save_run(args.out, args.name, env, ceilings, cases, command)
   # Measured again at the end, the best of both: a ceiling measured while
   # the machine was busier would flatter the models.
   ceilings = merge_ceilings(ceilings, matmul_ceilings())
-  add_fractions(cases, ceilings)
-  command = 'python experiments/benchmark_cpu.py ' + ' '.join(
-      f'--{k}={v}' for k, v in vars(args).items()
-      if v != parser.get_default(k))
-  text = markdown(env, ceilings, cases, command.strip())
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, args.name + '.md'), 'w') as f:
-    f.write(text)
-  with open(os.path.join(args.out, args.name + '.json'), 'w') as f:
-    json.dump(dict(environment=env, ceilings=ceilings, cases=cases), f,
-              indent=2)
-  print(text)
+  print(save_run(args.out, args.name, env, ceilings, cases, command))
 
 
 if __name__ == '__main__':

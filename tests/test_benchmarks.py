@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 
@@ -41,3 +42,39 @@ def test_gpu_benchmark_smoke_runs_on_any_backend(tmp_path):
   assert rows
   for r in rows:
     assert np.isfinite(r['clips_per_sec']) and r['clips_per_sec'] > 0, r
+
+
+def _fake_case(scheme, seconds):
+  timed = dict(times_s=[seconds], median_s=seconds, spread_s=0.0,
+               clips_per_s=1 / seconds, flops_per_s=1e9 / seconds)
+  return dict(scheme=scheme, size='small', dtype='float32', batch_size=1,
+              mode='forward', flops_per_clip=1e9, jax=timed,
+              torch=dict(skipped='not measured here'))
+
+
+def test_cpu_benchmark_saves_every_case_and_resumes(tmp_path):
+  env = dict(cpu='cpu A', isa_flags=['avx2'], threads=2, jax='1', torch='2',
+             transformers='3', python='3.11', xla_flags='',
+             glibc_tunables='', load_average=(1.0, 1.0, 1.0))
+  ceilings = {'jax float32': dict(n=64, flops_per_s=2e9)}
+  cases = [_fake_case('divided', 0.5), _fake_case('joint', 2.0)]
+  text = benchmark_cpu.save_run(str(tmp_path), 'run', env, ceilings, cases,
+                                'python experiments/benchmark_cpu.py')
+  assert text == (tmp_path / 'run.md').read_text()
+  assert '| divided | small | float32 | 1 | forward | 2 (500 ± 0 ms)' in text
+  # 2 GFLOP/s achieved of a 2 GFLOP/s ceiling.
+  assert '| 100% | - |' in text and 'not measured here' in text
+
+  later = dict(env, load_average=(3.0, 3.0, 3.0))
+  env2, ceilings2, done = benchmark_cpu.load_run(str(tmp_path), 'run', later)
+  assert env2['load_average'] == [1.0, 1.0, 1.0]  # The run's start.
+  assert ceilings2 == ceilings
+  assert sorted(done) == [('divided', 'small', 'float32', 1, 'forward'),
+                          ('joint', 'small', 'float32', 1, 'forward')]
+  assert done['joint', 'small', 'float32', 1, 'forward']['jax'][
+      'median_s'] == 2.0
+
+  with pytest.raises(SystemExit, match=r"cpu \('cpu A', now 'cpu B'\)"):
+    benchmark_cpu.load_run(str(tmp_path), 'run', dict(env, cpu='cpu B'))
+  with pytest.raises(SystemExit, match='no earlier run'):
+    benchmark_cpu.load_run(str(tmp_path), 'other', env)

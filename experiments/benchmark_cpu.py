@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+import ctypes
 import functools
 import json
 import os
@@ -303,12 +304,39 @@ def ceiling(ceilings: dict[str, dict], framework: str, dtype: str) -> float:
   return max(ceilings[n]['flops_per_s'] for n in names if n in ceilings)
 
 
+class _MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',
+      'uordblks', 'fordblks', 'keepcost')]
+
+
+def _heap_free_bytes() -> int:
+  """Bytes glibc's malloc holds free for this process (0 where unknown).
+
+  Under `--malloc=retain` they are never handed back, so the kernel counts
+  them as used although the next case reuses them.
+  """
+  try:
+    mallinfo2 = ctypes.CDLL('libc.so.6').mallinfo2
+  except (OSError, AttributeError):
+    return 0
+  mallinfo2.restype = _MallInfo2
+  return int(mallinfo2().fordblks)
+
+
 def _available_bytes() -> int:
+  """Memory the next case can have: the kernel's MemAvailable plus the
+  free memory this process's allocator keeps."""
+  available = 0
   with open('/proc/meminfo') as f:
     for line in f:
       if line.startswith('MemAvailable:'):
-        return int(line.split()[1]) * 1024
-  return 0
+        available = int(line.split()[1]) * 1024
+  return available + _heap_free_bytes()
+
+
+# How `benchmark_case` starts the reason of a case skipped for memory.
+MEMORY_SKIP = 'needs ~'
 
 
 def benchmark_case(scheme, size, dtype, batch_size, mode, *, reps, ceilings,
@@ -321,17 +349,20 @@ def benchmark_case(scheme, size, dtype, batch_size, mode, *, reps, ceilings,
   model_flops = flops * (3 if mode == 'train' else 1) * batch_size
   case.update(flops_per_clip=flops, jax_temp_bytes=temp_bytes)
   skipped = {}
+  # Both frameworks' steps stay in memory while they take turns.
   available = _available_bytes()
   for framework in FRAMEWORKS:
     # PyTorch keeps a little more than XLA's plan for the same step.
     needed = temp_bytes * (1.5 if framework == 'torch' else 1.0)
     predicted = model_flops / ceiling(ceilings, framework, dtype)
     if needed > available:
-      skipped[framework] = (f'needs ~{needed / 2**30:.1f} GiB, '
+      skipped[framework] = (f'{MEMORY_SKIP}{needed / 2**30:.1f} GiB, '
                             f'{available / 2**30:.1f} GiB available')
     elif predicted > max_seconds:
       skipped[framework] = (f'predicted {predicted:.0f} s per call at the '
                             f'{dtype} matmul ceiling (> --max_seconds)')
+    else:
+      available -= needed
   runners = {}
   if 'jax' not in skipped:
     runners['jax'] = jax_run
@@ -474,8 +505,9 @@ SAME_MACHINE = ('cpu', 'threads', 'jax', 'torch', 'transformers',
 
 def load_run(out: str, name: str, env: dict
              ) -> tuple[dict, dict, dict[tuple, dict]]:
-  """The environment, ceilings and cases (by `case_key`) of an earlier run
-  saved by `save_run`, to be continued on the same machine and software."""
+  """The environment, ceilings and finished cases (by `case_key`) of an
+  earlier run saved by `save_run`, to be continued on the same machine and
+  software. Cases skipped for lack of memory count as not finished."""
   path = os.path.join(out, name + '.json')
   if not os.path.exists(path):
     raise SystemExit(f'--resume: no earlier run at {path}; run without '
@@ -489,7 +521,11 @@ def load_run(out: str, name: str, env: dict
         ', '.join(f'{k} ({run["environment"].get(k)!r}, now {env[k]!r})'
                   for k in differ) + '; use another --name.')
   env = dict(env, load_average=run['environment']['load_average'])
-  return env, run['ceilings'], {case_key(c): c for c in run['cases']}
+  # Memory is the machine's state, not the case's: try those again.
+  done = [c for c in run['cases']
+          if not any(c[f].get('skipped', '').startswith(MEMORY_SKIP)
+                     for f in FRAMEWORKS)]
+  return env, run['ceilings'], {case_key(c): c for c in done}
 
 
 def _list(value: str, valid=None, kind=str) -> list:

@@ -57,7 +57,10 @@ def test_cpu_benchmark_saves_every_case_and_resumes(tmp_path):
              transformers='3', python='3.11', xla_flags='',
              glibc_tunables='', load_average=(1.0, 1.0, 1.0))
   ceilings = {'jax float32': dict(n=64, flops_per_s=2e9)}
-  cases = [_fake_case('divided', 0.5), _fake_case('joint', 2.0)]
+  cases = [_fake_case('divided', 0.5), _fake_case('joint', 2.0),
+           _fake_case('space_only', 1.0)]
+  cases[2]['jax'] = dict(skipped=benchmark_cpu.MEMORY_SKIP + '9 GiB, 2 GiB '
+                         'available')
   text = benchmark_cpu.save_run(str(tmp_path), 'run', env, ceilings, cases,
                                 'python experiments/benchmark_cpu.py')
   assert text == (tmp_path / 'run.md').read_text()
@@ -69,6 +72,7 @@ def test_cpu_benchmark_saves_every_case_and_resumes(tmp_path):
   env2, ceilings2, done = benchmark_cpu.load_run(str(tmp_path), 'run', later)
   assert env2['load_average'] == [1.0, 1.0, 1.0]  # The run's start.
   assert ceilings2 == ceilings
+  # The case skipped for memory is to be tried again.
   assert sorted(done) == [('divided', 'small', 'float32', 1, 'forward'),
                           ('joint', 'small', 'float32', 1, 'forward')]
   assert done['joint', 'small', 'float32', 1, 'forward']['jax'][
@@ -78,3 +82,15 @@ def test_cpu_benchmark_saves_every_case_and_resumes(tmp_path):
     benchmark_cpu.load_run(str(tmp_path), 'run', dict(env, cpu='cpu B'))
   with pytest.raises(SystemExit, match='no earlier run'):
     benchmark_cpu.load_run(str(tmp_path), 'other', env)
+
+
+def test_available_memory_counts_the_heap_this_process_keeps():
+  before = benchmark_cpu._heap_free_bytes()
+  # 200 blocks of 100 kB (under glibc's mmap threshold: on the heap), then a
+  # block above them, so that freeing them cannot shrink the heap.
+  blocks = [np.ones(100_000 // 8) for _ in range(200)]
+  guard = np.ones(100_000 // 8)
+  del blocks
+  assert benchmark_cpu._heap_free_bytes() - before > 10_000_000
+  assert benchmark_cpu._available_bytes() > benchmark_cpu._heap_free_bytes()
+  del guard

@@ -58,6 +58,7 @@ import argparse
 from collections.abc import Callable
 import ctypes
 import functools
+import gc
 import json
 import os
 import platform
@@ -304,35 +305,26 @@ def ceiling(ceilings: dict[str, dict], framework: str, dtype: str) -> float:
   return max(ceilings[n]['flops_per_s'] for n in names if n in ceilings)
 
 
-class _MallInfo2(ctypes.Structure):
-  _fields_ = [(name, ctypes.c_size_t) for name in (
-      'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',
-      'uordblks', 'fordblks', 'keepcost')]
+def release_free_heap() -> None:
+  """Hands the memory glibc's malloc keeps free back to the kernel.
 
-
-def _heap_free_bytes() -> int:
-  """Bytes glibc's malloc holds free for this process (0 where unknown).
-
-  Under `--malloc=retain` they are never handed back, so the kernel counts
-  them as used although the next case reuses them.
+  Under `--malloc=retain` freed memory is never returned by itself: steps
+  of one case reuse it, but a later, larger case would add its own on top
+  (the heap's free pieces need not hold XLA's one large block) and run out.
   """
+  gc.collect()
   try:
-    mallinfo2 = ctypes.CDLL('libc.so.6').mallinfo2
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):
-    return 0
-  mallinfo2.restype = _MallInfo2
-  return int(mallinfo2().fordblks)
+    pass  # Not glibc: nothing is retained.
 
 
 def _available_bytes() -> int:
-  """Memory the next case can have: the kernel's MemAvailable plus the
-  free memory this process's allocator keeps."""
-  available = 0
   with open('/proc/meminfo') as f:
     for line in f:
       if line.startswith('MemAvailable:'):
-        available = int(line.split()[1]) * 1024
-  return available + _heap_free_bytes()
+        return int(line.split()[1]) * 1024
+  return 0
 
 
 # How `benchmark_case` starts the reason of a case skipped for memory.
@@ -350,17 +342,19 @@ def benchmark_case(scheme, size, dtype, batch_size, mode, *, reps, ceilings,
   case.update(flops_per_clip=flops, jax_temp_bytes=temp_bytes)
   skipped = {}
   # Both frameworks' steps stay in memory while they take turns.
+  release_free_heap()
   available = _available_bytes()
   for framework in FRAMEWORKS:
     # PyTorch keeps a little more than XLA's plan for the same step.
     needed = temp_bytes * (1.5 if framework == 'torch' else 1.0)
     predicted = model_flops / ceiling(ceilings, framework, dtype)
-    if needed > available:
-      skipped[framework] = (f'{MEMORY_SKIP}{needed / 2**30:.1f} GiB, '
-                            f'{available / 2**30:.1f} GiB available')
-    elif predicted > max_seconds:
+    # Time first: unlike memory, it does not depend on the moment.
+    if predicted > max_seconds:
       skipped[framework] = (f'predicted {predicted:.0f} s per call at the '
                             f'{dtype} matmul ceiling (> --max_seconds)')
+    elif needed > available:
+      skipped[framework] = (f'{MEMORY_SKIP}{needed / 2**30:.1f} GiB, '
+                            f'{available / 2**30:.1f} GiB available')
     else:
       available -= needed
   runners = {}

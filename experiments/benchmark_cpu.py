@@ -59,6 +59,7 @@ from collections.abc import Callable
 import ctypes
 import functools
 import gc
+import itertools
 import json
 import os
 import platform
@@ -574,21 +575,23 @@ def main():
   if args.resume:
     env, earlier_ceilings, done = load_run(args.out, args.name, env)
     ceilings = merge_ceilings(earlier_ceilings, ceilings)
+  selection = [(scheme, size, dtype, b, mode) for size, scheme, dtype, mode, b
+               in itertools.product(sizes, schemes, dtypes, modes,
+                                    batch_sizes)]  # `case_key` order.
+  # A resumed run with a narrower selection keeps the others' results.
+  others = [c for key, c in done.items() if key not in set(selection)]
   cases = []
-  for size in sizes:
-    for scheme in schemes:
-      for dtype in dtypes:
-        for mode in modes:
-          for b in batch_sizes:
-            done_case = done.get((scheme, size, dtype, b, mode))  # case_key
-            if done_case:
-              cases.append(done_case)
-              continue
-            cases.append(benchmark_case(
-                scheme, size, dtype, b, mode, reps=args.reps,
-                ceilings=ceilings, max_seconds=args.max_seconds))
-            print(json.dumps(cases[-1]), flush=True)
-            save_run(args.out, args.name, env, ceilings, cases, command)
+  for key in selection:
+    if key in done:
+      cases.append(done[key])
+      continue
+    scheme, size, dtype, b, mode = key
+    cases.append(benchmark_case(
+        scheme, size, dtype, b, mode, reps=args.reps, ceilings=ceilings,
+        max_seconds=args.max_seconds))
+    print(json.dumps(cases[-1]), flush=True)
+    save_run(args.out, args.name, env, ceilings, cases + others, command)
+  cases += others
   # Measured again at the end, the best of both: a ceiling measured while
   # the machine was busier would flatter the models.
   ceilings = merge_ceilings(ceilings, matmul_ceilings())

@@ -579,7 +579,8 @@ def main():
                in itertools.product(sizes, schemes, dtypes, modes,
                                     batch_sizes)]  # `case_key` order.
   # A resumed run with a narrower selection keeps the others' results.
-  others = [c for key, c in done.items() if key not in set(selection)]
+  chosen = set(selection)
+  others = [c for key, c in done.items() if key not in chosen]
   cases = []
   for key in selection:
     if key in done:

@@ -523,6 +523,14 @@ def load_run(out: str, name: str, env: dict
   return env, run['ceilings'], {case_key(c): c for c in done}
 
 
+def cases_outside(selection: list[tuple], done: dict[tuple, dict]
+                  ) -> list[dict]:
+  """The earlier cases a resumed run did not select: kept in its files, so
+  that resuming with a narrower selection loses nothing."""
+  chosen = set(selection)
+  return [case for key, case in done.items() if key not in chosen]
+
+
 def _list(value: str, valid=None, kind=str) -> list:
   items = [kind(v) for v in value.split(',') if v]
   if valid is not None:
@@ -578,9 +586,7 @@ def main():
   selection = [(scheme, size, dtype, b, mode) for size, scheme, dtype, mode, b
                in itertools.product(sizes, schemes, dtypes, modes,
                                     batch_sizes)]  # `case_key` order.
-  # A resumed run with a narrower selection keeps the others' results.
-  chosen = set(selection)
-  others = [c for key, c in done.items() if key not in chosen]
+  others = cases_outside(selection, done)
   cases = []
   for key in selection:
     if key in done:

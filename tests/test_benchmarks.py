@@ -78,6 +78,10 @@ def test_cpu_benchmark_saves_every_case_and_resumes(tmp_path):
   assert done['joint', 'small', 'float32', 1, 'forward']['jax'][
       'median_s'] == 2.0
 
+  # Resuming with joint only keeps divided's result.
+  joint = [('joint', 'small', 'float32', 1, 'forward')]
+  assert benchmark_cpu.cases_outside(joint, done) == [cases[0]]
+
   with pytest.raises(SystemExit, match=r"cpu \('cpu A', now 'cpu B'\)"):
     benchmark_cpu.load_run(str(tmp_path), 'run', dict(env, cpu='cpu B'))
   with pytest.raises(SystemExit, match='no earlier run'):

@@ -140,7 +140,8 @@ def jax_runner(config, batch_size: int, mode: str
   model = tsformer_jax.create_model(config)
   params = tsformer_jax.init_params(config, jax.random.key(0))
   clips = jnp.asarray(_clips(config, batch_size))
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x),
+                    compiler_options=tsformer_jax.compiler_options(config))
   compiled = forward.lower(params, clips).compile()
   flops = _first(compiled.cost_analysis())['flops'] / batch_size
   if mode == 'forward':
@@ -150,11 +151,10 @@ def jax_runner(config, batch_size: int, mode: str
       compiled(params, clips).block_until_ready()
     return run, flops, int(memory.temp_size_in_bytes) if memory else 0
 
-  step, tx = summary.sgd_train_step(config)
+  _, tx = summary.sgd_train_step(config)
   labels = jnp.asarray(_labels(config, batch_size))
   rng = jax.random.key(1)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, tx.init(params), clips, labels, rng).compile()
+  compiled = summary.lower_sgd_train_step(config, batch_size).compile()
   memory = compiled.memory_analysis()
   holder = [(params, tx.init(params))]
 

@@ -44,7 +44,9 @@ def summarize(config) -> dict[str, Any]:
   clip = jax.ShapeDtypeStruct(tsformer_jax.dummy_clips(config).shape,
                               np.float32)
   compiled = jax.jit(
-      lambda p, x: model.apply({'params': p}, x)).lower(params, clip).compile()
+      lambda p, x: model.apply({'params': p}, x),
+      compiler_options=tsformer_jax.compiler_options(config)).lower(
+          params, clip).compile()
   memory = compiled.memory_analysis()
   return dict(
       params=int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
@@ -90,8 +92,9 @@ def lower_sgd_train_step(config, batch_size: int = 1) -> jax.stages.Lowered:
       tsformer_jax.dummy_clips(config, batch_size).shape, np.float32)
   labels = jax.ShapeDtypeStruct((batch_size,), np.int32)
   rng = jax.eval_shape(lambda: jax.random.key(0))
-  return jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, opt_state, clips, labels, rng)
+  return jax.jit(step, donate_argnums=(0, 1),
+                 compiler_options=tsformer_jax.compiler_options(config)).lower(
+                     params, opt_state, clips, labels, rng)
 
 
 def train_step_memory(config, batch_size: int = 1) -> dict[str, int]:

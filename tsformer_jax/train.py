@@ -308,7 +308,8 @@ def jit_eval_step(config, params, apply_fn: Callable,
   return jax.jit(functools.partial(eval_step, apply_fn=apply_fn),
                  in_shardings=(sharding.state_shardings(params, mesh, config),
                                sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh),
+                 compiler_options=model_lib.compiler_options(config))
 
 
 def jit_train_step(config, state: TrainState, schedule: optax.Schedule,
@@ -324,7 +325,8 @@ def jit_train_step(config, state: TrainState, schedule: optax.Schedule,
       functools.partial(train_step, config=config, schedule=schedule),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                     replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=0)
+      out_shardings=(state_shardings, replicated), donate_argnums=0,
+      compiler_options=model_lib.compiler_options(config))
 
 
 class _Preemption:

@@ -129,9 +129,13 @@ def _labels(config, batch_size: int) -> np.ndarray:
   return np.arange(batch_size) % config.model.num_classes
 
 
-def jax_runner(config, batch_size: int, mode: str
+def jax_runner(config, batch_size: int, mode: str,
+               compiler_options: dict[str, str] | None = None
                ) -> tuple[Callable[[], None], float, int]:
-  """A call that runs one forward or train step and waits for it.
+  """A call that runs one forward or train step and waits for it, compiled
+  under `compiler_options` (None: as the package compiles it, forward
+  under `tsformer_jax.inference_compiler_options`, train step under XLA's
+  defaults).
 
   Returns:
     `(run, flops_per_clip, temp_bytes)`: XLA's count for one clip's forward
@@ -140,8 +144,10 @@ def jax_runner(config, batch_size: int, mode: str
   model = tsformer_jax.create_model(config)
   params = tsformer_jax.init_params(config, jax.random.key(0))
   clips = jnp.asarray(_clips(config, batch_size))
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x),
-                    compiler_options=tsformer_jax.compiler_options(config))
+  forward = jax.jit(
+      lambda p, x: model.apply({'params': p}, x),
+      compiler_options=(tsformer_jax.inference_compiler_options(config)
+                        if compiler_options is None else compiler_options))
   compiled = forward.lower(params, clips).compile()
   flops = _first(compiled.cost_analysis())['flops'] / batch_size
   if mode == 'forward':
@@ -154,7 +160,8 @@ def jax_runner(config, batch_size: int, mode: str
   _, tx = summary.sgd_train_step(config)
   labels = jnp.asarray(_labels(config, batch_size))
   rng = jax.random.key(1)
-  compiled = summary.lower_sgd_train_step(config, batch_size).compile()
+  compiled = summary.lower_sgd_train_step(config, batch_size,
+                                          compiler_options).compile()
   memory = compiled.memory_analysis()
   holder = [(params, tx.init(params))]
 
@@ -304,6 +311,15 @@ def ceiling(ceilings: dict[str, dict], framework: str, dtype: str) -> float:
   if framework == 'jax' and dtype == 'bfloat16':
     names.append('jax bfloat16->bfloat16')
   return max(ceilings[n]['flops_per_s'] for n in names if n in ceilings)
+
+
+def restart_retaining_memory() -> None:
+  """Restarts this process under `MALLOC_TUNABLES` unless it already runs
+  under them (Linux; glibc reads them at process start only)."""
+  if (sys.platform == 'linux' and
+      os.environ.get('GLIBC_TUNABLES') != MALLOC_TUNABLES):
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def release_free_heap() -> None:
@@ -531,7 +547,8 @@ def cases_outside(selection: list[tuple], done: dict[tuple, dict]
   return [case for key, case in done.items() if key not in chosen]
 
 
-def _list(value: str, valid=None, kind=str) -> list:
+def parse_list(value: str, valid=None, kind=str) -> list:
+  """A comma-separated flag's items as `kind`, each one of `valid`."""
   items = [kind(v) for v in value.split(',') if v]
   if valid is not None:
     bad = [v for v in items if v not in valid]
@@ -560,16 +577,13 @@ def main():
                       choices=('retain', 'default'),
                       help='glibc allocator settings, see the docstring')
   args = parser.parse_args()
-  if (args.malloc == 'retain' and sys.platform == 'linux' and
-      os.environ.get('GLIBC_TUNABLES') != MALLOC_TUNABLES):
-    # Read by glibc at process start only.
-    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
-  schemes = _list(args.schemes, SCHEMES)
-  sizes = _list(args.sizes, tuple(SIZES))
-  dtypes = _list(args.dtypes, DTYPES)
-  modes = _list(args.modes, MODES)
-  batch_sizes = _list(args.batch_sizes, kind=int)
+  if args.malloc == 'retain':
+    restart_retaining_memory()
+  schemes = parse_list(args.schemes, SCHEMES)
+  sizes = parse_list(args.sizes, tuple(SIZES))
+  dtypes = parse_list(args.dtypes, DTYPES)
+  modes = parse_list(args.modes, MODES)
+  batch_sizes = parse_list(args.batch_sizes, kind=int)
 
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(len(os.sched_getaffinity(0)))

@@ -104,3 +104,20 @@ def test_free_heap_goes_back_to_the_kernel_before_a_case():
   benchmark_cpu.release_free_heap()
   assert kept - _resident_bytes() > 10_000_000
   del guard
+
+
+def test_xla_cpu_options_compares_both_kernels(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'experiments/xla_cpu_options.py', '--schemes=divided',
+       '--size=small', '--depth=1', '--batch_sizes=1', '--modes=forward',
+       '--reps=2', f'--out={tmp_path}'], cwd=ROOT, capture_output=True,
+      text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = json.loads((tmp_path / 'xla_cpu_options.json').read_text())['rows']
+  assert {k: len(v) for k, v in row['times_s'].items()} == {
+      'XLA defaults': 2, 'Eigen': 2}
+  medians = row['median_s']
+  assert row['speedup'] == pytest.approx(
+      medians['XLA defaults'] / medians['Eigen'])
+  assert f'{row["speedup"]:.2f}x |' in (
+      tmp_path / 'xla_cpu_options.md').read_text()

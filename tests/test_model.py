@@ -1,5 +1,7 @@
 """The TimeSformer module: shapes, dtypes, training mode, initialisation."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -249,9 +251,48 @@ def test_bad_inputs_and_configs_say_what_is_valid():
     tsformer_jax.init_params(tiny_config(num_heads=5), jax.random.key(0))
 
 
-def test_compiler_options_send_cpu_products_to_eigen():
+@pytest.mark.parametrize('x_shape,kernel_shape,contract', [
+    ((2, 5, 6), (6, 9), 1),  # Dense, input narrower: x is transposed.
+    ((2, 5, 9), (9, 6), 1),  # Dense, output narrower: dy is transposed.
+    ((2, 5, 3, 4), (3, 4, 7), 2),  # proj: two contracted axes.
+    ((4, 6), (6, 3, 2, 5), 1),  # qkv: several output axes.
+])
+def test_cpu_linear_product_and_gradients_are_exact(x_shape, kernel_shape,
+                                                    contract):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+  dims = ((tuple(range(len(x_shape) - contract, len(x_shape))),
+           tuple(range(contract))), ((), ()))
+
+  def loss(product, x, kernel):
+    return jnp.sum(jnp.sin(product(x, kernel, dims)))
+
+  ours = jax.jit(jax.value_and_grad(
+      functools.partial(loss, model_lib._linear_dot_general), argnums=(0, 1)))
+  want = jax.value_and_grad(
+      functools.partial(loss, jax.lax.dot_general), argnums=(0, 1))
+  for a, b in zip(jax.tree.leaves(ours(x, kernel)),
+                  jax.tree.leaves(want(x, kernel)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # On CPU the weight gradient takes the explicit transpose.
+  jaxpr = str(jax.make_jaxpr(jax.grad(functools.partial(
+      loss, model_lib._linear_dot_general), argnums=1))(x, kernel))
+  assert 'optimization_barrier' in jaxpr
+
+
+def test_other_products_keep_plain_dot_general():
+  x = jnp.ones((3, 4, 5))
+  # A batched product (attention's) is not a linear layer.
+  dims = (((2,), (2,)), ((0,), (0,)))
+  jaxpr = str(jax.make_jaxpr(jax.grad(
+      lambda x: model_lib._linear_dot_general(x, x, dims).sum()))(x))
+  assert 'optimization_barrier' not in jaxpr
+
+
+def test_inference_compiler_options_send_cpu_products_to_eigen():
   config = tiny_config()
-  options = tsformer_jax.compiler_options(config)
+  options = tsformer_jax.inference_compiler_options(config)
   assert options == {'xla_cpu_experimental_ynn_fusion_type': ''}
   model = tsformer_jax.create_model(config)
   params, clips = tiny_params(), random_clips(config)
@@ -269,13 +310,14 @@ def test_compiler_options_send_cpu_products_to_eigen():
                              atol=1e-5, rtol=0)
 
 
-def test_compiler_options_keep_defaults_where_they_are_needed(monkeypatch):
+def test_inference_compiler_options_keep_defaults_where_needed(monkeypatch):
+  options = tsformer_jax.inference_compiler_options
   # bfloat16 units: YNNPACK has the fast bfloat16 kernels.
   monkeypatch.setattr(model_lib, '_cpu_has_bfloat16_units', lambda: True)
-  assert tsformer_jax.compiler_options(tiny_config(dtype='bfloat16')) == {}
-  assert tsformer_jax.compiler_options(tiny_config()) != {}
+  assert options(tiny_config(dtype='bfloat16')) == {}
+  assert options(tiny_config()) != {}
   # A jaxlib whose XLA lacks the option compiles without it.
   assert not model_lib._backend_accepts('xla_cpu_no_such_option', '')
   monkeypatch.setattr(model_lib, '_YNN_FUSION_OPTION',
                       'xla_cpu_no_such_option')
-  assert tsformer_jax.compiler_options(tiny_config()) == {}
+  assert options(tiny_config()) == {}

@@ -74,16 +74,19 @@ def _backend_accepts(option: str, value: str) -> bool:
   return True
 
 
-def compiler_options(config) -> dict[str, str]:
-  """XLA options under which to jit `config.model`'s computations.
+def inference_compiler_options(config) -> dict[str, str]:
+  """XLA options under which to jit `config.model`'s inference forward pass.
 
-  On CPU XLA hands the products to YNNPACK, and from batch 4 up fuses the
-  layer norms and the products around them into YNNPACK graphs that run
-  slower than the same work in Eigen: the divided base forward pass at
-  batch 4 takes 37% longer (joint: 63%), and batch 1 is 3-7% slower
-  (`experiments/results/cpu.md`; 2-core AVX2 machine). So products go to
-  Eigen, except bfloat16 ones on CPUs with bfloat16 units, whose fast
-  kernels are YNNPACK's (`_sum_in_float32`). Other backends: no options.
+  On CPU XLA hands the products to YNNPACK, and from 3 base clips per call
+  up fuses the layer norms and the products around them into YNNPACK
+  graphs, slower than the same work in Eigen: the divided base forward
+  pass at batch 4 runs 1.1-1.4x faster with every product in Eigen, at
+  batch 1 within noise (`experiments/xla_cpu_options.py`; 2-core AVX2
+  machine). So inference sends products to Eigen, except bfloat16 ones on
+  CPUs with bfloat16 units, whose fast kernels are YNNPACK's
+  (`_sum_in_float32`). Training steps keep XLA's defaults: at batch 1
+  Eigen's step is slower (0.8-0.95x), at batch 4 the gain varies from run
+  to run (1.0-1.3x). Other backends: no options.
   """
   dtype = DTYPES.get(create_model(config).dtype)
   if (jax.default_backend() != 'cpu' or _sum_in_float32(dtype) or
@@ -109,6 +112,71 @@ def _dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
   return out.astype(dtype)
 
 
+def _matmul(a: Array, b: Array) -> Array:
+  """a [M, K] @ b [K, N] through `_dot_general`."""
+  return _dot_general(a, b, (((1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def _cpu_linear(x: Array, kernel: Array) -> Array:
+  """x [M, K] @ kernel [K, N], with a weight gradient fit for XLA's CPU.
+
+  The weight gradient x^T dy reads one operand column-wise. XLA's CPU
+  kernels (YNNPACK) take row-major operands only, so XLA transposes one,
+  and in a linear layer's backward pass it fuses that transpose into the
+  elementwise work before it (GELU's derivative, the q/k/v gradients'
+  concatenation): a strided loop ten times slower than a plain copy, 13%
+  of a divided base training step (or it sends the product to a slower
+  kernel). Here the narrower of x and dy is transposed on its own, behind
+  an optimisation barrier that keeps it a plain copy: the step is 15-20%
+  faster (`experiments/benchmark_cpu.py`).
+  """
+  return _matmul(x, kernel)
+
+
+def _cpu_linear_fwd(x, kernel):
+  return _matmul(x, kernel), (x, kernel)
+
+
+def _cpu_linear_bwd(residuals, dy):
+  """dy [M, N] -> (dx [M, K], dkernel [K, N])."""
+  x, kernel = residuals
+  dx = _dot_general(dy, kernel, (((1,), (1,)), ((), ())))
+  copy = lambda a: jax.lax.optimization_barrier(a.T)
+  if x.shape[1] <= dy.shape[1]:
+    dkernel = _matmul(copy(x), dy)
+  else:
+    dkernel = _matmul(copy(dy), x).T
+  return dx, dkernel
+
+
+_cpu_linear.defvjp(_cpu_linear_fwd, _cpu_linear_bwd)
+
+
+def _linear_dot_general(lhs: Array, rhs: Array, dimension_numbers,
+                        precision=None, preferred_element_type=None) -> Array:
+  """The product of flax's `Dense`/`DenseGeneral`, via `_cpu_linear` on CPU.
+
+  Those contract the trailing axes of the input with the leading axes of
+  the kernel, without batch axes; anything else (and every other backend,
+  whose kernels read transposed operands in place) takes `_dot_general`.
+  """
+  (lhs_contract, rhs_contract), batch = dimension_numbers
+  n = len(lhs_contract)
+  is_linear = (
+      not any(batch) and precision is None and
+      preferred_element_type is None and
+      tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim)) and
+      tuple(rhs_contract) == tuple(range(n)))
+  if not (is_linear and jax.default_backend() == 'cpu'):
+    return _dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                        preferred_element_type=preferred_element_type)
+  out_shape = lhs.shape[:lhs.ndim - n] + rhs.shape[n:]
+  k = int(np.prod(rhs.shape[:n]))
+  y = _cpu_linear(lhs.reshape(-1, k), rhs.reshape(k, -1))
+  return y.reshape(out_shape)
+
+
 def _conv_general_dilated(lhs: Array, rhs: Array, *args, **kwargs) -> Array:
   """`lax.conv_general_dilated`, summed in float32 as `_dot_general`."""
   dtype = jnp.result_type(lhs, rhs)
@@ -118,9 +186,10 @@ def _conv_general_dilated(lhs: Array, rhs: Array, *args, **kwargs) -> Array:
   return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs).astype(dtype)
 
 
-# Linear layers whose bfloat16 products sum in float32 where that is fast.
-_Dense = functools.partial(nn.Dense, dot_general=_dot_general)
-_DenseGeneral = functools.partial(nn.DenseGeneral, dot_general=_dot_general)
+# Linear layers whose products take XLA's fast CPU paths.
+_Dense = functools.partial(nn.Dense, dot_general=_linear_dot_general)
+_DenseGeneral = functools.partial(nn.DenseGeneral,
+                                  dot_general=_linear_dot_general)
 
 
 class DropPath(nn.Module):

@@ -45,7 +45,7 @@ def summarize(config) -> dict[str, Any]:
                               np.float32)
   compiled = jax.jit(
       lambda p, x: model.apply({'params': p}, x),
-      compiler_options=tsformer_jax.compiler_options(config)).lower(
+      compiler_options=tsformer_jax.inference_compiler_options(config)).lower(
           params, clip).compile()
   memory = compiled.memory_analysis()
   return dict(
@@ -80,10 +80,13 @@ def sgd_train_step(config) -> Callable:
   return step, tx
 
 
-def lower_sgd_train_step(config, batch_size: int = 1) -> jax.stages.Lowered:
+def lower_sgd_train_step(config, batch_size: int = 1,
+                         compiler_options: dict[str, str] | None = None
+                         ) -> jax.stages.Lowered:
   """`sgd_train_step` of `config.model`, jitted with params and optimizer
   state donated and lowered on abstract shapes of `(params, opt_state,
-  clips, labels, rng)` for `batch_size` clips; nothing is allocated."""
+  clips, labels, rng)` for `batch_size` clips; nothing is allocated.
+  `compiler_options` go to XLA (None: its defaults, as training uses)."""
   step, tx = sgd_train_step(config)
   params = jax.eval_shape(
       lambda: tsformer_jax.init_params(config, jax.random.key(0)))
@@ -93,7 +96,7 @@ def lower_sgd_train_step(config, batch_size: int = 1) -> jax.stages.Lowered:
   labels = jax.ShapeDtypeStruct((batch_size,), np.int32)
   rng = jax.eval_shape(lambda: jax.random.key(0))
   return jax.jit(step, donate_argnums=(0, 1),
-                 compiler_options=tsformer_jax.compiler_options(config)).lower(
+                 compiler_options=compiler_options).lower(
                      params, opt_state, clips, labels, rng)
 
 

@@ -309,7 +309,7 @@ def jit_eval_step(config, params, apply_fn: Callable,
                  in_shardings=(sharding.state_shardings(params, mesh, config),
                                sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh),
-                 compiler_options=model_lib.compiler_options(config))
+                 compiler_options=model_lib.inference_compiler_options(config))
 
 
 def jit_train_step(config, state: TrainState, schedule: optax.Schedule,
@@ -325,8 +325,7 @@ def jit_train_step(config, state: TrainState, schedule: optax.Schedule,
       functools.partial(train_step, config=config, schedule=schedule),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                     replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=0,
-      compiler_options=model_lib.compiler_options(config))
+      out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 class _Preemption:

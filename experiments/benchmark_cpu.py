@@ -146,7 +146,8 @@ def jax_runner(config, batch_size: int, mode: str,
   clips = jnp.asarray(_clips(config, batch_size))
   forward = jax.jit(
       lambda p, x: model.apply({'params': p}, x),
-      compiler_options=(tsformer_jax.inference_compiler_options(config)
+      compiler_options=(tsformer_jax.inference_compiler_options(
+                            config, batch_size)
                         if compiler_options is None else compiler_options))
   compiled = forward.lower(params, clips).compile()
   flops = _first(compiled.cost_analysis())['flops'] / batch_size

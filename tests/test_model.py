@@ -1,6 +1,7 @@
 """The TimeSformer module: shapes, dtypes, training mode, initialisation."""
 
 import functools
+import math
 
 import flax
 import jax
@@ -290,12 +291,16 @@ def test_other_products_keep_plain_dot_general():
   assert 'optimization_barrier' not in jaxpr
 
 
-def test_inference_compiler_options_send_cpu_products_to_eigen():
+def test_inference_compiler_options_send_large_cpu_calls_to_eigen():
   config = tiny_config()
-  options = tsformer_jax.inference_compiler_options(config)
+  tokens = math.prod(tsformer_jax.create_model(config).grid)
+  large = -(-model_lib._YNN_GRAPH_TOKENS // tokens)  # Clips per call.
+  # Below the size where XLA builds YNNPACK graphs its defaults stay.
+  assert tsformer_jax.inference_compiler_options(config, large - 1) == {}
+  options = tsformer_jax.inference_compiler_options(config, large)
   assert options == {'xla_cpu_experimental_ynn_fusion_type': ''}
   model = tsformer_jax.create_model(config)
-  params, clips = tiny_params(), random_clips(config)
+  params, clips = tiny_params(), random_clips(config, batch_size=large)
 
   def forward(params, clips):
     return model.apply({'params': params}, clips)
@@ -311,7 +316,8 @@ def test_inference_compiler_options_send_cpu_products_to_eigen():
 
 
 def test_inference_compiler_options_keep_defaults_where_needed(monkeypatch):
-  options = tsformer_jax.inference_compiler_options
+  options = functools.partial(tsformer_jax.inference_compiler_options,
+                              batch_size=10_000)
   # bfloat16 units: YNNPACK has the fast bfloat16 kernels.
   monkeypatch.setattr(model_lib, '_cpu_has_bfloat16_units', lambda: True)
   assert options(tiny_config(dtype='bfloat16')) == {}

@@ -5,7 +5,7 @@
     params = tsformer_jax.init_params(config, jax.random.key(0))
     forward = jax.jit(model.apply,  # With the XLA options that suit it.
                       compiler_options=tsformer_jax.inference_compiler_options(
-                          config))
+                          config, batch_size=len(clips)))
     logits = forward({'params': params}, clips)
     config, params = tsformer_jax.load_checkpoint(path)  # Any checkpoint.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -74,22 +75,32 @@ def _backend_accepts(option: str, value: str) -> bool:
   return True
 
 
-def inference_compiler_options(config) -> dict[str, str]:
-  """XLA options under which to jit `config.model`'s inference forward pass.
+# From this many patch tokens per call up (3 base clips, 11 small ones), XLA
+# fuses layer norms and the products around them into YNNPACK graphs
+# (seen: 3920 tokens no, 4312 yes).
+_YNN_GRAPH_TOKENS = 4096
 
-  On CPU XLA hands the products to YNNPACK, and from 3 base clips per call
-  up fuses the layer norms and the products around them into YNNPACK
-  graphs, slower than the same work in Eigen: the divided base forward
-  pass at batch 4 runs 1.1-1.4x faster with every product in Eigen, at
-  batch 1 within noise (`experiments/xla_cpu_options.py`; 2-core AVX2
-  machine). So inference sends products to Eigen, except bfloat16 ones on
-  CPUs with bfloat16 units, whose fast kernels are YNNPACK's
-  (`_sum_in_float32`). Training steps keep XLA's defaults: at batch 1
-  Eigen's step is slower (0.8-0.95x), at batch 4 the gain varies from run
-  to run (1.0-1.3x). Other backends: no options.
+
+def inference_compiler_options(config, batch_size: int) -> dict[str, str]:
+  """XLA options under which to jit `config.model`'s inference forward pass
+  on `batch_size` clips per device.
+
+  XLA's CPU backend hands products to YNNPACK, and from `_YNN_GRAPH_TOKENS`
+  patch tokens per call up fuses the layer norms and the products around
+  them into YNNPACK graphs, slower than the same work in Eigen: the base
+  forward pass at batch 4 runs 1.1-1.4x faster with every product in
+  Eigen (`experiments/xla_cpu_options.py`; 2-core AVX2 machine). So such
+  calls send products to Eigen. Below that XLA's defaults stay: there
+  YNNPACK's plain products are as fast or faster (small size, batches 1
+  and 4: 1.1-1.3x). bfloat16 on CPUs with bfloat16 units keeps YNNPACK,
+  whose kernels use them (`_sum_in_float32`). Training steps keep XLA's
+  defaults: Eigen's base step was 0.8-0.95x at batch 1 and 1.0-1.3x,
+  varying from run to run, at batch 4. Other backends: no options.
   """
-  dtype = DTYPES.get(create_model(config).dtype)
-  if (jax.default_backend() != 'cpu' or _sum_in_float32(dtype) or
+  model = create_model(config)
+  tokens = batch_size * math.prod(model.grid)
+  if (jax.default_backend() != 'cpu' or tokens < _YNN_GRAPH_TOKENS or
+      _sum_in_float32(DTYPES.get(model.dtype)) or
       not _backend_accepts(_YNN_FUSION_OPTION, '')):
     return {}
   return {_YNN_FUSION_OPTION: ''}

@@ -151,8 +151,10 @@ def predict_videos(config, params, videos: Sequence[str | input_pipeline.Video],
   coverage = coverage or long_video.Coverage.evaluation(spec)
   batch_size = batch_size or config.eval_batch_size
   if forward is None:
-    forward = jax.jit(forward_fn(config, with_features),
-                      compiler_options=model_lib.inference_compiler_options(config))
+    forward = jax.jit(
+        forward_fn(config, with_features),
+        compiler_options=model_lib.inference_compiler_options(config,
+                                                             batch_size))
     params = jax.device_put(params)  # Once, not with every batch.
   videos = [video_files.VideoFile(os.fspath(v))
             if isinstance(v, (str, os.PathLike)) else v for v in videos]

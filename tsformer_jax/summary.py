@@ -43,10 +43,10 @@ def summarize(config) -> dict[str, Any]:
       lambda: tsformer_jax.init_params(config, jax.random.key(0)))
   clip = jax.ShapeDtypeStruct(tsformer_jax.dummy_clips(config).shape,
                               np.float32)
-  compiled = jax.jit(
+  forward = jax.jit(
       lambda p, x: model.apply({'params': p}, x),
-      compiler_options=tsformer_jax.inference_compiler_options(config)).lower(
-          params, clip).compile()
+      compiler_options=tsformer_jax.inference_compiler_options(config, 1))
+  compiled = forward.lower(params, clip).compile()
   memory = compiled.memory_analysis()
   return dict(
       params=int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),

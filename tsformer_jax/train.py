@@ -309,7 +309,8 @@ def jit_eval_step(config, params, apply_fn: Callable,
                  in_shardings=(sharding.state_shardings(params, mesh, config),
                                sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh),
-                 compiler_options=model_lib.inference_compiler_options(config))
+                 compiler_options=model_lib.inference_compiler_options(
+                     config, config.eval_batch_size // mesh.size))
 
 
 def jit_train_step(config, state: TrainState, schedule: optax.Schedule,

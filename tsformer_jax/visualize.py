@@ -103,8 +103,9 @@ def explain(config, params, video: input_pipeline.Video) -> Explanation:
   model = model_lib.create_model(config)
   indices, frames, clip = sample_clip(video,
                                       input_pipeline.clip_spec(config))
-  analyse = jax.jit(functools.partial(_analyse, model),
-                    compiler_options=model_lib.inference_compiler_options(config))
+  analyse = jax.jit(
+      functools.partial(_analyse, model),
+      compiler_options=model_lib.inference_compiler_options(config, 1))
   outputs, heatmaps, importance = analyse(params, clip[None])
   probabilities = (jax.nn.softmax(outputs[0]) if model.num_classes
                    else np.zeros((0,), np.float32))

@@ -92,9 +92,9 @@ def inference_compiler_options(config, batch_size: int) -> dict[str, str]:
   Eigen (`experiments/xla_cpu_options.py`; 2-core AVX2 machine). So such
   calls send products to Eigen. Below that XLA's defaults stay: there
   YNNPACK's plain products are as fast or faster (small size, batches 1
-  and 4: 1.1-1.3x). bfloat16 on CPUs with bfloat16 units keeps YNNPACK,
+  and 4: 1.0-1.3x). bfloat16 on CPUs with bfloat16 units keeps YNNPACK,
   whose kernels use them (`_sum_in_float32`). Training steps keep XLA's
-  defaults: Eigen's base step was 0.8-0.95x at batch 1 and 1.0-1.3x,
+  defaults: Eigen's base step was 0.8-0.95x at batch 1 and 0.9-1.3x,
   varying from run to run, at batch 4. Other backends: no options.
   """
   model = create_model(config)

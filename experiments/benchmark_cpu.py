@@ -548,6 +548,15 @@ def cases_outside(selection: list[tuple], done: dict[tuple, dict]
   return [case for key, case in done.items() if key not in chosen]
 
 
+def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 omit: tuple[str, ...] = ()) -> str:
+  """The command that reruns this script with `args`' non-default flags
+  (those in `omit` left out), as the results files record it."""
+  flags = ' '.join(f'--{k}={v}' for k, v in vars(args).items()
+                   if v != parser.get_default(k) and k not in omit)
+  return f'python experiments/{os.path.basename(sys.argv[0])} {flags}'.strip()
+
+
 def parse_list(value: str, valid=None, kind=str) -> list:
   """A comma-separated flag's items as `kind`, each one of `valid`."""
   items = [kind(v) for v in value.split(',') if v]
@@ -590,9 +599,7 @@ def main():
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   env = environment()
   print(env, flush=True)
-  command = 'python experiments/benchmark_cpu.py ' + ' '.join(
-      f'--{k}={v}' for k, v in vars(args).items()
-      if v != parser.get_default(k) and k != 'resume').strip()
+  command = command_line(parser, args, omit=('resume',))
   ceilings = matmul_ceilings()
   done = {}
   if args.resume:

@@ -78,9 +78,7 @@ def main():
   schemes = benchmark_cpu.parse_list(args.schemes, benchmark_cpu.SCHEMES)
   modes = benchmark_cpu.parse_list(args.modes, benchmark_cpu.MODES)
   batch_sizes = benchmark_cpu.parse_list(args.batch_sizes, kind=int)
-  command = 'python experiments/xla_cpu_options.py ' + ' '.join(
-      f'--{k}={v}' for k, v in vars(args).items()
-      if v != parser.get_default(k)).strip()
+  command = benchmark_cpu.command_line(parser, args)
   cpu = benchmark_cpu.environment()['cpu']
   rows = []
   for scheme, mode, batch_size in itertools.product(schemes, modes,
@@ -95,11 +93,12 @@ def main():
     benchmark_cpu.release_free_heap()
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, 'xla_cpu_options')
+  text = markdown(rows, command)
   with open(path + '.json', 'w') as f:
     json.dump(dict(command=command, rows=rows), f, indent=1)
   with open(path + '.md', 'w') as f:
-    f.write(markdown(rows, command))
-  print(markdown(rows, command))
+    f.write(text)
+  print(text)
 
 
 if __name__ == '__main__':

@@ -517,9 +517,9 @@ SAME_MACHINE = ('cpu', 'threads', 'jax', 'torch', 'transformers',
 
 def load_run(out: str, name: str, env: dict
              ) -> tuple[dict, dict, dict[tuple, dict]]:
-  """The environment, ceilings and finished cases (by `case_key`) of an
-  earlier run saved by `save_run`, to be continued on the same machine and
-  software. Cases skipped for lack of memory count as not finished."""
+  """The environment, ceilings and cases (by `case_key`) of an earlier run
+  saved by `save_run`, to be continued on the same machine and software
+  (`finished` says which cases need no new run)."""
   path = os.path.join(out, name + '.json')
   if not os.path.exists(path):
     raise SystemExit(f'--resume: no earlier run at {path}; run without '
@@ -533,19 +533,26 @@ def load_run(out: str, name: str, env: dict
         ', '.join(f'{k} ({run["environment"].get(k)!r}, now {env[k]!r})'
                   for k in differ) + '; use another --name.')
   env = dict(env, load_average=run['environment']['load_average'])
-  # Memory is the machine's state, not the case's: try those again.
-  done = [c for c in run['cases']
-          if not any(c[f].get('skipped', '').startswith(MEMORY_SKIP)
-                     for f in FRAMEWORKS)]
-  return env, run['ceilings'], {case_key(c): c for c in done}
+  return env, run['ceilings'], {case_key(c): c for c in run['cases']}
 
 
-def cases_outside(selection: list[tuple], done: dict[tuple, dict]
-                  ) -> list[dict]:
-  """The earlier cases a resumed run did not select: kept in its files, so
-  that resuming with a narrower selection loses nothing."""
+def finished(case: dict) -> bool:
+  """Whether a resumed run keeps `case` as it is. Memory is the machine's
+  state, not the case's: cases skipped for lack of it are tried again."""
+  return not any(case[f].get('skipped', '').startswith(MEMORY_SKIP)
+                 for f in FRAMEWORKS)
+
+
+def merged_cases(selection: list[tuple], done: dict[tuple, dict],
+                 new: dict[tuple, dict]) -> list[dict]:
+  """What a (resumed) run saves: every selected case measured now or
+  earlier, in selection order, then the earlier cases it did not select,
+  so that neither a narrower selection nor a stop before the earlier
+  cases' turn loses any."""
+  measured = {**done, **new}
   chosen = set(selection)
-  return [case for key, case in done.items() if key not in chosen]
+  return ([measured[key] for key in selection if key in measured] +
+          [case for key, case in done.items() if key not in chosen])
 
 
 def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -608,23 +615,22 @@ def main():
   selection = [(scheme, size, dtype, b, mode) for size, scheme, dtype, mode, b
                in itertools.product(sizes, schemes, dtypes, modes,
                                     batch_sizes)]  # `case_key` order.
-  others = cases_outside(selection, done)
-  cases = []
+  new = {}
   for key in selection:
-    if key in done:
-      cases.append(done[key])
+    if key in done and finished(done[key]):
       continue
     scheme, size, dtype, b, mode = key
-    cases.append(benchmark_case(
+    new[key] = benchmark_case(
         scheme, size, dtype, b, mode, reps=args.reps, ceilings=ceilings,
-        max_seconds=args.max_seconds))
-    print(json.dumps(cases[-1]), flush=True)
-    save_run(args.out, args.name, env, ceilings, cases + others, command)
-  cases += others
+        max_seconds=args.max_seconds)
+    print(json.dumps(new[key]), flush=True)
+    save_run(args.out, args.name, env, ceilings,
+             merged_cases(selection, done, new), command)
   # Measured again at the end, the best of both: a ceiling measured while
   # the machine was busier would flatter the models.
   ceilings = merge_ceilings(ceilings, matmul_ceilings())
-  print(save_run(args.out, args.name, env, ceilings, cases, command))
+  print(save_run(args.out, args.name, env, ceilings,
+                 merged_cases(selection, done, new), command))
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """The benchmark scripts under experiments/ run, on tiny models."""
 
+import functools
 import json
 import os
 import subprocess
@@ -72,15 +73,21 @@ def test_cpu_benchmark_saves_every_case_and_resumes(tmp_path):
   env2, ceilings2, done = benchmark_cpu.load_run(str(tmp_path), 'run', later)
   assert env2['load_average'] == [1.0, 1.0, 1.0]  # The run's start.
   assert ceilings2 == ceilings
-  # The case skipped for memory is to be tried again.
-  assert sorted(done) == [('divided', 'small', 'float32', 1, 'forward'),
-                          ('joint', 'small', 'float32', 1, 'forward')]
-  assert done['joint', 'small', 'float32', 1, 'forward']['jax'][
-      'median_s'] == 2.0
+  # The case skipped for memory is kept, and to be tried again.
+  divided, joint, space_only = done
+  assert joint == ('joint', 'small', 'float32', 1, 'forward')
+  assert [benchmark_cpu.finished(case) for case in done.values()] == [
+      True, True, False]
+  assert done[joint]['jax']['median_s'] == 2.0
 
-  # Resuming with joint only keeps divided's result.
-  joint = [('joint', 'small', 'float32', 1, 'forward')]
-  assert benchmark_cpu.cases_outside(joint, done) == [cases[0]]
+  # A resumed run saves every earlier case: selected or not, and also
+  # when it stops before an earlier case's turn; a new result replaces the
+  # earlier one.
+  merged = functools.partial(benchmark_cpu.merged_cases, done=done)
+  assert merged([joint], new={}) == [cases[1], cases[0], cases[2]]
+  assert merged([space_only, joint, divided], new={}) == cases[::-1]
+  again = _fake_case('joint', 3.0)
+  assert merged([joint], new={joint: again}) == [again, cases[0], cases[2]]
 
   with pytest.raises(SystemExit, match=r"cpu \('cpu A', now 'cpu B'\)"):
     benchmark_cpu.load_run(str(tmp_path), 'run', dict(env, cpu='cpu B'))

@@ -114,10 +114,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None = None, *,
   if implementation == 'cpu':
     if mask is not None:
       raise ValueError("implementation='cpu' takes no mask; use 'xla'.")
-    batch = q.shape[:-3]
-    flat = lambda a: a.reshape((-1,) + a.shape[-3:])
-    out = cpu_attention(flat(q), flat(k), flat(v))
-    return out.reshape(batch + out.shape[-3:])
+    return _over_flat_batch(cpu_attention, q, k, v)
   return _fused_attention(q, k, v, mask, implementation)
 
 
@@ -221,11 +218,12 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
 
 
 # From this many tokens per group up, `cpu_attention` beats XLA's own choice
-# of product forms: base-size space attention (197 tokens) and joint (1569)
-# train 7-20% faster, depth 4; at 8 (time attention) its transposes cost
-# more than they save, and at 50 (small frames) neither wins. In bfloat16
-# neither wins either (divided base forward 808 vs 824 ms, train step 3.53 vs
-# 3.59 s), so XLA keeps its own forms there.
+# of product forms (base size, depth 4, one process): joint (1569 tokens)
+# trains 21% and infers 50% faster, divided (space attention, 197) 8% and
+# 10%, space_only the same. At 8 (time attention) its transposes cost more
+# than they save (7% slower), and at 50 (small frames) neither wins. In
+# bfloat16 neither wins (divided forward 808 vs 824 ms, training step 3.53
+# vs 3.59 s), so XLA keeps its own forms there.
 CPU_ATTENTION_MIN_LENGTH = 128
 
 
@@ -321,17 +319,23 @@ def _cudnn_may_apply(q, mask) -> bool:
   return on_gpu and half and head_dim_ok and mask is None
 
 
-def _fused_attention(q, k, v, mask, implementation):
-  """`jax.nn.dot_product_attention` wants `[B, L, H, Dh]`: fold the batch."""
+def _over_flat_batch(attention_fn, q, k, v):
+  """`attention_fn` on `[B, L, H, Dh]`, for any leading batch axes."""
   batch = q.shape[:-3]
   flat = lambda a: a.reshape((-1,) + a.shape[-3:])
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, batch + (q.shape[-2], q.shape[-3],
-                                           k.shape[-3]))
-    mask = mask.reshape((-1,) + mask.shape[-3:])
-  out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=mask,
-                                     implementation=implementation)
+  out = attention_fn(flat(q), flat(k), flat(v))
   return out.reshape(batch + out.shape[-3:])
+
+
+def _fused_attention(q, k, v, mask, implementation):
+  """`jax.nn.dot_product_attention`, with the mask folded as the batch."""
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, q.shape[:-3] + (q.shape[-2], q.shape[-3],
+                                                  k.shape[-3]))
+    mask = mask.reshape((-1,) + mask.shape[-3:])
+  return _over_flat_batch(
+      functools.partial(jax.nn.dot_product_attention, mask=mask,
+                        implementation=implementation), q, k, v)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,8 +32,9 @@ training step; the same count is used for both models, which compute the
 same network.
 
 A case predicted (from its FLOPs and the ceiling) to take longer than
---max_seconds per call, or to need more memory than is available (XLA's
-memory analysis of our compiled step), is skipped and listed as such.
+--max_seconds per call, or whose first call does, or predicted to need
+more memory than is available (XLA's memory analysis of our compiled
+step), is skipped and listed as such.
 Writes `cpu.md` and `cpu.json` to --out after every case; the same command
 with `--resume` continues a stopped run, keeping the cases it finished.
 
@@ -233,6 +234,25 @@ def interleaved_times(runners: dict[str, Callable[[], None]], reps: int,
   return times
 
 
+def calls_over(runners: dict[str, Callable[[], None]], max_seconds: float
+               ) -> dict[str, str]:
+  """Times one call of each runner: why those over `max_seconds` are skipped.
+
+  The prediction from FLOPs assumes the product ceiling, which emulated
+  dtypes' training steps fall far short of (PyTorch's bfloat16 step on a
+  CPU without bfloat16 units: about a fifth of it, minutes per call), so
+  one real call decides. It also warms the runner up.
+  """
+  slow = {}
+  for name, run in runners.items():
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    if seconds > max_seconds:
+      slow[name] = f'one call took {seconds:.0f} s (> --max_seconds)'
+  return slow
+
+
 def _best_seconds(run: Callable[[], None], reps: int) -> float:
   """The fastest of `reps` calls after one warm-up: a ceiling, not a norm."""
   run()
@@ -363,7 +383,9 @@ def benchmark_case(scheme, size, dtype, batch_size, mode, *, reps, ceilings,
   release_free_heap()
   available = _available_bytes()
   for framework in FRAMEWORKS:
-    # PyTorch keeps a little more than XLA's plan for the same step.
+    # PyTorch's peak over XLA's plan for the same base training step at
+    # batch 1: 1.04x divided, 1.51x joint (`cpu_attention` keeps less).
+    # The larger, so that no case runs out of memory mid-run.
     needed = temp_bytes * (1.5 if framework == 'torch' else 1.0)
     predicted = model_flops / ceiling(ceilings, framework, dtype)
     # Time first: unlike memory, it does not depend on the moment.
@@ -380,6 +402,8 @@ def benchmark_case(scheme, size, dtype, batch_size, mode, *, reps, ceilings,
     runners['jax'] = jax_run
   if 'torch' not in skipped:
     runners['torch'] = torch_runner(config, batch_size, mode)
+  skipped.update(calls_over(runners, max_seconds))
+  runners = {k: run for k, run in runners.items() if k not in skipped}
   times = interleaved_times(runners, reps) if runners else {}
   for framework in FRAMEWORKS:
     if framework in skipped:
@@ -449,11 +473,28 @@ def _fraction(result: dict) -> str:
   return f'{100 * result["ceiling_fraction"]:.0f}%'
 
 
-def markdown(env: dict, ceilings: dict, cases: list[dict], command: str
-             ) -> str:
+# A case's command, where its run did not record one.
+NO_COMMAND = 'an earlier run that did not record its command'
+
+
+def _table_order(case: dict) -> tuple:
+  """Size, dtype, scheme, mode, batch: one table for runs in any order."""
+  return (list(SIZES).index(case['size']), DTYPES.index(case['dtype']),
+          SCHEMES.index(case['scheme']), MODES.index(case['mode']),
+          case['batch_size'])
+
+
+def markdown(env: dict, ceilings: dict, cases: list[dict]) -> str:
+  cases = sorted(cases, key=_table_order)
+  # A resumed run keeps earlier runs' cases: each row names its command.
+  commands = list(dict.fromkeys(c.get('command', NO_COMMAND) for c in cases))
   lines = [
       '# CPU: tsformer_jax against Hugging Face PyTorch', '',
-      f'`{command}`', '',
+      'Runs (the last column of the table below):', '']
+  lines += [f'{i}. `{command}`' if command != NO_COMMAND else
+            f'{i}. {command}' for i, command in enumerate(commands, 1)]
+  lines += [
+      '',
       f'{env["cpu"]} ({", ".join(env["isa_flags"]) or "no AVX2"}), '
       f'{env["threads"]} threads for both; jax {env["jax"]}, torch '
       f'{env["torch"]}, transformers {env["transformers"]}; XLA_FLAGS '
@@ -471,15 +512,16 @@ def markdown(env: dict, ceilings: dict, cases: list[dict], command: str
       '(XLA count, 3x forward for a train step) of the framework\'s '
       'product ceiling in that dtype.', '',
       '| scheme | size | dtype | batch | mode | ours clips/s | PyTorch '
-      'clips/s | speedup | ours % | PyTorch % |',
-      '|---|---|---|---|---|---|---|---|---|---|']
+      'clips/s | speedup | ours % | PyTorch % | run |',
+      '|---|---|---|---|---|---|---|---|---|---|---|']
   notes = []
   for c in cases:
     speedup = f'{c["speedup"]:.2f}x' if 'speedup' in c else '-'
     lines.append(
         f'| {c["scheme"]} | {c["size"]} | {c["dtype"]} | {c["batch_size"]} '
         f'| {c["mode"]} | {_cell(c["jax"])} | {_cell(c["torch"])} | '
-        f'{speedup} | {_fraction(c["jax"])} | {_fraction(c["torch"])} |')
+        f'{speedup} | {_fraction(c["jax"])} | {_fraction(c["torch"])} | '
+        f'{commands.index(c.get("command", NO_COMMAND)) + 1} |')
     for framework in FRAMEWORKS:
       if 'skipped' in c[framework]:
         notes.append(f'- {c["scheme"]} {c["size"]} {c["dtype"]} batch '
@@ -496,11 +538,11 @@ def case_key(case: dict) -> tuple:
 
 
 def save_run(out: str, name: str, env: dict, ceilings: dict,
-             cases: list[dict], command: str) -> str:
+             cases: list[dict]) -> str:
   """Writes NAME.md and NAME.json (after every case, so that a stopped run
   keeps what it measured); returns the markdown."""
   add_fractions(cases, ceilings)
-  text = markdown(env, ceilings, cases, command)
+  text = markdown(env, ceilings, cases)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, name + '.md'), 'w') as f:
     f.write(text)
@@ -583,7 +625,8 @@ def main():
   parser.add_argument('--modes', default=','.join(MODES))
   parser.add_argument('--reps', type=int, default=3)
   parser.add_argument('--max_seconds', type=float, default=120.0,
-                      help='skip a case predicted to take longer per call')
+                      help='skip a framework whose call takes longer '
+                      '(predicted, then its first call)')
   parser.add_argument('--out', default='experiments/results')
   parser.add_argument('--name', default='cpu',
                       help='output file names: NAME.md and NAME.json')
@@ -620,17 +663,17 @@ def main():
     if key in done and finished(done[key]):
       continue
     scheme, size, dtype, b, mode = key
-    new[key] = benchmark_case(
+    new[key] = dict(benchmark_case(
         scheme, size, dtype, b, mode, reps=args.reps, ceilings=ceilings,
-        max_seconds=args.max_seconds)
+        max_seconds=args.max_seconds), command=command)
     print(json.dumps(new[key]), flush=True)
     save_run(args.out, args.name, env, ceilings,
-             merged_cases(selection, done, new), command)
+             merged_cases(selection, done, new))
   # Measured again at the end, the best of both: a ceiling measured while
   # the machine was busier would flatter the models.
   ceilings = merge_ceilings(ceilings, matmul_ceilings())
   print(save_run(args.out, args.name, env, ceilings,
-                 merged_cases(selection, done, new), command))
+                 merged_cases(selection, done, new)))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -32,6 +33,15 @@ def test_cpu_benchmark_steps_both_frameworks_alike():
   assert calls == ['jax', 'jax', 'torch', 'torch'] * 2
 
 
+def test_cpu_benchmark_skips_a_framework_whose_first_call_is_too_slow():
+  calls = []
+  runners = {'jax': lambda: calls.append('jax'),
+             'torch': lambda: (calls.append('torch'), time.sleep(0.3))}
+  slow = benchmark_cpu.calls_over(runners, max_seconds=0.2)
+  assert list(slow) == ['torch'] and 'one call took' in slow['torch']
+  assert calls == ['jax', 'torch']
+
+
 def test_gpu_benchmark_smoke_runs_on_any_backend(tmp_path):
   result = subprocess.run(
       [sys.executable, 'experiments/gpu_benchmark.py', '--smoke',
@@ -50,7 +60,8 @@ def _fake_case(scheme, seconds):
                clips_per_s=1 / seconds, flops_per_s=1e9 / seconds)
   return dict(scheme=scheme, size='small', dtype='float32', batch_size=1,
               mode='forward', flops_per_clip=1e9, jax=timed,
-              torch=dict(skipped='not measured here'))
+              torch=dict(skipped='not measured here'),
+              command=f'python experiments/benchmark_cpu.py --schemes={scheme}')
 
 
 def test_cpu_benchmark_saves_every_case_and_resumes(tmp_path):
@@ -62,12 +73,19 @@ def test_cpu_benchmark_saves_every_case_and_resumes(tmp_path):
            _fake_case('space_only', 1.0)]
   cases[2]['jax'] = dict(skipped=benchmark_cpu.MEMORY_SKIP + '9 GiB, 2 GiB '
                          'available')
-  text = benchmark_cpu.save_run(str(tmp_path), 'run', env, ceilings, cases,
-                                'python experiments/benchmark_cpu.py')
+  del cases[1]['command']  # As runs before commands were kept.
+  text = benchmark_cpu.save_run(str(tmp_path), 'run', env, ceilings, cases)
   assert text == (tmp_path / 'run.md').read_text()
   assert '| divided | small | float32 | 1 | forward | 2 (500 ± 0 ms)' in text
   # 2 GFLOP/s achieved of a 2 GFLOP/s ceiling.
-  assert '| 100% | - |' in text and 'not measured here' in text
+  assert '| 100% | - | 1 |' in text and 'not measured here' in text
+  # Each row names the run that measured it.
+  assert ('1. `python experiments/benchmark_cpu.py --schemes=divided`\n'
+          f'2. {benchmark_cpu.NO_COMMAND}\n'
+          '3. `python experiments/benchmark_cpu.py --schemes=space_only`\n'
+          ) in text
+  assert [line.rsplit('|', 2)[1].strip() for line in text.splitlines()
+          if line.startswith('| ') and 'small' in line] == ['1', '2', '3']
 
   later = dict(env, load_average=(3.0, 3.0, 3.0))
   env2, ceilings2, done = benchmark_cpu.load_run(str(tmp_path), 'run', later)
@@ -128,3 +146,24 @@ def test_xla_cpu_options_compares_both_kernels(tmp_path):
       medians['XLA defaults'] / medians['Eigen'])
   assert f'{row["speedup"]:.2f}x |' in (
       tmp_path / 'xla_cpu_options.md').read_text()
+
+
+def test_attention_products_times_every_form_per_core_count(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'experiments/attention_products.py', '--groups=4',
+       '--length=16', '--head_dim=8', '--cores=1', '--reps=2',
+       f'--out={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert result.returncode == 0, result.stderr[-3000:]
+  import attention_products  # pylint: disable=g-import-not-at-top
+  rows = json.loads((tmp_path / 'attention_products.json').read_text())[
+      'rows']
+  assert [r['form'] for r in rows] == list(attention_products.FORMS)
+  for r in rows:
+    # The child ran bound to one core, PyTorch on one thread.
+    assert r['cores'] == 1 and r['torch_threads'] == 1, r
+    assert r['xla_kernel'] in ('YNNPACK', 'Eigen')
+    assert r['jax_gflops'] > 0 and r['torch_gflops'] > 0
+    assert r['speedup'] == pytest.approx(r['jax_gflops'] / r['torch_gflops'])
+  text = (tmp_path / 'attention_products.md').read_text()
+  assert '| q k^T | `gqd,gkd->gqk` | 1 |' in text

@@ -240,7 +240,7 @@ def calls_over(runners: dict[str, Callable[[], None]], max_seconds: float
 
   The prediction from FLOPs assumes the product ceiling, which emulated
   dtypes' training steps fall far short of (PyTorch's bfloat16 step on a
-  CPU without bfloat16 units: about a fifth of it, minutes per call), so
+  CPU without bfloat16 units: a fifth of it or less, minutes per call), so
   one real call decides. It also warms the runner up.
   """
   slow = {}

@@ -135,12 +135,8 @@ def main():
   rows.sort(key=lambda r: (list(FORMS).index(r['form']), r['cores']))
   command = benchmark_cpu.command_line(parser, args)
   text = markdown(rows, command)
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, 'attention_products')
-  with open(path + '.json', 'w') as f:
-    json.dump(dict(command=command, rows=rows), f, indent=1)
-  with open(path + '.md', 'w') as f:
-    f.write(text)
+  benchmark_cpu.write_results(args.out, 'attention_products', text,
+                              dict(command=command, rows=rows))
   print(text)
 
 

@@ -543,13 +543,18 @@ def save_run(out: str, name: str, env: dict, ceilings: dict,
   keeps what it measured); returns the markdown."""
   add_fractions(cases, ceilings)
   text = markdown(env, ceilings, cases)
+  write_results(out, name, text,
+                dict(environment=env, ceilings=ceilings, cases=cases))
+  return text
+
+
+def write_results(out: str, name: str, text: str, data: dict) -> None:
+  """Writes `text` to NAME.md and `data` to NAME.json under `out`."""
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, name + '.md'), 'w') as f:
     f.write(text)
   with open(os.path.join(out, name + '.json'), 'w') as f:
-    json.dump(dict(environment=env, ceilings=ceilings, cases=cases), f,
-              indent=2)
-  return text
+    json.dump(data, f, indent=2)
 
 
 # What must match for a run to be continued in another process.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 
 import benchmark_cpu
@@ -91,13 +90,9 @@ def main():
     rows.append(row)
     print(json.dumps(row), flush=True)
     benchmark_cpu.release_free_heap()
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, 'xla_cpu_options')
   text = markdown(rows, command)
-  with open(path + '.json', 'w') as f:
-    json.dump(dict(command=command, rows=rows), f, indent=1)
-  with open(path + '.md', 'w') as f:
-    f.write(text)
+  benchmark_cpu.write_results(args.out, 'xla_cpu_options', text,
+                              dict(command=command, rows=rows))
   print(text)
 
 

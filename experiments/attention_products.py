@@ -8,9 +8,10 @@ model's space attention, per clip, 96 pairs (8 frames x 12 heads) with
 197 tokens of 64 features. Its forward pass has two forms of product,
 q k^T and p v; its backward pass has p v's form once more (the query
 gradient ds k) and a third one twice (the key and value gradients ds^T q
-and p^T do, which `attention.cpu_attention` writes feature-major). This
-script times each form as a jitted `jnp.einsum` and
-as `torch.einsum`, the two taking turns (`benchmark_cpu.interleaved_times`),
+and p^T do, which `attention.cpu_attention` writes feature-major).
+
+This script times each form as a jitted `jnp.einsum` and as
+`torch.einsum`, the two taking turns (`benchmark_cpu.interleaved_times`),
 once in a process bound to each of --cores cores, so that the table shows
 what more cores add to each framework. Runs under the benchmark's
 allocator settings. Writes `attention_products.md` and `.json` to --out.

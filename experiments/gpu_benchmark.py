@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 
 import tsformer_jax
-from tsformer_jax import attention
 from tsformer_jax import config_lib
+from tsformer_jax import kernels
 from tsformer_jax import model as model_lib
 from tsformer_jax import summary
 
@@ -171,9 +171,9 @@ def parse_variants(value: str) -> list[tuple[str, str]]:
   for item in filter(None, value.split(',')):
     impl, _, remat = item.partition(':')
     remat = remat or 'none'
-    if impl not in attention.IMPLEMENTATIONS:
+    if impl not in kernels.IMPLEMENTATIONS:
       raise SystemExit(f'Unknown attention_impl {impl!r} in {item!r}; '
-                       f'valid: {attention.IMPLEMENTATIONS}.')
+                       f'valid: {kernels.IMPLEMENTATIONS}.')
     if remat not in model_lib.REMAT_POLICIES:
       raise SystemExit(f'Unknown remat {remat!r} in {item!r}; valid: '
                        f'{sorted(model_lib.REMAT_POLICIES)}.')

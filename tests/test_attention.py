@@ -9,10 +9,8 @@ class token, or the frame's own one), and the copies' outputs are averaged.
 """
 
 import math
-import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -139,119 +137,6 @@ def test_unknown_names_list_valid_ones():
   with pytest.raises(ValueError, match='valid:'):
     attention.attend(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
                      implementation='flash')
-
-
-def test_attend_einsum_equals_fused_with_mask_and_bfloat16():
-  rng = np.random.default_rng(0)
-  q, k, v = (rng.normal(size=(2, 3, 9, 4, 8)).astype(np.float32)
-             for _ in range(3))
-  mask = rng.random((3, 1, 9, 9)) > 0.3
-  mask[..., 0] = True  # Every query keeps at least one key.
-  for dtype, atol in [(np.float32, 1e-5), (jax.numpy.bfloat16, 2e-2)]:
-    args = [a.astype(dtype) for a in (q, k, v)]
-    ref = attention.attend(*args, mask, implementation='einsum')
-    fused = attention.attend(*args, mask, implementation='xla')
-    auto = attention.attend(*args, mask, implementation='auto')
-    assert ref.dtype == fused.dtype == dtype
-    np.testing.assert_allclose(np.float32(ref), np.float32(fused), atol=atol)
-    np.testing.assert_allclose(np.float32(ref), np.float32(auto), atol=atol)
-
-
-@pytest.mark.parametrize('implementation,masked', [
-    ('chunked', False), ('chunked', True), ('cpu', False)])
-def test_chunked_and_cpu_attention_equal_einsum_with_gradients(
-    implementation, masked):
-  rng = np.random.default_rng(0)
-  q, k, v = (rng.normal(size=(2, 3, 37, 4, 8)).astype(np.float32)
-             for _ in range(3))
-  # Key padding as the groupings make it, with a block of keys all masked.
-  mask = rng.random((3, 1, 1, 37)) > 0.3 if masked else None
-  if masked:
-    mask[..., 10:20] = False
-
-  def loss(implementation, q, k, v):
-    if implementation == 'chunked':
-      out = attention.chunked_attention(q, k, v, mask, query_chunk=8,
-                                        key_chunk=5)
-    else:
-      out = attention.attend(q, k, v, mask, implementation=implementation)
-    return jnp.sum(out ** 2), out
-
-  grad = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)
-  ref_grads, ref = grad('einsum', q, k, v)
-  grads, out = grad(implementation, q, k, v)
-  np.testing.assert_allclose(out, ref, atol=1e-6)
-  for a, b in zip(grads, ref_grads, strict=True):
-    np.testing.assert_allclose(a, b, atol=1e-5)
-  np.testing.assert_allclose(
-      attention.attend(q, k, v, mask, implementation=implementation), ref,
-      atol=1e-6)
-
-
-def test_cpu_attention_in_bfloat16_and_without_mask_only():
-  rng = np.random.default_rng(1)
-  q, k, v = (jnp.asarray(rng.normal(size=(3, 40, 2, 8)), jnp.bfloat16)
-             for _ in range(3))
-  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32))
-  ref_grads = jax.grad(loss(attention.attend), (0, 1, 2))(q, k, v)
-  grads = jax.grad(loss(attention.cpu_attention), (0, 1, 2))(q, k, v)
-  out = attention.cpu_attention(q, k, v)
-  assert out.dtype == jnp.bfloat16
-  assert all(g.dtype == jnp.bfloat16 for g in grads)
-  np.testing.assert_allclose(np.float32(out),
-                             np.float32(attention.attend(q, k, v)), atol=3e-2)
-  for a, b in zip(grads, ref_grads, strict=True):
-    np.testing.assert_allclose(np.float32(a), np.float32(b), atol=5e-2)
-  with pytest.raises(ValueError, match="takes no mask; use 'xla'"):
-    attention.attend(q, k, v, jnp.ones((40, 40), bool), implementation='cpu')
-
-
-def test_auto_takes_cpu_attention_for_long_unmasked_float32_groups(
-    monkeypatch):
-  calls = []
-  monkeypatch.setattr(attention, 'cpu_attention',
-                      lambda *args: calls.append(args) or args[0])
-  long = attention.CPU_ATTENTION_MIN_LENGTH
-
-  def takes_cpu(length, dtype=jnp.float32, mask=None):
-    calls.clear()
-    q = jnp.zeros((2, length, 1, 4), dtype)
-    attention.attend(q, q, q, mask, implementation='auto')
-    return bool(calls)
-
-  assert takes_cpu(long)
-  assert not takes_cpu(long - 1)
-  assert not takes_cpu(long, jnp.bfloat16)
-  assert not takes_cpu(long, mask=jnp.ones((long, long), bool))
-
-
-def _ynn_product_shapes(compiled_text: str) -> list[str]:
-  """Output shapes of the products XLA hands to YNNPACK."""
-  computations = dict(re.findall(r'\n(%[\w.]+) [^\n]*\{\n(.*?)\n\}',
-                                 compiled_text, re.S))
-  called = re.findall(r'kind=kCustom, calls=(%[\w.]+), backend_config='
-                      r'\{"fusion_config":\{"kind":"__ynn_fusion"',
-                      compiled_text)
-  return [shape for name in called for shape in re.findall(
-      r'= (f32\[[\d,]+\])\{[\d,]+\} dot\(', computations.get(name, ''))]
-
-
-def test_cpu_attention_keeps_head_dim_rows_out_of_ynnpack():
-  """XLA's own derivative sums the key and value gradients as products of
-  Dh rows in YNNPACK, its slowest form; `cpu_attention` sends them to
-  Eigen (`cpu_attention`'s docstring has the speeds)."""
-  q = jnp.zeros((1, 197, 2, 64))
-  dout = jnp.ones_like(q)
-
-  def compiled_vjp(f):
-    vjp = jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](dout))
-    return vjp.lower(q, q, q).compile().as_text()
-
-  xla = compiled_vjp(
-      lambda q, k, v: attention.attend(q, k, v, implementation='xla'))
-  ours = compiled_vjp(attention.cpu_attention)
-  assert 'f32[2,64,197]' in _ynn_product_shapes(xla)
-  assert not [s for s in _ynn_product_shapes(ours) if ',64,' in s]
 
 
 def test_attention_dropout_drops_and_rescales():

@@ -94,7 +94,7 @@ def test_training_gradients_match_hf(attention_type):
   HF's gradients are mapped to our parameter layout with the same converter
   as its weights (a pure re-layout, so it maps gradients too). This checks
   our backward pass, including the linear layers' CPU weight gradient
-  (`model._cpu_linear`), against an independent autograd.
+  (`kernels.cpu._cpu_linear`), against an independent autograd.
   """
   hf = _hf_model(1, attention_type=attention_type, num_frames=3,
                  image_size=32, patch_size=8, hidden_size=32,

@@ -1,7 +1,5 @@
 """The TimeSformer module: shapes, dtypes, training mode, initialisation."""
 
-import functools
-import math
 
 import flax
 import jax
@@ -12,7 +10,7 @@ import pytest
 import tsformer_jax
 from tsformer_jax import attention
 from tsformer_jax import config_lib
-from tsformer_jax import model as model_lib
+from tsformer_jax.kernels import cpu
 
 from conftest import SCHEMES
 from conftest import apply
@@ -80,7 +78,7 @@ def test_fused_attention_equals_einsum(scheme):
 def test_cpu_attention_gives_the_einsum_gradients(scheme, monkeypatch):
   """With every unmasked group long enough, 'auto' runs `cpu_attention`
   (class tokens, per-frame tokens and groupings included)."""
-  monkeypatch.setattr(attention, 'CPU_ATTENTION_MIN_LENGTH', 1)
+  monkeypatch.setattr(cpu, 'CPU_ATTENTION_MIN_LENGTH', 1)
   config = tiny_config(scheme, image_size=(40, 24))
   params = _randomize(tiny_params(scheme, image_size=(40, 24)))
   clips = random_clips(config)
@@ -276,80 +274,3 @@ def test_bad_inputs_and_configs_say_what_is_valid():
     tsformer_jax.init_params(tiny_config(dtype='float16'), jax.random.key(0))
   with pytest.raises(ValueError, match='not divisible by num_heads'):
     tsformer_jax.init_params(tiny_config(num_heads=5), jax.random.key(0))
-
-
-@pytest.mark.parametrize('x_shape,kernel_shape,contract', [
-    ((2, 5, 6), (6, 9), 1),  # Dense, input narrower: x is transposed.
-    ((2, 5, 9), (9, 6), 1),  # Dense, output narrower: dy is transposed.
-    ((2, 5, 3, 4), (3, 4, 7), 2),  # proj: two contracted axes.
-    ((4, 6), (6, 3, 2, 5), 1),  # qkv: several output axes.
-])
-def test_cpu_linear_product_and_gradients_are_exact(x_shape, kernel_shape,
-                                                    contract):
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
-  dims = ((tuple(range(len(x_shape) - contract, len(x_shape))),
-           tuple(range(contract))), ((), ()))
-
-  def loss(product, x, kernel):
-    return jnp.sum(jnp.sin(product(x, kernel, dims)))
-
-  ours = jax.jit(jax.value_and_grad(
-      functools.partial(loss, model_lib._linear_dot_general), argnums=(0, 1)))
-  want = jax.value_and_grad(
-      functools.partial(loss, jax.lax.dot_general), argnums=(0, 1))
-  for a, b in zip(jax.tree.leaves(ours(x, kernel)),
-                  jax.tree.leaves(want(x, kernel)), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  # On CPU the weight gradient takes the explicit transpose.
-  jaxpr = str(jax.make_jaxpr(jax.grad(functools.partial(
-      loss, model_lib._linear_dot_general), argnums=1))(x, kernel))
-  assert 'optimization_barrier' in jaxpr
-
-
-def test_other_products_keep_plain_dot_general():
-  x = jnp.ones((3, 4, 5))
-  # A batched product (attention's) is not a linear layer.
-  dims = (((2,), (2,)), ((0,), (0,)))
-  jaxpr = str(jax.make_jaxpr(jax.grad(
-      lambda x: model_lib._linear_dot_general(x, x, dims).sum()))(x))
-  assert 'optimization_barrier' not in jaxpr
-
-
-def test_inference_compiler_options_send_large_cpu_calls_to_eigen():
-  config = tiny_config()
-  tokens = math.prod(tsformer_jax.create_model(config).grid)
-  large = -(-model_lib._YNN_GRAPH_TOKENS // tokens)  # Clips per call.
-  # Below the size where XLA builds YNNPACK graphs its defaults stay.
-  assert tsformer_jax.inference_compiler_options(config, large - 1) == {}
-  options = tsformer_jax.inference_compiler_options(config, large)
-  assert options == {'xla_cpu_experimental_ynn_fusion_type': ''}
-  model = tsformer_jax.create_model(config)
-  params, clips = tiny_params(), random_clips(config, batch_size=large)
-
-  def forward(params, clips):
-    return model.apply({'params': params}, clips)
-
-  plain = jax.jit(forward).lower(params, clips).compile()
-  ours = jax.jit(forward, compiler_options=options).lower(
-      params, clips).compile()
-  # XLA's default hands products to YNNPACK; under the options none goes.
-  assert '__ynn_fusion' in plain.as_text()
-  assert '__ynn_fusion' not in ours.as_text()
-  np.testing.assert_allclose(ours(params, clips), plain(params, clips),
-                             atol=1e-5, rtol=0)
-
-
-def test_inference_compiler_options_keep_defaults_where_needed(monkeypatch):
-  options = functools.partial(tsformer_jax.inference_compiler_options,
-                              batch_size=10_000)
-  # bfloat16 units: YNNPACK has the fast bfloat16 kernels.
-  monkeypatch.setattr(model_lib, '_cpu_has_bfloat16_units', lambda: True)
-  assert options(tiny_config(dtype='bfloat16')) == {}
-  assert options(tiny_config()) != {}
-  # A jaxlib whose XLA lacks the option compiles without it.
-  assert not model_lib._backend_accepts('xla_cpu_no_such_option', '')
-  monkeypatch.setattr(model_lib, '_YNN_FUSION_OPTION',
-                      'xla_cpu_no_such_option')
-  assert options(tiny_config()) == {}

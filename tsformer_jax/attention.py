@@ -19,55 +19,54 @@ What differs between the schemes is only how the groups are cut:
 | `axial`               | time, width, height | (., h, w), (t, h, .), then   |
 |                       |                     | (t, ., w)                    |
 
-The class token. In a step with `with_cls=True` the class token joins every
-group as one more query and key: each group sees a copy of it, and the copies'
-outputs are averaged over the groups that hold at least one real patch. This
-is exactly what the original implementation does in the spatial step of
-divided attention (the class token is repeated once per frame and the
-per-frame results averaged); for `joint` there is a single group, so the
-class token is an ordinary token. Temporal steps (`time`) leave the class
-token out, as the original divided block does; axial attention follows the
-same rule (time without, width and height with the class token) and sparse
-local-global lets it join both of its steps. `space_only` is the per-frame
-image model: it carries one class token per frame (`cls: [B, T, ...]`), each
-attending only within its own frame, and the model averages them at the end.
+The class token. In a step with `with_cls=True` a copy of the class token
+joins every group as one more query and key, and the copies' outputs are
+averaged over the groups that hold a real patch, as the original's spatial
+step does with one copy per frame (for `joint`, one group: an ordinary
+token). Time steps leave it out, as the original's divided block does, and
+axial attention follows suit. `space_only`, the per-frame image model,
+carries one class token per frame (`cls: [B, T, ...]`), each attending only
+within its own frame; the model averages them at the end.
 
-Grids that do not divide. `local` cuts height and width into two halves of
-ceil(H/2) and ceil(W/2) patches (the last half is smaller when H or W is odd),
-and `global` groups patches by the parity of (t, h, w). Both pad the grid to
-even sizes with masked-out tokens so that groups become equal-sized arrays;
-padded tokens are never attended to and their outputs are dropped, and a
-group made only of padding (H == 1, say) does not count in the class-token
-average. Every step gives the same result as one full attention over the clip
-with a mask that allows exactly that step's (query, key) pairs.
+Grids that do not divide. `local` cuts height and width into halves of
+ceil(H/2) and ceil(W/2) patches, and `global` groups patches by the parity
+of (t, h, w). Both pad the grid to even sizes with masked-out tokens so that
+groups are equal-sized arrays; padding is never attended to, its outputs are
+dropped, and a group of padding only does not count in the class-token
+average. Each step equals one full attention over the clip, masked to that
+step's (query, key) pairs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Literal
 
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsformer_jax import kernels
+
 Array = jax.Array
 Grid = tuple[int, int, int]  # (T, H, W): frames and patches per column and row.
-Implementation = Literal['einsum', 'xla', 'cudnn', 'chunked', 'cpu', 'auto']
-IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn', 'chunked', 'cpu', 'auto')
-# Query and key block sizes of the chunked (memory-efficient) attention.
-QUERY_CHUNK = 1024
-KEY_CHUNK = 4096
+
+# Kernel names as they were before moving to `tsformer_jax.kernels`.
+Implementation = kernels.Implementation
+IMPLEMENTATIONS = kernels.IMPLEMENTATIONS
+QUERY_CHUNK = kernels.chunked.QUERY_CHUNK
+KEY_CHUNK = kernels.chunked.KEY_CHUNK
+CPU_ATTENTION_MIN_LENGTH = kernels.cpu.CPU_ATTENTION_MIN_LENGTH
+chunked_attention = kernels.chunked.chunked_attention
+cpu_attention = kernels.cpu.cpu_attention
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array | None = None, *,
            implementation: Implementation = 'einsum',
            dropout_rate: float = 0.0,
            dropout_rng: Array | None = None) -> Array:
-  """softmax(q k^T / sqrt(D_h)) v over the second-to-last-but-one axis.
+  """softmax(q k^T / sqrt(D_h)) v over the token axis.
 
   Args:
     q: queries `[..., Lq, H, Dh]`; any number of leading batch axes.
@@ -75,47 +74,25 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None = None, *,
     v: values `[..., Lk, H, Dh]`.
     mask: optional boolean, broadcastable to `[..., H, Lq, Lk]`; False
       entries are excluded from the softmax.
-    implementation: `'einsum'` is the reference written out below; `'xla'`
-      and `'cudnn'` call `jax.nn.dot_product_attention` (cuDNN's fused
-      kernel needs a GPU and half precision); `'chunked'` never holds more
-      than a `QUERY_CHUNK x KEY_CHUNK` block of scores (`chunked_attention`);
-      `'cpu'` lays out every product, forward and backward, for XLA's CPU
-      kernels (`cpu_attention`; no mask); `'auto'` takes cuDNN where its
-      shape rules allow, `'cpu'` on CPU for unmasked float32 groups of at
-      least `CPU_ATTENTION_MIN_LENGTH` tokens, and XLA elsewhere.
+    implementation: `'einsum'`, the reference written out below, or a
+      backend kernel of `tsformer_jax.kernels` (`kernels.IMPLEMENTATIONS`).
     dropout_rate: attention dropout on the softmax weights. Only the einsum
-      path can drop weights, so it is used whenever dropout is active.
+      reference drops weights, so it runs whenever dropout is active.
     dropout_rng: PRNG key for the attention dropout.
 
   Returns:
     `[..., Lq, H, Dh]` in the dtype of `v`.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'Unknown attention implementation {implementation!r}; '
-                     f'valid: {IMPLEMENTATIONS}.')
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    implementation = 'einsum'
-  if implementation == 'auto':
-    if _cudnn_may_apply(q, mask):
-      try:
-        return _fused_attention(q, k, v, mask, 'cudnn')
-      except NotImplementedError:
-        pass  # cuDNN's own shape rules (they vary by version) said no.
-    implementation = 'cpu' if _cpu_attention_may_apply(q, mask) else 'xla'
-  if implementation == 'einsum':
-    weights = attention_weights(q, k, mask)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-      keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
-                                  weights.shape)
-      weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    return weighted_values(weights, v)
-  if implementation == 'chunked':
-    return chunked_attention(q, k, v, mask)
-  if implementation == 'cpu':
-    if mask is not None:
-      raise ValueError("implementation='cpu' takes no mask; use 'xla'.")
-    return _over_flat_batch(cpu_attention, q, k, v)
-  return _fused_attention(q, k, v, mask, implementation)
+  kernel = kernels.get_kernel(implementation)
+  dropout = dropout_rate > 0.0 and dropout_rng is not None
+  if kernel is not None and not dropout:
+    return kernel(q, k, v, mask)
+  weights = attention_weights(q, k, mask)
+  if dropout:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
+                                weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return weighted_values(weights, v)
 
 
 def attention_weights(q: Array, k: Array, mask: Array | None = None
@@ -136,206 +113,6 @@ def attention_weights(q: Array, k: Array, mask: Array | None = None
 def weighted_values(weights: Array, v: Array) -> Array:
   """weights `[..., H, Lq, Lk]`, v `[..., Lk, H, Dh]` -> `[..., Lq, H, Dh]`."""
   return jnp.einsum('...hqk,...khd->...qhd', weights.astype(v.dtype), v)
-
-
-def chunked_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
-                      *, query_chunk: int = QUERY_CHUNK,
-                      key_chunk: int = KEY_CHUNK) -> Array:
-  """`attend` in O(query_chunk x key_chunk) memory instead of O(Lq x Lk).
-
-  Rabe and Staats, "Self-attention does not need O(n^2) memory" (2021):
-  queries are taken `query_chunk` at a time; for each, every block of
-  `key_chunk` keys gives its partial softmax sums relative to its own
-  maximum, and the blocks are combined after rescaling to the overall
-  maximum. Each block is rematerialised in the backward pass, so training
-  does not keep the scores either. Sequences are padded to whole chunks
-  (padded keys are masked out, padded queries dropped).
-
-  Args:
-    q, k, v, mask: as in `attend`; the mask must be broadcastable to
-      `[..., H, Lq, Lk]`.
-    query_chunk: queries per block.
-    key_chunk: keys per block.
-
-  Returns:
-    `[..., Lq, H, Dh]` in the dtype of `v`.
-  """
-  batch, (lq, h, dh), lk = q.shape[:-3], q.shape[-3:], k.shape[-3]
-  qc, kc = min(query_chunk, lq), min(key_chunk, lk)
-  nq, nk = -(-lq // qc), -(-lk // kc)
-  flat = lambda a: a.reshape((-1,) + a.shape[-3:])
-  q, k, v = flat(q), flat(k), flat(v)  # [B, L, H, Dh]
-  q = jnp.pad(q, ((0, 0), (0, nq * qc - lq), (0, 0), (0, 0)))
-  k = jnp.pad(k, ((0, 0), (0, nk * kc - lk), (0, 0), (0, 0)))
-  v = jnp.pad(v, ((0, 0), (0, nk * kc - lk), (0, 0), (0, 0)))
-  # Batch axes of the mask are broadcast (small: no Lq x Lk product unless
-  # the mask itself has one); its query and key axes are padded.
-  if mask is None:
-    mask = jnp.ones((1, 1, 1, lk), bool)
-  else:
-    mask = jnp.asarray(mask).reshape(
-        (1,) * (len(batch) + 3 - jnp.ndim(mask)) + jnp.shape(mask))
-    mask = jnp.broadcast_to(mask, batch + mask.shape[-3:-1] + (lk,))
-    mask = mask.reshape((-1,) + mask.shape[-3:])
-  mq = mask.shape[-2]
-  if mq > 1:
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, nq * qc - lq), (0, 0)))
-  mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, nk * kc - lk)))
-  scale = 1.0 / math.sqrt(dh)
-
-  @functools.partial(jax.checkpoint, prevent_cse=False)
-  def summarize(q_block, key_index, mask_block):
-    """Sums of one query block against one key block, and their max."""
-    k_block = jax.lax.dynamic_slice_in_dim(k, key_index * kc, kc, axis=1)
-    v_block = jax.lax.dynamic_slice_in_dim(v, key_index * kc, kc, axis=1)
-    m_block = jax.lax.dynamic_slice_in_dim(mask_block, key_index * kc, kc,
-                                           axis=3)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q_block, k_block,
-                        preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(m_block, logits, jnp.finfo(jnp.float32).min)
-    peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-    weights = jnp.where(m_block, jnp.exp(logits - peak), 0.0)
-    values = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v_block,
-                        preferred_element_type=jnp.float32)
-    return values, weights.sum(axis=-1), peak[..., 0]
-
-  def query_block(query_index):
-    q_block = jax.lax.dynamic_slice_in_dim(q, query_index * qc, qc, axis=1)
-    mask_block = (jax.lax.dynamic_slice_in_dim(mask, query_index * qc, qc,
-                                               axis=2) if mq > 1 else mask)
-    values, sums, peaks = jax.lax.map(
-        lambda i: summarize(q_block, i, mask_block), jnp.arange(nk))
-    top = peaks.max(axis=0)  # [B, H, qc]
-    rescale = jnp.exp(peaks - top)  # [nk, B, H, qc]
-    total = jnp.einsum('nbhq,nbhq->bhq', sums, rescale)
-    values = jnp.einsum('nbqhd,nbhq->bqhd', values, rescale)
-    total = jnp.where(total > 0, total, 1.0)
-    return values / jnp.moveaxis(total, 1, 2)[..., None]
-
-  out = jax.lax.map(query_block, jnp.arange(nq))  # [nq, B, qc, H, Dh]
-  out = jnp.moveaxis(out, 0, 1).reshape((-1, nq * qc, h, dh))[:, :lq]
-  return out.reshape(batch + (lq, h, dh)).astype(v.dtype)
-
-
-# From this many tokens per group up, `cpu_attention` beats XLA's own choice
-# of product forms (base size, depth 4, one process): joint (1569 tokens)
-# trains 21% and infers 50% faster, divided (space attention, 197) 8% and
-# 10%, space_only the same. At 8 (time attention) its transposes cost more
-# than they save (7% slower), and at 50 (small frames) neither wins. In
-# bfloat16 neither wins (divided forward 808 vs 824 ms, training step 3.53
-# vs 3.59 s), so XLA keeps its own forms there.
-CPU_ATTENTION_MIN_LENGTH = 128
-
-
-def _cpu_attention_may_apply(q, mask) -> bool:
-  return (jax.default_backend() == 'cpu' and mask is None and
-          q.dtype == jnp.float32 and q.shape[-3] >= CPU_ATTENTION_MIN_LENGTH)
-
-
-def _transposed(*arrays_and_axes):
-  """Each `(array, axes)` transposed, as copies XLA may not fold away.
-
-  XLA folds a transpose into the product next to it and then picks the
-  product's form (which operand or output is transposed, which kernel)
-  itself; behind an optimisation barrier a transpose stays a copy, and
-  the product keeps the form written.
-  """
-  return jax.lax.optimization_barrier(
-      tuple(jnp.transpose(a, axes) for a, axes in arrays_and_axes))
-
-
-_FEATURE_MAJOR = (0, 2, 3, 1)  # [B, L, H, Dh] -> [B, H, Dh, L]
-_HEAD_MAJOR = (0, 2, 1, 3)  # [B, L, H, Dh] <-> [B, H, L, Dh]
-_FROM_FEATURE_MAJOR = (0, 3, 1, 2)  # [B, H, Dh, L] -> [B, L, H, Dh]
-
-
-def _product(equation: str, a: Array, b: Array, axes, dtype) -> Array:
-  """einsum(equation, a, b) summed in float32, transposed by `axes` to
-  tokens-first as a separate copy, in `dtype`."""
-  out = jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
-  return _transposed((out, axes))[0].astype(dtype)
-
-
-@jax.custom_vjp
-def cpu_attention(q: Array, k: Array, v: Array) -> Array:
-  """softmax(q k^T / sqrt(D_h)) v, `[B, L, H, Dh]`, shaped for XLA's CPU.
-
-  The same function as `attend`'s einsum reference, with each product of
-  the forward and backward pass in the form XLA's CPU kernels run
-  fastest. XLA sends a product to YNNPACK when both operands are
-  row-major (contracted axis last on the left, first on the right) and
-  to Eigen otherwise. YNNPACK is fastest when the contracted axis is long
-  (the weighted sum p v and the query gradient ds k) and slow when the
-  output has only Dh = 64 rows, the form XLA itself picks for the key and
-  value gradients (and, to spare a copy of the output, for p v: then it
-  copies p transposed instead); Eigen is the faster for q k^T and for
-  those gradients written with a feature-major left operand. At 1569
-  tokens (joint, base) the gradients' products run 2-3x faster so.
-  """
-  return _cpu_attention_fwd(q, k, v)[0]
-
-
-def _cpu_attention_fwd(q, k, v):
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  q_t, k_t, v_h = _transposed((q, _FEATURE_MAJOR), (k, _FEATURE_MAJOR),
-                              (v, _HEAD_MAJOR))
-  logits = jnp.einsum('bhdq,bhdk->bhqk', q_t, k_t,
-                      preferred_element_type=jnp.float32) * scale
-  weights = jax.nn.softmax(logits, axis=-1)  # [B, H, Lq, Lk]
-  out = _product('bhqk,bhkd->bhqd', weights.astype(v.dtype), v_h,
-                 _HEAD_MAJOR, v.dtype)
-  return out, (q, k, v, weights)
-
-
-def _cpu_attention_bwd(residuals, dout):
-  """dout [B, Lq, H, Dh] -> (dq, dk, dv), each in its input's shape."""
-  q, k, v, weights = residuals
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  dout_t, v_t, dout_h, q_h, k_h = _transposed(
-      (dout, _FEATURE_MAJOR), (v, _FEATURE_MAJOR), (dout, _HEAD_MAJOR),
-      (q, _HEAD_MAJOR), (k, _HEAD_MAJOR))
-  dweights = jnp.einsum('bhdq,bhdk->bhqk', dout_t, v_t,
-                        preferred_element_type=jnp.float32)
-  # Softmax's derivative: dlogits = p * (dp - sum_k p dp).
-  dlogits = weights * (
-      dweights - jnp.sum(weights * dweights, axis=-1, keepdims=True))
-  dlogits = (dlogits * scale).astype(q.dtype)
-  # The key and value gradients sum over the queries: [B, H, Dh, Lk].
-  dv = _product('bhqd,bhqk->bhdk', dout_h, weights.astype(v.dtype),
-                _FROM_FEATURE_MAJOR, v.dtype)
-  dk = _product('bhqd,bhqk->bhdk', q_h, dlogits, _FROM_FEATURE_MAJOR,
-                k.dtype)
-  dq = _product('bhqk,bhkd->bhqd', dlogits, k_h, _HEAD_MAJOR, q.dtype)
-  return dq, dk, dv
-
-
-cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
-
-
-def _cudnn_may_apply(q, mask) -> bool:
-  on_gpu = jax.default_backend() == 'gpu'
-  half = q.dtype in (jnp.bfloat16, jnp.float16)
-  head_dim_ok = q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-  return on_gpu and half and head_dim_ok and mask is None
-
-
-def _over_flat_batch(attention_fn, q, k, v):
-  """`attention_fn` on `[B, L, H, Dh]`, for any leading batch axes."""
-  batch = q.shape[:-3]
-  flat = lambda a: a.reshape((-1,) + a.shape[-3:])
-  out = attention_fn(flat(q), flat(k), flat(v))
-  return out.reshape(batch + out.shape[-3:])
-
-
-def _fused_attention(q, k, v, mask, implementation):
-  """`jax.nn.dot_product_attention`, with the mask folded as the batch."""
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, q.shape[:-3] + (q.shape[-2], q.shape[-3],
-                                                  k.shape[-3]))
-    mask = mask.reshape((-1,) + mask.shape[-3:])
-  return _over_flat_batch(
-      functools.partial(jax.nn.dot_product_attention, mask=mask,
-                        implementation=implementation), q, k, v)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsformer_jax import attention
+from tsformer_jax import kernels
 
 Array = jax.Array
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -33,174 +34,10 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 # Exact (erf) GELU as in PyTorch's nn.GELU; flax defaults to the tanh form.
 _gelu = functools.partial(nn.gelu, approximate=False)
-
-
-@functools.cache
-def _cpu_has_bfloat16_units() -> bool:
-  """Whether this machine's CPU multiplies bfloat16 natively (Linux)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      flags = set(f.read().split())
-  except OSError:
-    return False
-  return bool(flags & {'amx_bf16', 'avx512_bf16'})
-
-
-def _sum_in_float32(dtype) -> bool:
-  """Whether products of `dtype` should ask XLA for a float32 result.
-
-  XLA's CPU kernels (YNNPACK) multiply bfloat16 only into float32. On CPUs
-  with bfloat16 units (AMX, AVX512-BF16) a bfloat16 -> bfloat16 product
-  misses them and runs several times slower; on other CPUs XLA converts
-  bfloat16 products to float32 ones, which beats their emulated bfloat16
-  kernels. GPUs' bfloat16 products sum in float32 already.
-  """
-  return (dtype == jnp.bfloat16 and jax.default_backend() == 'cpu' and
-          _cpu_has_bfloat16_units())
-
-
-# The XLA CPU option listing what XLA hands to YNNPACK; '' hands it nothing,
-# and every product goes to Eigen.
-_YNN_FUSION_OPTION = 'xla_cpu_experimental_ynn_fusion_type'
-
-
-@functools.cache
-def _backend_accepts(option: str, value: str) -> bool:
-  """Whether the default backend's compiler knows `option` (jaxlib
-  releases differ)."""
-  try:
-    jax.jit(lambda: 0, compiler_options={option: value}).lower().compile()
-  except jax.errors.JaxRuntimeError:
-    return False
-  return True
-
-
-# From this many patch tokens per call up (3 base clips, 11 small ones), XLA
-# fuses layer norms and the products around them into YNNPACK graphs
-# (seen: 3920 tokens no, 4312 yes).
-_YNN_GRAPH_TOKENS = 4096
-
-
-def inference_compiler_options(config, batch_size: int) -> dict[str, str]:
-  """XLA options under which to jit `config.model`'s inference forward pass
-  on `batch_size` clips per device.
-
-  XLA's CPU backend hands products to YNNPACK, and from `_YNN_GRAPH_TOKENS`
-  patch tokens per call up fuses the layer norms and the products around
-  them into YNNPACK graphs, slower than the same work in Eigen: the base
-  forward pass at batch 4 runs 1.1-1.4x faster with every product in
-  Eigen (`experiments/xla_cpu_options.py`; 2-core AVX2 machine). So such
-  calls send products to Eigen. Below that XLA's defaults stay: there
-  YNNPACK's plain products are as fast or faster (small size, batches 1
-  and 4: 1.0-1.3x). bfloat16 on CPUs with bfloat16 units keeps YNNPACK,
-  whose kernels use them (`_sum_in_float32`). Training steps keep XLA's
-  defaults: Eigen's base step was 0.8-0.95x at batch 1 and 0.9-1.3x,
-  varying from run to run, at batch 4. Other backends: no options.
-  """
-  model = create_model(config)
-  tokens = batch_size * math.prod(model.grid)
-  if (jax.default_backend() != 'cpu' or tokens < _YNN_GRAPH_TOKENS or
-      _sum_in_float32(DTYPES.get(model.dtype)) or
-      not _backend_accepts(_YNN_FUSION_OPTION, '')):
-    return {}
-  return {_YNN_FUSION_OPTION: ''}
-
-
-def _dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
-                 preferred_element_type=None) -> Array:
-  """`lax.dot_general`, summed in float32 where `_sum_in_float32` says so.
-
-  The float32 sum is rounded once to the inputs' dtype, as the plain
-  product's is: the result is the same up to that rounding.
-  """
-  dtype = jnp.result_type(lhs, rhs)
-  if not _sum_in_float32(dtype):
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers,
-                               precision=precision,
-                               preferred_element_type=preferred_element_type)
-  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                            preferred_element_type=jnp.float32)
-  return out.astype(dtype)
-
-
-def _matmul(a: Array, b: Array) -> Array:
-  """a [M, K] @ b [K, N] through `_dot_general`."""
-  return _dot_general(a, b, (((1,), (0,)), ((), ())))
-
-
-@jax.custom_vjp
-def _cpu_linear(x: Array, kernel: Array) -> Array:
-  """x [M, K] @ kernel [K, N], with a weight gradient fit for XLA's CPU.
-
-  The weight gradient x^T dy reads one operand column-wise. XLA's CPU
-  kernels (YNNPACK) take row-major operands only, so XLA transposes one,
-  and in a linear layer's backward pass it fuses that transpose into the
-  elementwise work before it (GELU's derivative, the q/k/v gradients'
-  concatenation): a strided loop ten times slower than a plain copy, 13%
-  of a divided base training step (or it sends the product to a slower
-  kernel). Here the narrower of x and dy is transposed on its own, behind
-  an optimisation barrier that keeps it a plain copy: the step is 15-20%
-  faster (`experiments/benchmark_cpu.py`).
-  """
-  return _matmul(x, kernel)
-
-
-def _cpu_linear_fwd(x, kernel):
-  return _matmul(x, kernel), (x, kernel)
-
-
-def _cpu_linear_bwd(residuals, dy):
-  """dy [M, N] -> (dx [M, K], dkernel [K, N])."""
-  x, kernel = residuals
-  dx = _dot_general(dy, kernel, (((1,), (1,)), ((), ())))
-  copy = lambda a: jax.lax.optimization_barrier(a.T)
-  if x.shape[1] <= dy.shape[1]:
-    dkernel = _matmul(copy(x), dy)
-  else:
-    dkernel = _matmul(copy(dy), x).T
-  return dx, dkernel
-
-
-_cpu_linear.defvjp(_cpu_linear_fwd, _cpu_linear_bwd)
-
-
-def _linear_dot_general(lhs: Array, rhs: Array, dimension_numbers,
-                        precision=None, preferred_element_type=None) -> Array:
-  """The product of flax's `Dense`/`DenseGeneral`, via `_cpu_linear` on CPU.
-
-  Those contract the trailing axes of the input with the leading axes of
-  the kernel, without batch axes; anything else (and every other backend,
-  whose kernels read transposed operands in place) takes `_dot_general`.
-  """
-  (lhs_contract, rhs_contract), batch = dimension_numbers
-  n = len(lhs_contract)
-  is_linear = (
-      not any(batch) and precision is None and
-      preferred_element_type is None and
-      tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim)) and
-      tuple(rhs_contract) == tuple(range(n)))
-  if not (is_linear and jax.default_backend() == 'cpu'):
-    return _dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                        preferred_element_type=preferred_element_type)
-  out_shape = lhs.shape[:lhs.ndim - n] + rhs.shape[n:]
-  k = int(np.prod(rhs.shape[:n]))
-  y = _cpu_linear(lhs.reshape(-1, k), rhs.reshape(k, -1))
-  return y.reshape(out_shape)
-
-
-def _conv_general_dilated(lhs: Array, rhs: Array, *args, **kwargs) -> Array:
-  """`lax.conv_general_dilated`, summed in float32 as `_dot_general`."""
-  dtype = jnp.result_type(lhs, rhs)
-  if not _sum_in_float32(dtype):
-    return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
-  kwargs['preferred_element_type'] = jnp.float32
-  return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs).astype(dtype)
-
-
-# Linear layers whose products take XLA's fast CPU paths.
-_Dense = functools.partial(nn.Dense, dot_general=_linear_dot_general)
+# Linear layers whose products suit XLA's CPU kernels (`kernels.cpu`).
+_Dense = functools.partial(nn.Dense, dot_general=kernels.linear_dot_general)
 _DenseGeneral = functools.partial(nn.DenseGeneral,
-                                  dot_general=_linear_dot_general)
+                                  dot_general=kernels.linear_dot_general)
 
 
 class DropPath(nn.Module):
@@ -234,7 +71,7 @@ class AttentionStep(nn.Module):
     dropout: dropout on the projected output.
     attention_dropout: dropout on the attention weights.
     layer_norm_eps: LayerNorm epsilon.
-    attention_impl: see `attention.attend`.
+    attention_impl: the attention kernel, see `tsformer_jax.kernels`.
     dtype: compute dtype; parameters stay float32.
   """
   step: attention.Step
@@ -370,7 +207,7 @@ class TimeSformer(nn.Module):
     drop_path: stochastic depth rate of the last block; it rises linearly
       from 0 at the first block.
     layer_norm_eps: LayerNorm epsilon.
-    attention_impl: softmax attention kernel, see `attention.attend`.
+    attention_impl: the attention kernel, see `tsformer_jax.kernels`.
     dtype: compute dtype name, 'float32' or 'bfloat16'; parameters and
       logits are float32.
     time_embedding_std: the time embedding starts as a truncated normal of
@@ -441,7 +278,7 @@ class TimeSformer(nn.Module):
 
     x = nn.Conv(d, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding='VALID', dtype=dtype,
-                conv_general_dilated=_conv_general_dilated,
+                conv_general_dilated=kernels.conv_general_dilated,
                 name='embedding')(clips)
     x = x.reshape(b, self.num_frames, n, d)  # [B, T, N, D], rows major
     pos = self.param('pos_embedding', _trunc_normal, (1, 1 + n, d))
@@ -532,3 +369,11 @@ def init_params(config, rng: Array):
   # initialisers run.
   init = jax.jit(lambda rng: model.init(rng, dummy_clips(config))['params'])
   return init(rng)
+
+
+def inference_compiler_options(config, batch_size: int) -> dict[str, str]:
+  """XLA options under which to jit `config.model`'s inference forward pass
+  on `batch_size` clips per device (see `kernels.inference_options`)."""
+  model = create_model(config)
+  tokens = batch_size * math.prod(model.grid)
+  return kernels.inference_options(tokens, DTYPES.get(model.dtype))

@@ -10,8 +10,12 @@ setuptools.setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
+    # configs/ installs as tsformer_jax.configs: the recipe files are
+    # importable wherever the package is (scheme files import default.py).
     packages=setuptools.find_packages(include=['tsformer_jax',
-                                               'tsformer_jax.*']),
+                                               'tsformer_jax.*']) +
+    ['tsformer_jax.configs'],
+    package_dir={'tsformer_jax.configs': 'configs'},
     package_data={'tsformer_jax': ['labels/*.txt']},
     python_requires='>=3.10',
     install_requires=[

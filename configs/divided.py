@@ -1,12 +1,13 @@
-"""TimeSformer with divided attention.
+"""Divided space-time attention ("T+S", Fig. 1), the paper's default: in each
+block, time attention (same patch position across frames), then space
+attention (within the frame).
 
-The arg after the colon: a variant, base (default), hr, l, tiny or demo,
-and/or a dataset, comma-separated (e.g. `hr,ssv2`; see the README).
-  python -m tsformer_jax.summary --config=configs/divided.py:hr
+The recipe is configs/default.py's, and so is the arg after the colon
+(the variant and dataset, e.g. `:hr,ssv2`).
 """
 
-from tsformer_jax import config_lib
+from tsformer_jax.configs import default
 
 
 def get_config(arg=None):
-  return config_lib.get_config('divided', arg)
+  return default.get_config(arg, attention='divided')

@@ -1,12 +1,12 @@
-"""TimeSformer with space only attention.
+"""Space-only attention ("S", Fig. 1): each frame attends within itself;
+the per-frame image model, class tokens averaged over frames.
 
-The arg after the colon: a variant, base (default), hr, l, tiny or demo,
-and/or a dataset, comma-separated (e.g. `hr,ssv2`; see the README).
-  python -m tsformer_jax.summary --config=configs/space_only.py:hr
+The recipe is configs/default.py's, and so is the arg after the colon
+(the variant and dataset, e.g. `:hr,ssv2`).
 """
 
-from tsformer_jax import config_lib
+from tsformer_jax.configs import default
 
 
 def get_config(arg=None):
-  return config_lib.get_config('space_only', arg)
+  return default.get_config(arg, attention='space_only')

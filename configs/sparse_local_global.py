@@ -1,12 +1,13 @@
-"""TimeSformer with sparse local global attention.
+"""Sparse local-global attention ("L+G", Fig. 1): a local step over
+T x H/2 x W/2 windows, then a global step over patches two apart in t, h
+and w.
 
-The arg after the colon: a variant, base (default), hr, l, tiny or demo,
-and/or a dataset, comma-separated (e.g. `hr,ssv2`; see the README).
-  python -m tsformer_jax.summary --config=configs/sparse_local_global.py:hr
+The recipe is configs/default.py's, and so is the arg after the colon
+(the variant and dataset, e.g. `:hr,ssv2`).
 """
 
-from tsformer_jax import config_lib
+from tsformer_jax.configs import default
 
 
 def get_config(arg=None):
-  return config_lib.get_config('sparse_local_global', arg)
+  return default.get_config(arg, attention='sparse_local_global')

@@ -16,6 +16,19 @@ from tsformer_jax import config_lib
 SCHEMES = sorted(attention.SCHEMES)
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'slow: runs a subprocess, a notebook or a training run '
+      '(deselect with -m "not slow")')
+
+
+def pytest_collection_modifyitems(items):
+  # A test of the trained demo model waits for its training run.
+  for item in items:
+    if 'demo_workdir' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.slow)
+
+
 def tiny_config(scheme='divided', **model):
   config = config_lib.get_config(scheme, 'tiny')
   config.model.update(model)
@@ -95,6 +108,31 @@ def demo_workdir(tmp_path_factory, worker_id):
       config.checkpoint_every_steps = DEMO_STEPS
       train.train_and_evaluate(config, str(workdir), mode='train')
   return workdir
+
+
+def predicted_metrics(workdir):
+  """Top-1 and top-5 of the last checkpoint in `workdir` over the readable
+  videos of its config's evaluation split, from
+  `evaluation.predict_videos`: the prediction path, which a training run's
+  own evaluation must agree with."""
+  from tsformer_jax import datasets  # pylint: disable=g-import-not-at-top
+  from tsformer_jax import evaluation  # pylint: disable=g-import-not-at-top
+  config, params = tsformer_jax.load_checkpoint(str(workdir / 'checkpoints'))
+  source = datasets.get_source(config, config.data.eval_split)
+  videos, labels = [], []
+  for i in range(len(source)):
+    try:
+      video, label = source[i]
+    except Exception:  # pylint: disable=broad-except
+      continue  # Skipped by the training run's evaluation too.
+    videos.append(video)
+    labels.append(label)
+  predictions = evaluation.predict_videos(config, params, videos)
+  hits = [[label in [c for c, _ in p.top_k(k)] for k in (1, 5)]
+          for p, label in zip(predictions, labels, strict=True)
+          if p.error is None]
+  top1, top5 = np.mean(hits, axis=0)
+  return dict(eval_top1=top1, eval_top5=top5)
 
 
 COUNT_STEP = 8  # Brightness step per frame of `counting_frames`.

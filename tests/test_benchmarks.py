@@ -42,6 +42,7 @@ def test_cpu_benchmark_skips_a_framework_whose_first_call_is_too_slow():
   assert calls == ['jax', 'torch']
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_runs_on_any_backend(tmp_path):
   result = subprocess.run(
       [sys.executable, 'experiments/gpu_benchmark.py', '--smoke',
@@ -131,6 +132,7 @@ def test_free_heap_goes_back_to_the_kernel_before_a_case():
   del guard
 
 
+@pytest.mark.slow
 def test_xla_cpu_options_compares_both_kernels(tmp_path):
   result = subprocess.run(
       [sys.executable, 'experiments/xla_cpu_options.py', '--schemes=divided',
@@ -148,6 +150,7 @@ def test_xla_cpu_options_compares_both_kernels(tmp_path):
       tmp_path / 'xla_cpu_options.md').read_text()
 
 
+@pytest.mark.slow
 def test_attention_products_times_every_form_per_core_count(tmp_path):
   result = subprocess.run(
       [sys.executable, 'experiments/attention_products.py', '--groups=4',

@@ -10,7 +10,9 @@ import pytest
 
 import tsformer_jax
 from tsformer_jax import checkpoints
+from tsformer_jax import cli
 from tsformer_jax import config_lib
+from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
 from tsformer_jax import long_video
 from tsformer_jax import predict
@@ -73,7 +75,7 @@ def _features(config, params, path):
 def test_prediction_equals_evaluation_and_reports_bad_files(demo, files):
   config, params = demo
   # Batches of 2 views: videos share batches and the last one is padded.
-  results = predict.predict_videos(config, params, files, batch_size=2)
+  results = evaluation.predict_videos(config, params, files, batch_size=2)
   assert [r.path for r in results] == files
   for result in results:
     if 'corrupt' in result.path or 'empty' in result.path:
@@ -170,7 +172,7 @@ def test_long_videos_average_clip_softmaxes_across_batches(tmp_path):
                 features=np.asarray(clips)[:, :, 5, 7, :].reshape(
                     len(clips), -1))
 
-  results = predict.predict_videos(
+  results = evaluation.predict_videos(
       config, None, videos, batch_size=3, forward=forward,
       coverage=long_video.Coverage(stride_seconds=SPAN / 30))
   assert calls == [3, 3, 3, 3]  # 11 views in fixed batches, the last padded.
@@ -201,9 +203,9 @@ def test_cli_writes_json_and_features(demo, demo_workdir, files, tmp_path,
                                       capsys):
   config, params = demo
   out = tmp_path / 'features.npz'
-  status = predict.main(['predict', f'--checkpoint={demo_workdir}/checkpoints',
-                         *files, '--json', f'--features_out={out}',
-                         '--batch_size=2'])
+  status = cli.call(predict.main, [
+      'predict', f'--checkpoint={demo_workdir}/checkpoints', *files,
+      '--json', f'--features_out={out}', '--batch_size=2'])
   captured = capsys.readouterr()
   assert status == 1  # Two files could not be read.
   errors = captured.err.strip().splitlines()
@@ -241,8 +243,9 @@ def test_cli_writes_json_and_features(demo, demo_workdir, files, tmp_path,
                                atol=1e-5)
 
   # Good files only, text, two clips each: exit status 0.
-  status = predict.main(['predict', f'--checkpoint={demo_workdir}/checkpoints',
-                         files[0], files[2], '--clips=2'])
+  status = cli.call(predict.main, [
+      'predict', f'--checkpoint={demo_workdir}/checkpoints', files[0],
+      files[2], '--clips=2'])
   lines = capsys.readouterr().out.strip().splitlines()
   assert status == 0
   assert lines[0] == f'{files[0]} (2 views)' and len(lines) == 6
@@ -258,7 +261,7 @@ def test_clips_and_crops_are_evaluations_views():
   frames = np.concatenate([_long_frames(3), _long_frames(3)[:, :, ::-1]], 2)
   video = input_pipeline.ArrayVideo(frames[:, :, 8:56].copy())
   forward = lambda params, clips: dict(scores=_softmax(_fake_logits(clips)))
-  result, = predict.predict_videos(
+  result, = evaluation.predict_videos(
       config, None, [video], batch_size=4, forward=forward,
       coverage=long_video.Coverage(num_clips=2, num_crops=3))
   assert result.clip.tolist() == [0, 0, 0, 1, 1, 1]

@@ -231,9 +231,10 @@ def _run_cli(*args):
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_visualize_cli(tmp_path):
   config = tiny_config('divided', num_classes=2)
-  config.dataset.name = 'synthetic_motion'
+  config.data.dataset = 'synthetic_motion'
   model = tsformer_jax.create_model(config)
   params = _random_params(model, random_clips(config, batch_size=1))
   checkpoint = checkpoints.save_checkpoint(str(tmp_path / 'ckpt'), config,

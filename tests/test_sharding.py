@@ -37,6 +37,7 @@ def _finish(process, timeout=900):
   assert process.returncode == 0, output[-3000:]
 
 
+@pytest.mark.slow
 def test_data_parallel_and_fsdp_train_like_one_device(tmp_path):
   _finish(_run('steps', tmp_path / 'steps.npz'))
   results = dict(np.load(tmp_path / 'steps.npz'))
@@ -79,6 +80,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_restores(
     tmp_path):
   port = _free_port()

@@ -26,6 +26,7 @@ def test_flops_match_the_paper(variant):
   assert result['params'] > 121e6 and result['temp_bytes'] > 0
 
 
+@pytest.mark.slow
 def test_cli_prints_json():
   out = subprocess.run(
       [sys.executable, '-m', 'tsformer_jax.summary',

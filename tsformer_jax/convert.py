@@ -14,62 +14,42 @@ count differs). OUT, written only once complete, is then read by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import logging
 import pickle
 import sys
 
 from absl import flags
 import jax
-from ml_collections import config_flags
 import numpy as np
 
 from tsformer_jax import checkpoints
+from tsformer_jax import cli
+
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', None,
+                                    'Overrides the class count.')
+_FORMAT = flags.DEFINE_enum('format', 'auto', ['auto', *checkpoints.FORMATS],
+                            'Format of SRC.')
+_POS_RESIZE = flags.DEFINE_enum(
+    'pos_resize', '2d', list(checkpoints.POS_RESIZE_MODES),
+    "Position embedding resampling: 2d grid or the original's 1d sequence "
+    '(both nearest).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing OUT.')
 
 
-def _parse(argv: Sequence[str]) -> tuple[list[str], flags.FlagValues]:
-  """Flags on a fresh `FlagValues`, so that main() runs more than once."""
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      'config', None, 'Config to convert into (default: the checkpoint\'s).',
-      flag_values=values, lock_config=True, sys_argv=list(argv))
-  flags.DEFINE_integer('num_classes', None, 'Overrides the class count.',
-                       flag_values=values)
-  flags.DEFINE_enum('format', 'auto', ['auto', *checkpoints.FORMATS],
-                    'Format of SRC.', flag_values=values)
-  flags.DEFINE_enum('pos_resize', '2d', list(checkpoints.POS_RESIZE_MODES),
-                    'Position embedding resampling: 2d grid or the '
-                    'original\'s 1d sequence (both nearest).',
-                    flag_values=values)
-  flags.DEFINE_bool('overwrite', False, 'Replace an existing OUT.',
-                    flag_values=values)
-  positional = values(list(argv))[1:]
-  return positional, values
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  help_asked = any(a in ('-h', '--help', '-help') for a in argv[1:])
-  try:
-    positional, values = _parse([a for a in argv
-                                 if a not in ('-h', '--help', '-help')])
-  except flags.Error as e:
-    print(f'convert: error: {e}', file=sys.stderr)
-    return 2
-  if help_asked or len(positional) != 2:
-    print(__doc__ + '\n' + values.get_help(), file=sys.stderr)
-    return 0 if help_asked else 2
-  src, out = positional
+def main(argv) -> int:
+  if len(argv) != 3:
+    raise cli.Error('Pass SRC and OUT: python -m tsformer_jax.convert SRC '
+                    'OUT [--config=...] (--help shows more).')
+  src, out = argv[1:]
   _log_adaptations()
   try:
     config, params = checkpoints.load_checkpoint(
-        src, values.config, format=values.format,
-        num_classes=values.num_classes, pos_resize=values.pos_resize)
+        src, cli.CONFIG.value, format=_FORMAT.value,
+        num_classes=_NUM_CLASSES.value, pos_resize=_POS_RESIZE.value)
     path = checkpoints.save_checkpoint(out, config, params,
-                                       overwrite=values.overwrite)
+                                       overwrite=_OVERWRITE.value)
   except (ValueError, OSError, pickle.UnpicklingError) as e:
-    print(f'convert: error: {e}', file=sys.stderr)
-    return 1
+    raise cli.Error(str(e), status=1) from e
   m = config.model
   count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   print(f'{src} -> {path}: {m.attention}, {m.num_frames} x '
@@ -90,4 +70,4 @@ def _log_adaptations():
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

@@ -1,24 +1,10 @@
 """Clips from videos: decode, sample, augment, normalise and batch.
 
-Sampling follows the original implementation (itself from PySlowFast): a
-clip spans `num_frames * sampling_rate` frames at `target_fps`; training
-takes it at a random start, testing at `num_clips` evenly spaced starts, and
-a video shorter than the span repeats its last frames. Something-Something
-samples by segments instead (`sampling='segments'`): the video is cut into
-`num_frames` equal segments and the clip takes one frame of each, at random
-in training and in the middle in testing. Training crops a
-random square after resizing the short side to a random size in
-`train_scales` and flips (unless the dataset forbids it); testing resizes the
-short side to the crop size and takes `num_crops` crops along the long side
-(left, centre, right).
-
-Batches are a pure function of (seed, step): example `i` of step `s` is
-element `s * B + i` of the epoch's permutation, and its augmentation draws
-from a generator seeded by (seed, epoch, index). So a resumed run reads
-exactly the batches it would have read, with no iterator state to save, and
-each process of a multi-host run can take its own slice of the batch.
-A video that fails to decode is counted and replaced by the next one of the
-permutation (training) or left out (evaluation), never an error mid-epoch.
+Sampling and crops follow the original (PySlowFast). Batches are a pure
+function of (seed, step): example `i` of step `s` is element `s * B + i` of
+the epoch's permutation, augmented by a generator seeded with (seed, epoch,
+index), so a resumed run needs no iterator state and each host takes its own
+slice. A video that fails to decode is counted and skipped, never an error.
 """
 
 from __future__ import annotations
@@ -127,9 +113,6 @@ def temporal_indices(video_frames: int, video_fps: float, spec: ClipSpec,
   """Frame indices of one clip: `[T]` ints in [0, video_frames).
 
   Args:
-    video_frames: frames in the video.
-    video_fps: its frame rate.
-    spec: the clip's frames, sampling rate and target rate.
     clip: which of `spec.num_clips` evenly spaced test clips; None draws a
       random start with `rng` (training).
     rng: the training draw's generator.
@@ -147,8 +130,7 @@ def temporal_indices(video_frames: int, video_fps: float, spec: ClipSpec,
     start = slack * clip / max(spec.num_clips - 1, 1) if spec.num_clips > 1 \
         else slack / 2
   positions = np.linspace(start, start + span - 1, spec.num_frames)
-  # Past the end of a short video the last frame repeats; positions are
-  # truncated, as the original's `.long()` does.
+  # Truncated as the original's `.long()`; short videos repeat the last frame.
   return np.clip(positions, 0, video_frames - 1).astype(np.int64)
 
 
@@ -157,11 +139,8 @@ def segment_indices(video_frames: int, spec: ClipSpec,
                     rng: np.random.Generator | None = None) -> np.ndarray:
   """One frame per equal segment: `[T]` ints in [0, video_frames).
 
-  The video is cut into `spec.num_frames` segments of equal (fractional)
-  length. Training (`clip` None) draws a uniform position in each segment;
-  test clip `k` of `spec.num_clips` takes the position `(k + 1/2) /
-  num_clips` of the way through each segment, the middle for one clip. A
-  video shorter than `num_frames` repeats frames.
+  Training (`clip` None) draws a uniform position in each segment; test clip
+  `k` takes the position `(k + 1/2) / num_clips` of the way through each.
   """
   length = video_frames / spec.num_frames
   if clip is None:
@@ -215,8 +194,8 @@ def train_transform(frames: np.ndarray, spec: ClipSpec,
 def eval_crops(frames: np.ndarray, spec: ClipSpec) -> list[np.ndarray]:
   """`spec.num_crops` crops after resizing the short side to the crop size.
 
-  One crop is the centre; three are the start, centre and end of the long
-  side (left/centre/right for landscape videos), as the original tests.
+  One is the centre; three are the start, centre and end of the long side,
+  as the original tests.
   """
   frames = resize_short_side(frames, min(spec.crop_size))
   h, w = frames.shape[1:3]

@@ -1,22 +1,9 @@
 """Clips covering whole videos, batched across videos, averaged per video.
 
-The paper classifies a video longer than one clip (HowTo100M) by averaging
-the scores of clips that cover it from start to end. Here a `Coverage` says
-which clips to take: `num_clips` evenly spaced, exactly as evaluation places
-its test clips (`input_pipeline.temporal_indices`), or one every
-`stride_seconds` / `stride_frames` from the first frame on, plus one ending
-on the last frame, so that a stride no longer than the clip's span leaves no
-frame out (a longer stride leaves gaps, by request). A clip spans
-`num_frames * sampling_rate` frames at `target_fps`, i.e. that many times
-`fps / target_fps` source frames, as in training and evaluation.
-
-`clip_batches` turns many videos into fixed-size batches of normalised clips
-and the video each came from: a long video's clips run over several batches
-and short videos share one. A file is decoded in one pass that keeps only
-the frames of clips not yet complete (`decode_clips`), so a long video is
-never held in memory whole. A video that cannot be read is recorded in
-`errors` and the others go on. `average_by_video` then averages per-clip
-scores or features per video.
+The paper's long-video protocol (HowTo100M): average the scores of clips
+covering the video from start to end. A stride adds a clip ending on the last
+frame, so no frame is left out; each file is decoded once, keeping only the
+frames of clips not yet complete, so a long video is never held whole.
 """
 
 from __future__ import annotations
@@ -86,11 +73,8 @@ def clip_span(video_fps: float, spec: input_pipeline.ClipSpec) -> float:
 
 def indices_at(start: float, video_frames: int, video_fps: float,
                spec: input_pipeline.ClipSpec) -> np.ndarray:
-  """Frame indices `[T]` of the clip starting at (fractional) `start`.
-
-  As `input_pipeline.temporal_indices`: `T` positions evenly spaced over the
-  span, truncated; past the end of a short video the last frame repeats.
-  """
+  """Frame indices `[T]` of the clip starting at (fractional) `start`, as
+  `input_pipeline.temporal_indices`; the last frame repeats past the end."""
   span = clip_span(video_fps, spec)
   positions = np.linspace(start, start + span - 1, spec.num_frames)
   return np.clip(positions, 0, video_frames - 1).astype(np.int64)
@@ -98,16 +82,12 @@ def indices_at(start: float, video_frames: int, video_fps: float,
 
 def stride_starts(video_frames: int, span: float, stride: float
                   ) -> np.ndarray:
-  """Clip starts `[K]` every `stride` frames, plus one ending at the end.
-
-  The first clip starts at frame 0 and the last ends on the last frame; a
-  video no longer than `span` gets one clip, at 0.
-  """
+  """Clip starts `[K]`: 0, every `stride` frames, and one ending on the last
+  frame; a video no longer than `span` gets one clip, at 0."""
   if stride <= 0:
     raise ValueError(f'The clip stride must be positive, got {stride}.')
   slack = max(video_frames - span, 0.0)
-  # The tolerance absorbs rounding in seconds-to-frames conversions, so
-  # that a stride dividing the slack adds no near-duplicate last clip.
+  # Absorbs seconds-to-frames rounding: no near-duplicate last clip.
   starts = np.arange(int(np.floor(slack / stride + 1e-9)) + 1) * stride
   if slack - starts[-1] > 1e-6:
     starts = np.append(starts, slack)
@@ -126,10 +106,8 @@ def check_coverage(spec: input_pipeline.ClipSpec, coverage: Coverage):
 def clip_indices(video_frames: int, video_fps: float,
                  spec: input_pipeline.ClipSpec, coverage: Coverage
                  ) -> np.ndarray:
-  """Frame indices of every clip `coverage` takes: int64 `[K, T]`.
-
-  Row `k` is clip `k` in time order; its first entry is its start frame.
-  """
+  """Frame indices of every clip `coverage` takes: int64 `[K, T]`, row `k`
+  being clip `k` in time order."""
   if video_frames < 1:
     raise input_pipeline.BadVideoError('The video has no frames.')
   check_coverage(spec, coverage)
@@ -150,13 +128,10 @@ def decode_clips(path: str, indices: np.ndarray
                  ) -> Iterator[tuple[int, np.ndarray]]:
   """Decodes `path` once and yields each clip as soon as it is complete.
 
-  Frames are those of `video_files.decode` (frame `i` is the `i`-th frame
-  decoded; indices past the last decodable frame give that frame), but only
-  the frames of clips still incomplete are kept, so memory holds about one
-  clip's span, not the video.
+  Frames are as `video_files.decode` gives them (past the last decodable
+  frame, that frame); only frames of incomplete clips are kept.
 
   Args:
-    path: the video file.
     indices: int `[K, T]`, the frame indices of each clip.
 
   Yields:
@@ -205,11 +180,8 @@ def decode_clips(path: str, indices: np.ndarray
 
 def video_clips(video: input_pipeline.Video, indices: np.ndarray
                 ) -> Iterator[tuple[int, np.ndarray]]:
-  """`(k, uint8 [T, H, W, 3])` for each row `k` of `indices` `[K, T]`.
-
-  A `video_files.VideoFile` is decoded in one pass (`decode_clips`); other
-  videos are asked for one clip at a time.
-  """
+  """`(k, uint8 [T, H, W, 3])` for each row `k` of `indices` `[K, T]`; a
+  `video_files.VideoFile` is decoded in one pass (`decode_clips`)."""
   if isinstance(video, video_files.VideoFile):
     if video.end is not None:
       indices = np.minimum(indices, video.end - video.start - 1)

@@ -2,7 +2,7 @@ r"""Train and evaluate TimeSformer.
 
   python -m tsformer_jax.main --config=configs/divided.py:demo --workdir=DIR
   python -m tsformer_jax.main --config=configs/divided.py \
-      --config.dataset.data_dir=/data/k400 --workdir=DIR --mode=eval
+      --config.data.data_dir=/data/k400 --workdir=DIR --mode=eval
 
 Running the same command again resumes from the last checkpoint in DIR.
 
@@ -16,16 +16,13 @@ and TSFORMER_PROCESS_ID; on Cloud TPU pods and SLURM, `--distributed` lets
 JAX find its peers itself.
 """
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from tsformer_jax import cli
 from tsformer_jax import sharding
 from tsformer_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Job config.',
-                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and '
                                'results.json go here.')
 _MODE = flags.DEFINE_enum('mode', 'train_and_eval',
@@ -45,15 +42,16 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if len(argv) > 1 or cli.CONFIG.value is None or not _WORKDIR.value:
+    raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and '
+                    f'--workdir=DIR, and no other arguments (got {argv[1:]}); '
+                    '--help shows more.')
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+  results = train.train_and_evaluate(cli.CONFIG.value, _WORKDIR.value,
                                      _MODE.value)
   logging.info('Results: %s', results)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)

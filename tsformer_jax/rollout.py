@@ -1,42 +1,13 @@
 """Attention rollout (Abnar and Zuidema, 2020) for every attention scheme.
 
-Rollout follows how information flows from the input tokens to the output
-through the attention steps, treating each step as a linear mix of tokens.
-It works on the token list
+Works on the token list [class token(s); T * N patches] of M = C + T * N
+tokens, patch (t, n) at C + t * N + n; C = T for `space_only` (a class token
+per frame), else 1. Each step's head-averaged attention A `[M, M]` adds the
+residual as `0.5 * A + 0.5 * I`; the rollout is the product over steps and
+blocks, first rightmost.
 
-    [class token(s); T * N patches]   (M = C + T * N tokens),
-
-where C = 1, or C = T for `space_only` (one class token per frame), and
-patch (t, n) is token C + t * N + n.
-
-- A step's attention matrix A `[M, M]` is its softmax weights, averaged over
-  heads and scattered from the step's groups (`attention.GROUPINGS`) to the
-  token list: row i holds what token i's output takes from every token.
-  A class token that joins every group has one copy per group, and the model
-  averages the copies' outputs over the groups holding real patches: its row
-  is the same average of the copies' rows (a copy's weight on itself lands on
-  the class token's column). A step without the class token (`time`) leaves
-  it unchanged: its row of A is the identity row. Padded tokens of `local` /
-  `global` on odd grids get zero weight and vanish.
-- The residual `z + step(z)` is accounted for as in the paper:
-  the step's flow is `0.5 * A + 0.5 * I`, rows still summing to one.
-- A block's flow is the product of its steps' flows, the first step
-  rightmost (divided: `S_space @ S_time`). The per-token MLP mixes no tokens
-  and adds nothing.
-- The rollout is the product over blocks, `R = F_{L-1} @ ... @ F_0`; row i
-  of R is how much token i of the last block draws on every input token.
-
-The class token's row over the patches is the heatmap (`cls_heatmaps`):
-`space_only` averages its T class tokens before the head, so its heatmap
-averages their T rows.
-
-Memory. Everything is dense: each flow is `[B, M, M]` float32, 4 * B * M^2
-bytes, with M = C + T * N growing as the square of frames times patches per
-frame, so 4 * M^2 bytes per clip: 9.8 MB at base size (M = 1569), 630 MB at
-HR (16 x 28 x 28, M = 12545) and 1.4 GB at L (96 x 14 x 14, M = 18817); a
-few such matrices are alive at once. Time grows as steps x blocks x M^3. For
-the largest sizes only the class token's row is needed, which a row vector
-carried back through the same flows gives in M^2 per step.
+Flows are dense float32, 4 * M^2 bytes per clip, and time grows as M^3; at
+the largest sizes a class-token row vector carried back would cost M^2.
 """
 
 from __future__ import annotations
@@ -65,7 +36,7 @@ def token_indices(step: attention.Step, grid: attention.Grid,
   """Where each member of each group sits in the token list.
 
   Args:
-    step: the attention step; its grouping and whether the class token joins.
+    step: its grouping, and whether the class token joins.
     grid: `(T, H, W)` patches.
     num_cls: C, the class tokens heading the token list.
 
@@ -91,11 +62,9 @@ def token_indices(step: attention.Step, grid: attention.Grid,
 
 def _row_scale(index: np.ndarray, step: attention.Step, num_cls: int
                ) -> np.ndarray:
-  """float32 `[G, L]`: the share of each query's row in its token's row.
-
-  A patch is a query in exactly one group; a shared class token's copies
-  are averaged over the groups holding real patches, as the model does.
-  """
+  """float32 `[G, L]`: each query's share of its token's row; 1 for patches,
+  while a shared class token's copies are averaged over the groups holding
+  real patches, as the model does."""
   scale = (index >= 0).astype(np.float32)
   groups = index.shape[0]
   if step.with_cls and num_cls == 1 and groups > 1:
@@ -111,7 +80,6 @@ def attention_matrix(weights: Array, step: attention.Step,
   Args:
     weights: the step's softmax weights `[B, G, heads, L, L]`, as sown by the
       model (`attention.grouped_attention`).
-    step: the step they belong to.
     grid: `(T, H, W)` patches.
     num_cls: C, the class tokens heading the token list.
 
@@ -142,11 +110,8 @@ def attention_matrix(weights: Array, step: attention.Step,
 
 def step_flow(weights: Array, step: attention.Step, grid: attention.Grid,
               num_cls: int) -> Array:
-  """`0.5 * A + 0.5 * I`: one residual attention step, `[B, M, M]`.
-
-  A is `attention_matrix(weights, step, grid, num_cls)`; the identity stands
-  for the residual connection, weighted equally as in Abnar and Zuidema.
-  """
+  """`0.5 * A + 0.5 * I`, `[B, M, M]`: A is `attention_matrix`, and I the
+  residual, weighted equally as in Abnar and Zuidema."""
   matrix = attention_matrix(weights, step, grid, num_cls)
   return 0.5 * matrix + 0.5 * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
 
@@ -158,7 +123,6 @@ def block_flow(block_state: Mapping[str, Any], scheme: attention.Scheme,
   Args:
     block_state: one block of the `attention` collection,
       `{'{grouping}_attention': {'weights': (w,)}}`.
-    scheme: the model's attention scheme.
     grid: `(T, H, W)` patches.
   """
   num_cls = num_class_tokens(scheme, grid)

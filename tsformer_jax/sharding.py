@@ -1,19 +1,9 @@
 """Device meshes and shardings: data parallelism and FSDP from the config.
 
-`config.sharding` names the mesh axes and their sizes (-1: the devices
-left over), e.g. `axes=('data', 'fsdp'), shape=(-1, 1)`. Clips are split
-along the batch over every mesh axis (data and fsdp alike, as in ZeRO /
-FSDP: each device computes on its own examples). Parameters and optimizer
-state are replicated when the `fsdp` axis has size 1; otherwise every array
-of at least `fsdp_min_size` elements is split along its largest dimension
-that `fsdp` divides, and XLA gathers it where a matmul needs it. The
-optimizer state follows its parameters because the rule looks only at
-shapes.
-
-Everything here is a pure function of the config and the devices: the train
-and eval steps are jitted with the shardings it returns, and multi-host
-runs build the same global arrays from each process's share of the batch
-(`global_batch`).
+Clips split along the batch over every mesh axis. With `fsdp` above 1, each
+array of at least `fsdp_min_size` elements splits along its largest dimension
+that `fsdp` divides; the rule looks only at shapes, so optimizer state
+follows its parameters.
 """
 
 from __future__ import annotations
@@ -58,8 +48,7 @@ def create_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   axes = tuple(config.sharding.axes)
   shape = mesh_shape(axes, tuple(config.sharding.shape), len(devices))
-  # Auto axes: XLA propagates the shardings through the steps from the
-  # ones their inputs and outputs are given.
+  # Auto: XLA propagates shardings from the steps' inputs and outputs.
   axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
   if len(devices) == jax.device_count():
     # Lays the axes out along the physical topology (ICI rings on TPU).
@@ -113,9 +102,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size'
                      f'use a multiple of {mesh.size}.')
 
 
-# Environment variables that ask for a multi-process run; with them (or on
-# Cloud TPU / SLURM, which JAX detects itself) `initialize_distributed`
-# calls `jax.distributed.initialize`.
+# Ask for a multi-process run (Cloud TPU and SLURM JAX detects itself).
 COORDINATOR_ENV = 'TSFORMER_COORDINATOR'
 NUM_PROCESSES_ENV = 'TSFORMER_NUM_PROCESSES'
 PROCESS_ID_ENV = 'TSFORMER_PROCESS_ID'
@@ -150,8 +137,7 @@ def initialize_distributed(coordinator: str | None = None,
         f'this process\'s id: pass --num_processes and --process_id, or set '
         f'{NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}.')
   if coordinator:
-    # CPU processes exchange collectives through gloo; GPUs and TPUs use
-    # their own interconnect and ignore this.
+    # CPU collectives go through gloo; GPUs and TPUs ignore this.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator, num_processes, process_id)
   else:

@@ -13,18 +13,12 @@ from collections.abc import Callable
 import json
 from typing import Any
 
-from absl import app
-from absl import flags
 import jax
-from ml_collections import config_flags
 import numpy as np
 import optax
 
 import tsformer_jax
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config.',
-                                          lock_config=True)
-_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+from tsformer_jax import cli
 
 
 def _first(analysis: Any) -> dict:
@@ -139,12 +133,14 @@ def format_table(config, summary: dict[str, Any]) -> str:
 
 
 def main(argv):
-  del argv
-  config = _CONFIG.value
+  if len(argv) > 1 or cli.CONFIG.value is None:
+    raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and nothing '
+                    'else (--help shows more).')
+  config = cli.CONFIG.value
   summary = summarize(config)
-  print(json.dumps(summary) if _JSON.value else format_table(config, summary))
+  print(json.dumps(summary) if cli.JSON.value
+        else format_table(config, summary))
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.run(main)

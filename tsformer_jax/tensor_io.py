@@ -1,22 +1,11 @@
 """Tensor files read without torch and without running any pickled code.
 
-Three containers hold the weights researchers bring:
-
-- safetensors: a JSON header and raw little-endian data. Read here directly
-  (the `safetensors` package's numpy reader cannot return bfloat16).
-- `torch.save` files (`.pyth`, `.pth`, `.pt`, `.bin`): a pickle whose tensors
-  point at raw storages, either inside a zip archive (`<name>/data.pkl` and
-  `<name>/data/<key>`, torch >= 1.6) or appended after the pickle (the legacy
-  format). Unpickling calls every global the pickle names, which is how a
-  checkpoint can run code. `read_torch` unpickles with an allow-list: plain
-  Python values, `collections.OrderedDict`, and torch's tensor-rebuilding
-  functions, which are replaced by ours that describe numpy arrays. Any other
-  global raises `UnsafePickleError` before it is even imported, so nothing the
-  file names is ever called.
-- `.npz`: numpy archives, read with `allow_pickle=False`.
-
-Tensors come back as `LazyArray`s, read from disk only when converted with
-`np.asarray`, so a checkpoint's optimizer state costs no memory.
+Reads safetensors directly (the `safetensors` numpy reader cannot return
+bfloat16), `.npz` without pickles, and `torch.save` files (zip or legacy).
+Unpickling calls every global a pickle names, so `read_torch` allows only
+plain values and torch's tensor-rebuilding functions, swapped for ours; any
+other global raises `UnsafePickleError` before it is imported. Tensors are
+`LazyArray`s, read on `np.asarray`, so optimizer state costs no memory.
 """
 
 from __future__ import annotations
@@ -323,8 +312,7 @@ def _read_torch_legacy(path: str) -> Any:
     _RestrictedUnpickler(f, path).load()  # System info.
     obj = _RestrictedUnpickler(f, path, load_storage).load()
     keys = _RestrictedUnpickler(f, path).load()
-    # Each storage follows as an int64 element count and its raw bytes,
-    # always little-endian.
+    # Each storage: an int64 element count, then raw little-endian bytes.
     for key in keys:
       if key not in storages:
         raise ValueError(f'{path}: unknown storage {key!r}.')

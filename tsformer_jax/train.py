@@ -29,14 +29,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from tsformer_jax import checkpoints
 from tsformer_jax import datasets
+from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
 from tsformer_jax import long_video
 from tsformer_jax import model as model_lib
-from tsformer_jax import predict
 from tsformer_jax import sharding
 
 TrainState = train_state.TrainState
@@ -91,14 +90,14 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 def create_train_state(config, rng: jax.Array, steps_per_epoch: int,
                        mesh: jax.sharding.Mesh | None = None) -> TrainState:
-  """Parameters (fresh or `config.init_from`) and optimizer state.
+  """Parameters (fresh, or ViT / TimeSformer weights from `config.init_from`)
+  and optimizer state.
 
   With a `mesh`, every array is placed with `sharding.state_shardings`
   (replicated, or split over the `fsdp` axis); every process must pass the
   same `rng`, so that all of them build the same values.
   """
   model = model_lib.create_model(config)
-  # Fresh, or from `config.init_from` (ViT or TimeSformer weights).
   params = checkpoints.init_params_from(config, rng)
   state = TrainState.create(apply_fn=model.apply, params=params,
                             tx=create_optimizer(config, steps_per_epoch))
@@ -263,7 +262,7 @@ def evaluate_long_videos(config, params, source: input_pipeline.Source,
   seconds (x `test_num_crops` crops), whose softmax scores are averaged.
 
   Videos hold different numbers of clips, so this runs the clips of all
-  videos through `predict.predict_videos` in one process.
+  videos through `evaluation.predict_videos` in one process.
   """
   if jax.process_count() > 1:
     raise ValueError('Long-video evaluation (data.test_clip_stride > 0) '
@@ -281,8 +280,8 @@ def evaluate_long_videos(config, params, source: input_pipeline.Source,
     indices.append(index)
   coverage = long_video.Coverage(stride_seconds=config.data.test_clip_stride,
                                  num_crops=config.data.test_num_crops)
-  predictions = predict.predict_videos(config, params, videos,
-                                       coverage=coverage)
+  predictions = evaluation.predict_videos(config, params, videos,
+                                          coverage=coverage)
   scores, good = [], []
   for index, label, prediction in zip(indices, labels, predictions,
                                       strict=True):
@@ -348,41 +347,6 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  """Keeps the last `config.keep_checkpoints` and the best by eval top-1."""
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-      ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
-      ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m['top1'], n=1,
-          keep_checkpoints_without_metrics=False),
-  ])
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(preservation_policy=policy,
-                                           cleanup_tmp_directories=True),
-      item_names=('state', 'config'))
-
-
-def save(manager: ocp.CheckpointManager, state: TrainState, config,
-         metrics: dict | None = None):
-  manager.save(int(state.step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_savable(state)),
-      config=ocp.args.JsonSave(config.to_dict())), metrics=metrics,
-               force=True)
-
-
-def _savable(state: TrainState) -> dict:
-  return dict(step=state.step, params=state.params, opt_state=state.opt_state)
-
-
-def restore(manager: ocp.CheckpointManager, state: TrainState, step: int
-            ) -> TrainState:
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_savable(state))))['state']
-  return state.replace(step=restored['step'], params=restored['params'],
-                       opt_state=restored['opt_state'])
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = 'train_and_eval') -> dict[str, Any]:
   """Runs (or resumes) a job; returns what it writes to results.json."""
@@ -392,9 +356,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
-  train_source = datasets.get_source(config, config.dataset.train_split)
+  train_source = datasets.get_source(config, config.data.train_split)
   # Both splits are opened first, so that a missing one fails at start.
-  eval_source = datasets.get_source(config, config.dataset.eval_split)
+  eval_source = datasets.get_source(config, config.data.eval_split)
   steps_per_epoch = len(train_source) // config.batch_size
   num_steps = total_steps(config, steps_per_epoch)
   mesh = sharding.create_mesh(config)
@@ -403,11 +367,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
   state = create_train_state(config, init_rng, steps_per_epoch, mesh)
-  manager = checkpoint_manager(workdir, config)
+  manager = checkpoints.training.checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     logging.info('Resuming from step %d in %s.', manager.latest_step(),
                  workdir)
-    state = restore(manager, state, manager.latest_step())
+    state = checkpoints.training.restore(manager, state,
+                                         manager.latest_step())
   # Per split: the counters know videos by their index in the split.
   skipped = input_pipeline.SkipCounter()
   eval_skipped = input_pipeline.SkipCounter()
@@ -485,7 +450,7 @@ def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
       metrics = evaluate_fn(state) if evaluating else None
       if (evaluating or every(config.checkpoint_every_steps, step) or done or
           preemption.requested):
-        save(manager, state, config, metrics)
+        checkpoints.training.save(manager, state, config, metrics)
       if preemption.requested:
         break
   return state, last_loss, metrics

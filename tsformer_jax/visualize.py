@@ -2,16 +2,12 @@ r"""Where a model looks: attention rollout of one video, drawn.
 
   python -m tsformer_jax.visualize --checkpoint=CKPT VIDEO --out=DIR
 
-Loads a checkpoint (any format `checkpoints.load_checkpoint` reads), decodes
-VIDEO with PyAV and takes one clip exactly as evaluation does (the centre
-clip, the centre crop), classifies it and rolls its attention out
-(`rollout.py`). DIR receives:
+Classifies the centre clip and crop of VIDEO, taken as evaluation does, and
+rolls its attention out (`rollout.py`). DIR receives:
 
   rollout_frames.png      the frames with the class token's heatmap overlaid
   rollout.gif             the same, animated
   temporal_importance.png each frame's share of the heatmap
-
-and the predicted label and the files written are printed.
 """
 
 from __future__ import annotations
@@ -19,9 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 
-from absl import app
 from absl import flags
 import jax
 from matplotlib import colormaps
@@ -32,15 +26,13 @@ from PIL import Image
 
 from tsformer_jax import attention
 from tsformer_jax import checkpoints
+from tsformer_jax import cli
+from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
 from tsformer_jax import model as model_lib
-from tsformer_jax import predict
 from tsformer_jax import rollout
 from tsformer_jax.datasets import video_files
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint file or '
-                                  'directory (e.g. a workdir/checkpoints).')
-_OUT = flags.DEFINE_string('out', None, 'Directory to write the images to.')
 _ALPHA = flags.DEFINE_float('alpha', 0.5, 'Opacity of the heatmap overlay.')
 _FRAME_MS = flags.DEFINE_integer('frame_ms', 250, 'GIF frame duration (ms).')
 
@@ -212,7 +204,7 @@ def visualize(checkpoint: str, video_path: str, out_dir: str, *,
   title = os.path.basename(video_path)
   if result.probabilities.size:
     best = int(np.argmax(result.probabilities))
-    label = predict.label_names(config)[best]
+    label = evaluation.label_names(config)[best]
     probability = float(result.probabilities[best])
     title = f'{title}: {label} ({probability:.2f})'
   heat = pixel_heatmaps(result.heatmaps, result.frames.shape[1:3])
@@ -227,17 +219,16 @@ def visualize(checkpoint: str, video_path: str, out_dir: str, *,
 
 
 def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError('Pass exactly one VIDEO: python -m '
-                         'tsformer_jax.visualize --checkpoint=CKPT VIDEO '
-                         '--out=DIR')
+  if len(argv) != 2 or not cli.CHECKPOINT.value or not cli.OUT.value:
+    raise cli.Error('Pass --checkpoint=CKPT, --out=DIR and exactly one '
+                    'VIDEO (--help shows more).')
   try:
-    found = visualize(_CHECKPOINT.value, argv[1], _OUT.value,
+    found = visualize(cli.CHECKPOINT.value, argv[1], cli.OUT.value,
                       alpha=_ALPHA.value, frame_ms=_FRAME_MS.value)
   except input_pipeline.BadVideoError as e:
-    sys.exit(f'visualize: cannot decode the video: {e}')
+    raise cli.Error(f'cannot decode the video: {e}', status=1) from e
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'visualize: {e}')
+    raise cli.Error(str(e), status=1) from e
   if found['label'] is None:
     print('predicted: (no classification head)')
   else:
@@ -247,5 +238,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['checkpoint', 'out'])
-  app.run(main)
+  cli.run(main)

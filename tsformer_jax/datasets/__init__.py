@@ -1,13 +1,8 @@
 """Datasets: the generated demo and the paper's video datasets.
 
-`DATASETS` describes each dataset once: its splits and the file each reads,
-its class count, whether training may flip clips horizontally, how clips
-are sampled in time, and the recipe's frames per clip where they differ
-from the config variant's. `config_lib` takes the class count, flips,
-sampling and frames from here; `get_source(config, split)` turns
-`config.dataset` into a random-access `input_pipeline.Source` of labelled
-videos, failing at once, with the layout it expects, when files are
-missing. With `config.dataset.format = 'tfds'` it reads instead the TFDS
+`registry.py` describes each dataset; `get_source(config, split)` turns
+`config.data` into a random-access `input_pipeline.Source` of labelled
+videos. With `config.data.format = 'tfds'` it reads instead the TFDS
 dataset that `python -m tsformer_jax.datasets.prepare` wrote
 (`tfds_builders.py`): encoded frames in ArrayRecord, read by index.
 
@@ -20,171 +15,27 @@ dataset that `python -m tsformer_jax.datasets.prepare` wrote
 | diving48 | 48 | `Diving48_V2_{train,test}.json` + `rgb/` |
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable
-import dataclasses
-import functools
-import importlib.resources
-import os
-
 from tsformer_jax import input_pipeline
-from tsformer_jax.datasets import diving48
-from tsformer_jax.datasets import kinetics
-from tsformer_jax.datasets import ssv2
-from tsformer_jax.datasets import synthetic_motion
-from tsformer_jax.datasets import video_files
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """One dataset of the registry.
-
-  Attributes:
-    name: its key in `DATASETS` (`config.dataset.name`).
-    num_classes: the number of classes.
-    splits: split name -> the file listing it, relative to `data_dir`
-      (for a dataset not on disk, what `load` takes).
-    load: `(data_dir, split_file) -> Source`.
-    on_disk: whether it reads files from `data_dir`.
-    flip: whether training may flip clips horizontally.
-    sampling: `input_pipeline.ClipSpec.sampling`: 'rate' or 'segments'.
-    num_frames: frames per clip by config variant, where the dataset's
-      recipe differs from the variant's.
-    required: files or folders that every split needs besides its own
-      file, relative to `data_dir`; 'a|b' accepts either.
-    layout: what `data_dir` holds, for error messages.
-    how_to: how to obtain and lay out the data, for error messages.
-    names: `data_dir -> class names`, from the data (None where it does
-      not tell them).
-    labels_file: the shipped class names (in `tsformer_jax/labels/`), used
-      where `names` gives none.
-    prepare: `(data_dir, split)`, run before loading: writes generated
-      data that is missing.
-    default_dir: the `data_dir` used when `config.dataset.data_dir` is
-      empty; None means it must be set.
-  """
-  name: str
-  num_classes: int
-  splits: dict[str, str]
-  load: Callable[[str, str], input_pipeline.Source]
-  on_disk: bool = True
-  flip: bool = True
-  sampling: str = 'rate'
-  num_frames: dict[str, int] = dataclasses.field(default_factory=dict)
-  required: tuple[str, ...] = ()
-  layout: str = ''
-  how_to: str = ''
-  names: Callable[[str], list[str] | None] | None = None
-  labels_file: str | None = None
-  prepare: Callable[[str, str], object] | None = None
-  default_dir: Callable[[], str] | None = None
-
-
-def _kinetics(num_classes: int) -> Dataset:
-  return Dataset(
-      name=f'kinetics{num_classes}', num_classes=num_classes,
-      splits={s: f'{s}.csv' for s in ('train', 'val', 'test')},
-      load=kinetics.load,
-      layout='{data_dir}/{train,val,test}.csv listing the videos',
-      how_to=kinetics.HOW_TO,
-      names=None if num_classes == 400 else functools.partial(
-          kinetics.class_names_from_csv, split_file='train.csv',
-          num_classes=num_classes),
-      labels_file='kinetics400.txt' if num_classes == 400 else None)
-
-
-_SSV2_LISTS = {'train': 'something-something-v2-train.json',
-               'val': 'something-something-v2-validation.json',
-               'test': 'something-something-v2-validation.json'}
-_DIVING48_LISTS = {'train': 'Diving48_V2_train.json',
-                   'val': 'Diving48_V2_test.json',
-                   'test': 'Diving48_V2_test.json'}
-
-DATASETS = {d.name: d for d in [
-    Dataset(
-        name='synthetic_motion', num_classes=len(synthetic_motion.CLASSES),
-        splits={s: s for s in synthetic_motion.SPLITS},
-        load=lambda data_dir, split: synthetic_motion.Source(split),
-        on_disk=False,
-        names=lambda data_dir: list(synthetic_motion.CLASSES)),
-    Dataset(
-        name='synthetic_motion_videos',
-        num_classes=len(synthetic_motion.CLASSES),
-        splits={s: f'{s}.csv' for s in synthetic_motion.SPLITS},
-        load=kinetics.load,
-        names=lambda data_dir: list(synthetic_motion.CLASSES),
-        layout='{data_dir}/{train,test}.csv and {train,test}/*.mp4',
-        how_to='They are written on first use; delete the folder to write '
-        'them again.',
-        prepare=kinetics.prepare_synthetic_motion,
-        default_dir=kinetics.default_synthetic_dir),
-    _kinetics(400),
-    _kinetics(600),
-    Dataset(
-        name='ssv2', num_classes=174, splits=_SSV2_LISTS, load=ssv2.load,
-        flip=False, sampling='segments',
-        num_frames={'base': 8, 'hr': 16, 'l': 64},
-        required=(ssv2.LABELS_FILE, '|'.join(ssv2.VIDEO_DIRS)),
-        layout=(f'{{data_dir}}/{ssv2.LABELS_FILE}, '
-                f'{{data_dir}}/{_SSV2_LISTS["train"]}, '
-                f'{{data_dir}}/{_SSV2_LISTS["val"]} and the videos as '
-                f'{{data_dir}}/{ssv2.VIDEO_DIRS[0]}/{{id}}.webm (or '
-                f'{{data_dir}}/{ssv2.VIDEO_DIRS[1]}/{{id}}.webm)'),
-        how_to=ssv2.HOW_TO, names=ssv2.class_names,
-        labels_file='something_something_v2.txt'),
-    Dataset(
-        name='diving48', num_classes=48, splits=_DIVING48_LISTS,
-        load=diving48.load, required=(diving48.VIDEO_DIR,),
-        layout=(f'{{data_dir}}/{_DIVING48_LISTS["train"]}, '
-                f'{{data_dir}}/{_DIVING48_LISTS["test"]} and the videos as '
-                f'{{data_dir}}/{diving48.VIDEO_DIR}/{{vid_name}}.mp4'),
-        how_to=diving48.HOW_TO, labels_file='diving48.txt'),
-]}
-# Other names accepted for a dataset (config args, config.dataset.name).
-ALIASES = {'k400': 'kinetics400', 'k600': 'kinetics600',
-           'something_something_v2': 'ssv2'}
-
-
-def get_dataset(name: str) -> Dataset:
-  """The registry's entry for `name` (or an alias of it)."""
-  key = name.strip().lower()
-  key = ALIASES.get(key, key)
-  if key not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; valid: {sorted(DATASETS)} '
-                     f'(aliases: {sorted(ALIASES)}).')
-  return DATASETS[key]
-
-
-def data_dir(config) -> str:
-  """`config.dataset.data_dir`, else the dataset's default folder.
-
-  Raises:
-    FileNotFoundError: neither is set, with the layout the dataset needs.
-  """
-  dataset = get_dataset(config.dataset.name)
-  if not dataset.on_disk:
-    return ''
-  if config.dataset.data_dir:
-    return os.path.expanduser(config.dataset.data_dir)
-  if dataset.default_dir is not None:
-    return dataset.default_dir()
-  raise FileNotFoundError(
-      f'config.dataset.data_dir is empty: set it to the folder of '
-      f'{dataset.name} (e.g. --config.dataset.data_dir=/data/{dataset.name}'
-      f'), which should hold {dataset.layout}. {dataset.how_to}')
-
+from tsformer_jax.datasets.registry import ALIASES
+from tsformer_jax.datasets.registry import DATASETS
+from tsformer_jax.datasets.registry import Dataset
+from tsformer_jax.datasets.registry import class_names
+from tsformer_jax.datasets.registry import data_dir
+from tsformer_jax.datasets.registry import file_source
+from tsformer_jax.datasets.registry import get_dataset
 
 FORMATS = ('files', 'tfds')
 
+__all__ = ['ALIASES', 'DATASETS', 'FORMATS', 'Dataset', 'class_names',
+           'data_dir', 'file_source', 'get_dataset', 'get_source']
+
 
 def get_source(config, split: str) -> input_pipeline.Source:
-  """The videos of `split` of `config.dataset`.
+  """The videos of `split` of `config.data.dataset`.
 
-  `config.dataset.format` says where they are read: 'files' decodes the
-  dataset's own files in `data_dir`; 'tfds' reads the TFDS dataset that
-  `python -m tsformer_jax.datasets.prepare` wrote to `tfds_dir`
-  (`tfds_builders.py`).
+  `config.data.format` says where they are read: 'files' decodes the
+  dataset's own files in `data_dir` (`registry.file_source`); 'tfds' reads
+  the TFDS dataset prepared in `tfds_dir` (`tfds_builders.load`).
 
   Raises:
     ValueError: an unknown dataset, split or format, or labels beyond
@@ -192,89 +43,13 @@ def get_source(config, split: str) -> input_pipeline.Source:
     FileNotFoundError: the dataset's files are missing; the message names
       the files expected, where, and how to prepare them.
   """
-  dataset = get_dataset(config.dataset.name)
-  if split not in dataset.splits:
-    raise ValueError(f'Unknown split {split!r} of {dataset.name}; valid: '
-                     f'{sorted(dataset.splits)}.')
-  # Configs saved before the field existed read files.
-  data_format = config.dataset.get('format', 'files')
+  data_format = config.data.get('format', 'files')
   if data_format not in FORMATS:
-    raise ValueError(f'Unknown config.dataset.format {data_format!r}; '
+    raise ValueError(f'Unknown config.data.format {data_format!r}; '
                      f'valid: {list(FORMATS)}.')
   if data_format == 'tfds':
-    # Imported here: TensorFlow Datasets loads TensorFlow, which reading
-    # files does not need.
+    # Imported here: TFDS loads TensorFlow, which reading files does not
+    # need.
     from tsformer_jax.datasets import tfds_builders
     return tfds_builders.load(config, split)
-  root = data_dir(config)
-  if dataset.prepare is not None:
-    dataset.prepare(root, split)
-  split_file = dataset.splits[split]
-  if dataset.on_disk:
-    _check_files(dataset, root, split_file)
-  source = dataset.load(root, split_file)
-  if isinstance(source, video_files.FileSource):
-    _check_source(dataset, source, os.path.join(root, split_file),
-                  config.model.num_classes)
-  return source
-
-
-def _check_files(dataset: Dataset, root: str, split_file: str):
-  missing = [paths for paths in (split_file,) + dataset.required
-             if not any(os.path.exists(os.path.join(root, p))
-                        for p in paths.split('|'))]
-  if missing:
-    names = ', '.join(' or '.join(p.split('|')) for p in missing)
-    raise FileNotFoundError(
-        f'Dataset {dataset.name} is missing {names} in {root!r}. It expects '
-        f'{dataset.layout}. {dataset.how_to}')
-
-
-def _check_source(dataset: Dataset, source: video_files.FileSource,
-                  split_path: str, num_classes: int):
-  """Fails on an empty list, on a list none of whose first videos exist
-  (a wrong data_dir or path prefix), and on labels the model lacks."""
-  if not len(source):
-    raise ValueError(f'{split_path} lists no videos.')
-  first = [e.path for e in source.entries[:10]]
-  if not any(os.path.exists(p) for p in first):
-    raise FileNotFoundError(
-        f'None of the first {len(first)} videos listed in {split_path} '
-        f'exists (e.g. {first[0]!r}): is data_dir right? It expects '
-        f'{dataset.layout}. {dataset.how_to}')
-  top = int(source.labels.max())
-  if num_classes and top >= num_classes:
-    raise ValueError(
-        f'{split_path} has class {top}, but config.model.num_classes is '
-        f'{num_classes}; {dataset.name} has {dataset.num_classes} classes: '
-        f'select it with the config arg (e.g. configs/divided.py:base,'
-        f'{dataset.name}) or set --config.model.num_classes.')
-
-
-def class_names(config) -> list[str]:
-  """Class names by index for `config.dataset`.
-
-  From the data where it tells them (SSv2's labels file; the folders of
-  Kinetics-600's training videos, `.../{class name}/{video}.mp4`, where each
-  class has a folder of its own), else from the lists shipped in
-  `tsformer_jax/labels/` (Kinetics-400, SSv2, Diving-48), else index
-  strings ('0', '1', ...).
-  """
-  dataset = get_dataset(config.dataset.name)
-  root = os.path.expanduser(config.dataset.data_dir)
-  names = dataset.names(root) if dataset.names is not None else None
-  if names is None and dataset.labels_file:
-    names = list(_shipped_names(dataset.labels_file))
-  if names is None:
-    names = [str(i) for i in range(dataset.num_classes)]
-  if len(names) != dataset.num_classes:
-    raise ValueError(f'{len(names)} class names for {dataset.name}, which '
-                     f'has {dataset.num_classes} classes.')
-  return names
-
-
-@functools.cache
-def _shipped_names(file_name: str) -> tuple[str, ...]:
-  text = importlib.resources.files('tsformer_jax').joinpath(
-      'labels', file_name).read_text(encoding='utf-8')
-  return tuple(line.strip() for line in text.splitlines() if line.strip())
+  return file_source(config, split)

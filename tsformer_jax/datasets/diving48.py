@@ -1,14 +1,13 @@
 """Diving-48: 48 classes of dives, mp4 videos.
 
-The layout of the dataset's release (V2 annotations), in `data_dir`:
+The release's layout (V2 annotations), in `data_dir`:
 
     Diving48_V2_train.json   [{vid_name, label, start_frame, end_frame}]
     Diving48_V2_test.json
     rgb/{vid_name}.mp4
 
-Each video is the frames `[start_frame, end_frame)` of its file (the
-release's files are already cut, so that is the whole file). The release
-has no validation split: 'val' reads the test list.
+A video is frames `[start_frame, end_frame)` of its file. There is no
+validation split: 'val' reads the test list.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
 """Kinetics-400 / 600 and other datasets listed in `path label` CSV files.
 
-The original TimeSformer's format: `{data_dir}/{split}.csv` holds one video
-per line, its path (relative to `data_dir`, or absolute) and its integer
-class, separated by whitespace:
-
-    train/abseiling/0wR5jVB-WPk_000417_000427.mp4 0
-
-`synthetic_motion_videos` is the generated demo (`synthetic_motion`) written
-in this format as mp4 files, so that it runs through the same decoding.
+The original TimeSformer's format (see `HOW_TO`). `synthetic_motion_videos`
+is the demo written in it as mp4 files, to run through the same decoding.
 """
 
 from __future__ import annotations
@@ -55,10 +49,8 @@ def read_csv(path: str, data_dir: str) -> list[video_files.Entry]:
 
 def write_csv(path: str, entries: Sequence[video_files.Entry],
               data_dir: str):
-  """Writes entries as `path label` lines, paths relative to `data_dir`.
-
-  Written aside and renamed, so the file appears whole or not at all.
-  """
+  """Writes entries as `path label` lines, paths relative to `data_dir`;
+  written aside and renamed, so the file appears whole or not at all."""
   lines = [f'{os.path.relpath(e.path, data_dir)} {e.label}\n'
            for e in entries]
   partial = f'{path}.{os.getpid()}.partial'
@@ -75,11 +67,8 @@ def load(data_dir: str, split_file: str) -> video_files.FileSource:
 
 def class_names_from_paths(entries: Sequence[video_files.Entry],
                            num_classes: int) -> list[str] | None:
-  """Class names from the videos' folders (`.../{class name}/{video}`).
-
-  Returns None unless every class appears and each class's videos all lie
-  in one folder of its own.
-  """
+  """Class names from the videos' folders (`.../{class name}/{video}`), or
+  None unless every class appears, all its videos in one folder of its own."""
   names: dict[int, str] = {}
   for entry in entries:
     folder = os.path.basename(os.path.dirname(entry.path))
@@ -104,7 +93,7 @@ def class_names_from_csv(data_dir: str, split_file: str,
 def default_synthetic_dir() -> str:
   """`$XDG_CACHE_HOME/tsformer_jax/synthetic_motion_videos` (else under
   `~/.cache`): where `synthetic_motion_videos` is written when
-  `config.dataset.data_dir` is empty."""
+  `config.data.data_dir` is empty."""
   cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(
       os.path.expanduser('~'), '.cache')
   return os.path.join(cache, 'tsformer_jax', 'synthetic_motion_videos')
@@ -115,16 +104,13 @@ def prepare_synthetic_motion(data_dir: str, split: str,
                              fps: float = 30.0) -> str:
   """Writes `split` of `synthetic_motion` as mp4 files and a CSV file.
 
-  Videos go to `{data_dir}/{split}/{index:05d}.mp4`, then `{data_dir}/
-  {split}.csv` lists them with their classes; nothing is written if that
-  CSV exists. Every file appears whole or not at all, so concurrent
-  writers are safe (they write the same bytes).
+  Videos go to `{data_dir}/{split}/{index:05d}.mp4`, listed in `{data_dir}/
+  {split}.csv` last; nothing is written if that CSV exists. Every file
+  appears whole or not at all, so concurrent writers (same bytes) are safe.
 
   Args:
-    data_dir: the dataset's folder.
     split: 'train' or 'test'.
     count: videos to write; None for the whole split (2048 / 256).
-    fps: the files' frame rate.
 
   Returns:
     The CSV file's path.

@@ -1,31 +1,24 @@
 r"""Prepare a dataset as TFDS (ArrayRecord of encoded frames) for training.
 
   python -m tsformer_jax.datasets.prepare --config=configs/divided.py:ssv2 \
-      --config.dataset.data_dir=/data/ssv2 --out=/data/tfds [--short_side=320]
+      --config.data.data_dir=/data/ssv2 --out=/data/tfds [--short_side=320]
   python -m tsformer_jax.datasets.prepare --config=configs/divided.py:demo
 
 writes the train and eval splits of the config's dataset to
 `OUT/encoded_videos/ssv2/1.0.0` (`OUT/synthetic_motion/1.0.0` for the demo);
-`--out` defaults to `config.dataset.tfds_dir`, else
+`--out`, the TFDS folder, defaults to `config.data.tfds_dir`, else
 `~/.cache/tsformer_jax/tfds`. Train on it with
-`--config.dataset.format=tfds --config.dataset.tfds_dir=OUT`.
+`--config.data.format=tfds --config.data.tfds_dir=OUT`.
 """
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from tsformer_jax import cli
 from tsformer_jax.datasets import tfds_builders
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Job config: its dataset section picks the dataset.',
-    lock_config=True)
-_OUT = flags.DEFINE_string(
-    'out', None, 'TFDS folder; default config.dataset.tfds_dir, else '
-    '~/.cache/tsformer_jax/tfds.')
 _SPLITS = flags.DEFINE_list(
     'splits', None, 'Splits to write; default the config\'s train_split and '
     'eval_split.')
@@ -43,16 +36,16 @@ _NUM_WORKERS = flags.DEFINE_integer(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if len(argv) > 1 or cli.CONFIG.value is None:
+    raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and no other '
+                    f'arguments (got {argv[1:]}); --help shows more.')
   directory = tfds_builders.prepare(
-      _CONFIG.value, _OUT.value, splits=_SPLITS.value,
+      cli.CONFIG.value, cli.OUT.value, splits=_SPLITS.value,
       short_side=_SHORT_SIDE.value, fps=_FPS.value,
       jpeg_quality=_JPEG_QUALITY.value, limit=_LIMIT.value,
       num_workers=_NUM_WORKERS.value)
-  logging.info('Prepared %s in %s.', _CONFIG.value.dataset.name, directory)
+  logging.info('Prepared %s in %s.', cli.CONFIG.value.data.dataset, directory)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

@@ -1,17 +1,15 @@
 """Something-Something-V2: 174 classes of template actions, webm videos.
 
-The layout of the dataset's release, in `data_dir`:
+The release's layout, in `data_dir`:
 
     something-something-v2-labels.json      {template: "index"}
     something-something-v2-train.json       [{id, template, ...}]
     something-something-v2-validation.json
     20bn-something-something-v2/{id}.webm   (or videos/{id}.webm)
 
-The lists write the objects of a template in brackets ("Putting [something]
-on a surface") where the labels file has none ("Putting something on a
-surface"): the brackets are dropped to look a template up. The test split's
-labels are not public; as the original TimeSformer, testing uses the
-validation list.
+The lists bracket a template's objects ("Putting [something] on a surface"),
+the labels file does not. Test labels are not public; as the original
+TimeSformer, testing uses the validation list.
 """
 
 from __future__ import annotations

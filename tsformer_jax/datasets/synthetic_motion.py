@@ -1,16 +1,9 @@
 """synthetic_motion: moving squares whose class is the order of their colours.
 
-Every clip shows one square gliding in a random direction over a noisy
-background. It is red for the first half of the clip and blue for the
-second, or the other way round: that order is the class. The direction,
-start, size and speed are drawn so that a clip played backwards is exactly
-as likely as played forwards, so any single frame, and any unordered set of
-frames, says nothing about the class. Only the order of the frames does,
-which is what temporal attention can see and a per-frame model
-(`space_only`, which averages its frames) cannot: it stays at chance.
-
-Clips are a pure function of (split, index): the dataset is regenerated
-identically anywhere, with no download.
+A square glides over noise, red then blue or blue then red. Played backwards
+a clip is as likely as forwards, so only frame order tells the class: a
+per-frame model (`space_only`) stays at chance. Clips are a pure function of
+(split, index), so the data needs no download.
 """
 
 from __future__ import annotations

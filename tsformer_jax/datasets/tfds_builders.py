@@ -1,28 +1,11 @@
 """Datasets as TFDS: encoded frames in ArrayRecord, read by random access.
 
-Decoding a compressed video to reach a few of its frames costs far more
-than reading the frames stored as images. `prepare` writes a dataset of
-`config.dataset` once as a TFDS dataset (`tfds.core.GeneratorBasedBuilder`,
-ArrayRecord files of `tf.train.Example`s); `load` reads it back as an
-`input_pipeline.Source` through `tfds.data_source`, which fetches any
-example by its index, so training and evaluation run on it unchanged. Only
-the frames a clip asks for are decoded.
-
-Two builders, under `tfds_dir`:
-
-    synthetic_motion/1.0.0/               SyntheticMotion: the generated
-                                          demo, PNG frames (lossless)
-    encoded_videos/{dataset}/1.0.0/       EncodedVideos: any video dataset
-                                          of `DATASETS`, JPEG frames
-
-`EncodedVideos` reads a split with our own loaders (`datasets.get_source`
-with `format='files'`) and decodes each video once with PyAV. Frames are
-shrunk so that their short side is at most `short_side` (aspect kept) and
-subsampled to at most `fps` frames per second, which bounds the size. A
-video that fails to decode or has no frames is left out, logged and
-counted: `metadata.json` holds, per split, the count and the errors.
-Examples keep the order of the split (TFDS shuffling is off), so example
-`i` of `synthetic_motion` is `synthetic_motion.generate(split, i)`.
+Decoding a compressed video to reach a few frames costs far more than reading
+frames stored as images, so `prepare` writes `config.data.dataset` once as
+TFDS (`synthetic_motion` as PNG; other datasets as JPEG, shrunk and
+subsampled) and `load` reads it back as an `input_pipeline.Source`. Examples
+keep the split's order; videos that fail to decode are left out, and the
+metadata records them per split.
 """
 
 from __future__ import annotations
@@ -34,7 +17,6 @@ from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 import concurrent.futures
-import copy
 import dataclasses
 import io
 import logging
@@ -46,8 +28,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from tsformer_jax import datasets
 from tsformer_jax import input_pipeline
+from tsformer_jax.datasets import registry
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import video_files
 
@@ -59,26 +41,22 @@ FILE_FORMAT = 'array_record'
 
 def default_tfds_dir() -> str:
   """`$XDG_CACHE_HOME/tsformer_jax/tfds` (else under `~/.cache`): the
-  `tfds_dir` used when `config.dataset.tfds_dir` is empty."""
+  `tfds_dir` used when `config.data.tfds_dir` is empty."""
   cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(
       os.path.expanduser('~'), '.cache')
   return os.path.join(cache, 'tsformer_jax', 'tfds')
 
 
 def tfds_dir(config) -> str:
-  """`config.dataset.tfds_dir`, else `default_tfds_dir()`."""
-  return os.path.expanduser(config.dataset.get('tfds_dir', '') or
+  """`config.data.tfds_dir`, else `default_tfds_dir()`."""
+  return os.path.expanduser(config.data.get('tfds_dir', '') or
                             default_tfds_dir())
 
 
 def builder_dir(config, root: str | None = None) -> str:
-  """Where the prepared `config.dataset` lies: its version folder.
-
-  Args:
-    config: the job config.
-    root: the TFDS folder; None for `tfds_dir(config)`.
-  """
-  name = datasets.get_dataset(config.dataset.name).name
+  """The version folder of the prepared `config.data.dataset` under the TFDS
+  folder `root` (None for `tfds_dir(config)`)."""
+  name = registry.get_dataset(config.data.dataset).name
   root = tfds_dir(config) if root is None else root
   if name == SYNTHETIC:
     return os.path.join(root, SyntheticMotion.name, DATA_VERSION)
@@ -87,19 +65,20 @@ def builder_dir(config, root: str | None = None) -> str:
 
 def splits_of(config) -> tuple[str, ...]:
   """The splits a job reads: the train split, then the eval split."""
-  return tuple(dict.fromkeys((config.dataset.train_split,
-                              config.dataset.eval_split)))
+  return tuple(dict.fromkeys((config.data.train_split,
+                              config.data.eval_split)))
 
 
 def prepare_command(config, splits: Sequence[str] | None = None) -> str:
-  """The shell command that prepares `config.dataset` where `load` looks."""
-  name = datasets.get_dataset(config.dataset.name).name
+  """The shell command that prepares `config.data.dataset` where `load`
+  looks."""
+  name = registry.get_dataset(config.data.dataset).name
   arg = ','.join(p for p in (config.get('variant', ''), name) if p)
   words = ['python', '-m', 'tsformer_jax.datasets.prepare',
            f'--config=configs/{config.model.attention}.py:{arg}',
            f'--out={tfds_dir(config)}']
-  if config.dataset.data_dir:
-    words.append(f'--config.dataset.data_dir={config.dataset.data_dir}')
+  if config.data.data_dir:
+    words.append(f'--config.data.data_dir={config.data.data_dir}')
   if splits is not None and tuple(splits) != splits_of(config):
     words.append(f'--splits={",".join(splits)}')
   return ' '.join(shlex.quote(w) for w in words)
@@ -127,21 +106,12 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def subsample(num_frames: int, fps: float, max_fps: float
               ) -> tuple[np.ndarray, float]:
-  """The frames kept to play at most `max_fps`, and their rate.
-
-  Args:
-    num_frames: frames in the video.
-    fps: its rate.
-    max_fps: the highest rate kept; 0 keeps every frame.
-
-  Returns:
-    (frame indices `[K]`, ascending; the rate they play at).
-  """
+  """(Ascending frame indices `[K]`, their rate): the frames kept to play at
+  most `max_fps` (0 keeps every frame)."""
   if not max_fps or fps <= max_fps:
     return np.arange(num_frames), fps
   count = int(np.ceil(num_frames * max_fps / fps - 1e-9))
-  # The frame shown at time k / max_fps; the epsilon keeps exact ratios
-  # (30 -> 15 fps: 0, 2, 4, ...) from rounding down a frame.
+  # The epsilon keeps exact ratios (30 -> 15 fps: 0, 2, 4) from rounding down.
   indices = np.floor(np.arange(count) * fps / max_fps + 1e-6).astype(int)
   return np.minimum(indices, num_frames - 1), max_fps
 
@@ -157,9 +127,8 @@ def iter_frames(video: input_pipeline.Video, indices: np.ndarray
                 ) -> Iterator[np.ndarray]:
   """The frames at ascending `indices`, one at a time: uint8 `[H, W, 3]`.
 
-  Gives what `video.frames(indices)` gives. A `video_files.VideoFile` is
-  decoded in one pass without holding the whole video in memory (a
-  full-size 10 s clip would take gigabytes).
+  As `video.frames(indices)`, but a `video_files.VideoFile` is decoded in
+  one pass, never holding the whole full-size video in memory.
   """
   if not isinstance(video, video_files.VideoFile):
     yield from video.frames(indices)
@@ -192,11 +161,8 @@ def _decode_ascending(path: str, wanted: list[int]) -> Iterator[np.ndarray]:
 
 def ordered_map(fn: Callable, items: Iterable, num_workers: int
                 ) -> Iterator:
-  """`map(fn, items)` on `num_workers` threads, results in order.
-
-  At most `2 * num_workers` results wait at a time, so memory stays
-  bounded whatever the number of items.
-  """
+  """`map(fn, items)` on `num_workers` threads, results in order; at most
+  `2 * num_workers` wait at a time, so memory stays bounded."""
   with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
     pending = collections.deque()
     for item in items:
@@ -236,19 +202,13 @@ def _dataset_info(builder, description: str, video: tfds.features.Video,
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A builder that downloads nothing.
-
-  Unregistered: builders are made here with their arguments, and data is
-  read back with `tfds.builder_from_directory`, so no global name is
-  needed.
-  """
+  """A builder that downloads nothing; unregistered, as data is read back
+  with `tfds.builder_from_directory`."""
 
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> None:
-    # TFDS looks for download checksums next to a builder's code, a lookup
-    # that needs `importlib_resources` for builders inside packages. There
-    # are no downloads, hence no checksums.
+    # No downloads, so no checksum lookup (it needs `importlib_resources`).
     return None
 
 
@@ -256,7 +216,7 @@ class SyntheticMotion(_LocalBuilder, skip_registration=True):
   """`synthetic_motion` as TFDS: PNG frames, so exactly the generated ones.
 
   Example `i` of a split is `synthetic_motion.generate(split, i)`, with
-  `id` '{split}/{i:05d}' and fps 30. Generated here; nothing is downloaded.
+  `id` '{split}/{i:05d}' and fps 30.
   """
   name = SYNTHETIC
   VERSION = tfds.core.Version(DATA_VERSION)
@@ -326,11 +286,8 @@ class VideoConfig(tfds.core.BuilderConfig):
 
 
 class EncodedVideos(_LocalBuilder, skip_registration=True):
-  """Any video dataset as TFDS: JPEG frames, label, fps, source path.
-
-  One builder for every dataset: the `VideoConfig` names the dataset and
-  how its frames are stored, `sources` gives its splits.
-  """
+  """Any video dataset as TFDS: JPEG frames, label, fps, source path; the
+  `VideoConfig` names the dataset, `sources` gives its splits."""
   name = 'encoded_videos'
   VERSION = tfds.core.Version(DATA_VERSION)
   RELEASE_NOTES = {DATA_VERSION: 'JPEG frames, label, fps, path, index.'}
@@ -341,7 +298,7 @@ class EncodedVideos(_LocalBuilder, skip_registration=True):
     """
     Args:
       config: the dataset and how its frames are stored.
-      sources: split name -> its videos (`datasets.get_source`).
+      sources: split name -> its videos (`registry.file_source`).
       class_names: the dataset's class names, by index.
       num_workers: threads decoding and encoding videos.
       **kwargs: for `tfds.core.GeneratorBasedBuilder` (`data_dir`, ...).
@@ -372,8 +329,7 @@ class EncodedVideos(_LocalBuilder, skip_registration=True):
       try:
         return encode_video(source, index, config)
       except Exception as e:  # pylint: disable=broad-except
-        # Whatever the decoder raises: one bad file must not end hours of
-        # conversion.
+        # One bad file must not end hours of conversion.
         return e
 
     errors, max_label = [], -1
@@ -417,15 +373,13 @@ def prepare(config, out_dir: str | None = None, *,
             splits: Sequence[str] | None = None, short_side: int = 320,
             fps: float = 0.0, jpeg_quality: int = 90,
             limit: int | None = None, num_workers: int = 4) -> str:
-  """Writes `config.dataset` as a TFDS dataset; returns its folder.
+  """Writes `config.data.dataset` as a TFDS dataset; returns its folder.
 
-  `synthetic_motion` is generated (PNG frames: `short_side`, `fps` and
-  `jpeg_quality` do not apply); every other dataset is read from its files
-  (`config.dataset.data_dir`) and stored as JPEG frames. A dataset already
-  prepared the same way is left as it is.
+  `synthetic_motion` is generated as PNG (`short_side`, `fps` and
+  `jpeg_quality` do not apply); others are read from `config.data.data_dir`
+  as JPEG. A dataset already prepared the same way is left as it is.
 
   Args:
-    config: the job config; its `dataset` section picks the dataset.
     out_dir: the TFDS folder; None for `tfds_dir(config)`.
     splits: the splits to write; None for the train and eval splits.
     short_side: frames are shrunk to this short side where larger; 0 keeps
@@ -440,7 +394,7 @@ def prepare(config, out_dir: str | None = None, *,
       where).
     ValueError: the folder holds the dataset prepared otherwise.
   """
-  name = datasets.get_dataset(config.dataset.name).name
+  name = registry.get_dataset(config.data.dataset).name
   root = tfds_dir(config) if out_dir is None else os.path.expanduser(out_dir)
   splits = splits_of(config) if splits is None else tuple(splits)
   if not 1 <= jpeg_quality <= 95:
@@ -454,10 +408,8 @@ def prepare(config, out_dir: str | None = None, *,
                               data_dir=root, file_format=FILE_FORMAT)
     params, splits = dict(limit=limit), tuple(synthetic_motion.SPLITS)
   else:
-    files = copy.deepcopy(config)
-    files.dataset.format = 'files'
     # Opened first: a missing dataset fails here, naming what it expects.
-    sources = {s: datasets.get_source(files, s) for s in splits}
+    sources = {s: registry.file_source(config, s) for s in splits}
     video_config = VideoConfig(
         name=name, description=(
             f'short side <= {short_side or "any"}, fps <= {fps or "any"}, '
@@ -466,7 +418,7 @@ def prepare(config, out_dir: str | None = None, *,
         limit=limit)
     builder = EncodedVideos(
         config=video_config, sources=sources,
-        class_names=datasets.class_names(files), num_workers=num_workers,
+        class_names=registry.class_names(config), num_workers=num_workers,
         data_dir=root, file_format=FILE_FORMAT)
     params = video_config.params()
   directory = os.fspath(builder.data_dir)
@@ -492,7 +444,7 @@ def _check_prepared(directory: str, params: dict, splits: Sequence[str]):
 
 
 def load(config, split: str) -> TfdsSource:
-  """`split` of the prepared `config.dataset` (`config.dataset.format` is
+  """`split` of the prepared `config.data.dataset` (`config.data.format` is
   'tfds').
 
   Raises:
@@ -503,8 +455,8 @@ def load(config, split: str) -> TfdsSource:
   directory = builder_dir(config)
   if not os.path.exists(os.path.join(directory, 'dataset_info.json')):
     raise FileNotFoundError(
-        f'config.dataset.format is "tfds" but {directory!r} holds no '
-        f'prepared {config.dataset.name} (no dataset_info.json); tfds_dir is '
+        f'config.data.format is "tfds" but {directory!r} holds no '
+        f'prepared {config.data.dataset} (no dataset_info.json); tfds_dir is '
         f'{tfds_dir(config)!r}. Prepare it with:\n  '
         f'{prepare_command(config)}')
   source = TfdsSource(directory, split, lambda splits: prepare_command(
@@ -516,19 +468,17 @@ def load(config, split: str) -> TfdsSource:
         f'{directory} split {split} has class {top}, but '
         f'config.model.num_classes is {num_classes}: select the dataset with '
         'the config arg (e.g. configs/divided.py:base,'
-        f'{config.dataset.name}) or set --config.model.num_classes.')
+        f'{config.data.dataset}) or set --config.model.num_classes.')
   return source
 
 
 class TfdsSource:
   """A split of a prepared TFDS dataset as an `input_pipeline.Source`.
 
-  `source[i]` reads example `i` and returns its video, whose frames are
-  decoded when a clip asks for them, and its label.
+  `source[i]` is `(video, label)`; frames decode when a clip asks for them.
 
   Attributes:
     directory: the dataset's version folder.
-    split: the split.
     split_metadata: what `prepare` recorded of the split: `skipped` (the
       videos left out), `errors` and `max_label`.
   """
@@ -538,7 +488,6 @@ class TfdsSource:
     """
     Args:
       directory: the version folder (`builder_dir`).
-      split: the split to read.
       command: splits -> the command preparing them, for the error on a
         split that is not there.
     """
@@ -571,12 +520,7 @@ class TfdsSource:
 
 @dataclasses.dataclass(frozen=True)
 class EncodedVideo:
-  """A video of encoded frames (PNG or JPEG), decoded on demand.
-
-  Attributes:
-    encoded: the frames' bytes.
-    fps: its frame rate.
-  """
+  """A video of encoded frames (PNG or JPEG bytes), decoded on demand."""
   encoded: tuple[bytes, ...]
   fps: float
 

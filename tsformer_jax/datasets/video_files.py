@@ -1,21 +1,10 @@
 """Video files: lazy decoding with PyAV, writing mp4 and webm.
 
-`VideoFile` is an `input_pipeline.Video` over a file. Reading its
-`num_frames` or `fps` opens the container and reads its header only;
-`frames(indices)` decodes from the start up to the largest index asked for
-(threaded decoding) and converts to RGB only the frames it returns. Frame
-`i` is the `i`-th frame decoded, whatever its timestamp.
-
-The header's frame count is the stream's own when the container records one
-(mp4), else duration x frame rate (webm and mkv record no count), else the
-number of packets found by reading the file through. Where that was an
-over-estimate and decoding ends early, indices past the end give the last
-frame decoded. A file that cannot be opened, has no video stream or no
-decodable frame, or fails to decode raises `input_pipeline.BadVideoError`,
+Frame `i` is the `i`-th frame decoded, whatever its timestamp. The frame
+count is the container's (mp4), else duration x frame rate (webm, mkv), else
+the packets counted; where it over-estimates, indices past the end give the
+last frame decoded. Unreadable files raise `input_pipeline.BadVideoError`,
 which the input pipeline counts and skips.
-
-`FileSource` turns a list of `Entry`s (path, label, frame window) into an
-`input_pipeline.Source`; the dataset modules build those lists.
 """
 
 from __future__ import annotations
@@ -119,10 +108,9 @@ def decode(path: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 def decoded_frames(path: str) -> Iterator[tuple[int, av.VideoFrame]]:
-  """`(i, frame)` for the frames of the first video stream, in order.
+  """`(i, frame)` for the first video stream, in decoding order.
 
-  Frame `i` is the `i`-th frame decoded (headers' frame counts and
-  timestamps are not trusted). Stopping early closes the file.
+  Stopping early closes the file.
 
   Raises:
     input_pipeline.BadVideoError: the file cannot be opened, has no video
@@ -176,10 +164,8 @@ class VideoFile:
     return self.header.fps
 
   def frames(self, indices: np.ndarray) -> np.ndarray:
-    """uint8 `[len(indices), H, W, 3]`; index 0 is frame `start` of the file.
-
-    Indices past the window's end give its last frame.
-    """
+    """uint8 `[len(indices), H, W, 3]`; index 0 is frame `start` of the file,
+    and indices past the window's end give its last frame."""
     indices = np.asarray(indices, np.int64)
     if self.end is not None:
       indices = np.minimum(indices, self.end - self.start - 1)
@@ -247,19 +233,16 @@ def _encoder(container_format: str) -> tuple[str, dict[str, str]]:
 def write_mp4(path: str, frames: np.ndarray, fps: float = DEFAULT_FPS):
   """Writes uint8 frames `[F, H, W, 3]` as H.264 (else MPEG-4) in mp4.
 
-  The index (moov) comes first ("faststart"), as for streaming.
-  The pixel format is yuv420p, which needs even sizes: an odd height or
-  width is padded by repeating the last row or column. The file appears
-  whole or not at all (written aside, then renamed).
+  The index comes first ("faststart") for streaming. yuv420p needs even
+  sizes: odd ones are padded by repeating the edge. Written aside and
+  renamed, so the file appears whole or not at all.
   """
   _write(path, frames, fps, 'mp4')
 
 
 def write_webm(path: str, frames: np.ndarray, fps: float = DEFAULT_FPS):
-  """Writes uint8 frames `[F, H, W, 3]` as VP9 (else VP8) in webm.
-
-  As `write_mp4`: yuv420p, odd sizes padded, written whole or not at all.
-  """
+  """Writes uint8 frames `[F, H, W, 3]` as VP9 (else VP8) in webm, padded
+  and written whole as `write_mp4`."""
   _write(path, frames, fps, 'webm')
 
 

@@ -1,0 +1,1 @@
+"""Job configs: default.py holds the recipe, one file per scheme."""

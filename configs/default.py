@@ -1,0 +1,185 @@
+r"""The paper's recipe: TimeSformer-base on Kinetics-400 (Sec. 4).
+
+  python -m tsformer_jax.main --config=configs/default.py:variant=hr \
+      --config.model.attention=joint --workdir=DIR
+
+The arg after the colon, big_vision style, is comma-separated `key=value`:
+`variant` (a key of `VARIANTS`), `dataset` (a key of `DATASETS`, or an
+alias) and `attention` (the scheme; the scheme files set it). A bare word
+names a variant or a dataset: `configs/divided.py:hr,ssv2`. Any field can be
+overridden on the command line: `--config.model.dtype=bfloat16`.
+
+The defaults are the paper's Kinetics-400 recipe (`REFERENCE.md` of the
+original code's configs): SGD with Nesterov momentum 0.9, weight decay 1e-4,
+learning rate 0.005 divided by 10 at epochs 11 and 14 of 15, batch 64
+(8 x 8 accumulated), 3 test views (1 clip x 3 crops).
+"""
+
+import ml_collections
+
+from tsformer_jax.configs import common
+
+# Each variant's overrides of the defaults below. The paper's sizes (Sec. 4):
+# frames, frame size, sampling rate.
+VARIANTS = {
+    'base': dict(model=dict(num_frames=8, image_size=(224, 224)),
+                 data=dict(sampling_rate=32)),
+    'hr': dict(model=dict(num_frames=16, image_size=(448, 448)),
+               data=dict(sampling_rate=16, train_scales=(448, 512))),
+    'l': dict(model=dict(num_frames=96, image_size=(224, 224)),
+              data=dict(sampling_rate=4)),
+    # A small model for tests.
+    'tiny': dict(model=dict(num_frames=4, image_size=(32, 32), patch_size=8,
+                            hidden_size=64, depth=2, num_heads=4, mlp_dim=128,
+                            num_classes=10),
+                 data=dict(sampling_rate=2)),
+    # A small model on the generated synthetic_motion videos: minutes on CPU.
+    'demo': dict(
+        model=dict(num_frames=8, image_size=(32, 32), patch_size=8,
+                   hidden_size=64, depth=2, num_heads=4, mlp_dim=128,
+                   num_classes=2, drop_path=0.0, time_embedding_std=0.5),
+        data=dict(dataset='synthetic_motion', sampling_rate=2,
+                  train_scales=(32, 40), test_num_crops=1, num_workers=2),
+        optimizer=dict(name='adamw', learning_rate=1e-3, weight_decay=0.05,
+                       schedule='cosine', warmup_epochs=1.0),
+        batch_size=32, grad_accum_steps=1, eval_batch_size=32, num_epochs=8,
+        log_every_steps=32, checkpoint_every_steps=128),
+}
+
+# Each dataset's recipe: classes, horizontal flips, temporal sampling ('rate':
+# a clip spans num_frames * sampling_rate frames; 'segments': one frame per
+# equal segment, SSv2) and frames per clip by variant where they differ.
+DATASETS = {
+    'synthetic_motion': dict(num_classes=2),
+    'synthetic_motion_videos': dict(num_classes=2),
+    'kinetics400': dict(num_classes=400),
+    'kinetics600': dict(num_classes=600),
+    'ssv2': dict(num_classes=174, flip=False, sampling='segments',
+                 frames=dict(base=8, hr=16, l=64)),
+    'diving48': dict(num_classes=48),
+}
+ALIASES = {'k400': 'kinetics400', 'k600': 'kinetics600',
+           'something_something_v2': 'ssv2'}
+
+
+def get_config(arg: str | None = None, **defaults
+               ) -> ml_collections.ConfigDict:
+  """The job config; `defaults` replace the arg's defaults (the scheme
+  files pass `attention`)."""
+  arg = common.parse_arg(
+      arg, dict(dict(variant='base', dataset='', attention='divided'),
+                **defaults),
+      shorthands=dict(variant=VARIANTS, dataset=[*DATASETS, *ALIASES]))
+  if arg['variant'].lower() not in VARIANTS:
+    raise ValueError(f'Unknown variant {arg["variant"]!r}; valid: '
+                     f'{sorted(VARIANTS)}.')
+  variant = arg['variant'].lower()
+
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(dict(
+      attention=arg['attention'],
+      num_classes=400,
+      num_frames=8,
+      image_size=(224, 224),
+      patch_size=16,
+      hidden_size=768,
+      depth=12,
+      num_heads=12,
+      mlp_dim=3072,
+      dropout=0.0,
+      attention_dropout=0.0,
+      drop_path=0.1,
+      layer_norm_eps=1e-6,
+      attention_impl='auto',
+      dtype='float32',
+      time_embedding_std=0.0,
+      # Block rematerialisation: 'none', 'full', 'dots', 'dots_no_batch'.
+      remat='none',
+  ))
+  config.data = ml_collections.ConfigDict(dict(
+      dataset='kinetics400',
+      data_dir='',
+      train_split='train',
+      eval_split='test',
+      # 'files' decodes the videos of data_dir; 'tfds' reads what
+      # `python -m tsformer_jax.datasets.prepare` wrote to tfds_dir
+      # ('': ~/.cache/tsformer_jax/tfds).
+      format='files',
+      tfds_dir='',
+      sampling='rate',
+      sampling_rate=32,
+      target_fps=30.0,
+      train_scales=(256, 320),
+      flip=True,
+      # The original's normalisation; it travels with every checkpoint.
+      mean=(0.45, 0.45, 0.45),
+      std=(0.225, 0.225, 0.225),
+      test_num_clips=1,
+      test_num_crops=3,
+      # > 0: evaluate whole videos, a clip every this many seconds, scores
+      # averaged (the paper's long-video protocol).
+      test_clip_stride=0.0,
+      num_workers=8,
+  ))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd',
+      learning_rate=0.005,
+      momentum=0.9,
+      nesterov=True,
+      b1=0.9,
+      b2=0.999,
+      weight_decay=1e-4,
+      schedule='steps',
+      decay_epochs=(11, 14),
+      decay_factor=0.1,
+      warmup_epochs=0.0,
+      grad_clip_norm=0.0,
+  ))
+  # Clips are split over every mesh axis; parameters and optimizer state
+  # over `fsdp` when it is above 1 (arrays of fsdp_min_size elements up).
+  config.sharding = ml_collections.ConfigDict(dict(
+      axes=('data', 'fsdp'),
+      shape=(-1, 1),
+      fsdp_min_size=2 ** 14,
+  ))
+  config.batch_size = 64
+  config.grad_accum_steps = 8
+  config.eval_batch_size = 8
+  config.num_epochs = 15.0
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+  config.label_smoothing = 0.0
+  config.mixup_alpha = 0.0
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1000
+  config.eval_every_steps = -1  # > 0: also evaluate during training.
+  config.keep_checkpoints = 3
+  config.profile = False
+  # Weights to start from, any format `tsformer_jax.load_checkpoint` reads,
+  # fitted to config.model; '' starts from random weights.
+  config.init_from = ml_collections.ConfigDict(dict(
+      path='', format='auto', pos_resize='2d'))
+
+  for section, values in VARIANTS[variant].items():
+    if isinstance(values, dict):
+      config[section].update(values)
+    else:
+      config[section] = values
+  if arg['dataset']:
+    _set_dataset(config, arg['dataset'].lower())
+  return config
+
+
+def _set_dataset(config: ml_collections.ConfigDict, name: str):
+  name = ALIASES.get(name, name)
+  if name not in DATASETS:
+    raise ValueError(f'Unknown dataset {name!r}; valid: {sorted(DATASETS)} '
+                     f'(aliases {sorted(ALIASES)}).')
+  recipe = DATASETS[name]
+  config.data.dataset = name
+  config.model.num_classes = recipe['num_classes']
+  config.data.flip = recipe.get('flip', True)
+  config.data.sampling = recipe.get('sampling', 'rate')
+  config.model.num_frames = recipe.get('frames', {}).get(
+      config.variant, config.model.num_frames)

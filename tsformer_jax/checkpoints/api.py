@@ -1,0 +1,195 @@
+"""Any checkpoint in, fitted to a config: the formats told apart and read."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import copy
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tsformer_jax import config_lib
+from tsformer_jax import model as model_lib
+from tsformer_jax import tensor_io
+from tsformer_jax.checkpoints import adapt
+from tsformer_jax.checkpoints.formats import hf
+from tsformer_jax.checkpoints.formats import orbax
+from tsformer_jax.checkpoints.formats import original
+from tsformer_jax.checkpoints.formats import state_dicts
+from tsformer_jax.checkpoints.formats import vit
+from tsformer_jax.checkpoints.spec import CONFIG_ITEM
+from tsformer_jax.checkpoints.spec import PARAMS_ITEM
+
+_LOG = logging.getLogger(__name__)
+
+FORMATS = ('orbax', 'hf_timesformer', 'original', 'vit_npz', 'vit_hf',
+           'vit_timm')
+IMAGE_FORMATS = ('vit_npz', 'vit_hf', 'vit_timm')
+_READERS = {'hf_timesformer': hf.read, 'original': original.read,
+            'vit_timm': vit.read_timm, 'vit_hf': vit.read_hf,
+            'vit_npz': vit.read_npz}
+
+
+def detect_format(path: str) -> str:
+  """The format (`FORMATS`) of a checkpoint file or directory."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return _directory_format(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such file or directory.')
+  if path.endswith('.npz'):
+    return 'vit_npz'
+  return _format_from_keys(
+      state_dicts.state_dict(tensor_io.read_tensors(path), path), path)
+
+
+def read_checkpoint(path: str, format: str = 'auto', hint=None
+                    ) -> tuple[str, ml_collections.ConfigDict, dict]:
+  """Reads a checkpoint in its own shapes: `(format, config, params)`.
+
+  Args:
+    path: a checkpoint file or directory (see `FORMATS`).
+    format: one of `FORMATS`, or 'auto' to detect it.
+    hint: the config the weights are meant for, or None. Formats that do
+      not record every size take from it what the weights cannot show: the
+      number of heads (otherwise width / 64, as in every ViT-B), the number
+      of frames of `space_only` (otherwise 8) and a non-square patch grid.
+
+  Returns:
+    The format, the config the weights fit, and the params (float32 numpy)
+    of `create_model(config)`; image models (`IMAGE_FORMATS`) come back as
+    one-frame `space_only` models.
+  """
+  path = os.fspath(path)
+  if format != 'auto' and format not in FORMATS:
+    raise ValueError(f'Unknown checkpoint format {format!r}; valid: '
+                     f'{["auto", *FORMATS]}.')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such file or directory.')
+  hf_config = None
+  if os.path.isdir(path):
+    found = _directory_format(path)
+    if found == 'orbax':
+      if format not in ('auto', 'orbax'):
+        raise ValueError(f'{path} is an orbax checkpoint, not {format!r}.')
+      return ('orbax',) + orbax.read(path)
+    hf_config = hf.read_json(os.path.join(path, 'config.json'))
+    state = hf.read_weights(path)
+  else:
+    if path.endswith('.npz'):
+      state = tensor_io.read_npz(path)
+    else:
+      state = state_dicts.state_dict(tensor_io.read_tensors(path), path)
+    found = 'vit_npz' if path.endswith('.npz') else _format_from_keys(state,
+                                                                      path)
+    sibling = os.path.join(os.path.dirname(path) or '.', 'config.json')
+    if os.path.isfile(sibling):
+      hf_config = hf.read_json(sibling)
+  fmt = found if format == 'auto' else format
+  if hf_config is not None and hf_config.get('model_type') != {
+      'hf_timesformer': 'timesformer', 'vit_hf': 'vit'}.get(fmt):
+    hf_config = None  # Not this checkpoint's config.json.
+  if fmt == 'orbax':
+    raise ValueError(f'{path}: an orbax checkpoint is a directory.')
+  config, params = _READERS[fmt](state, hf_config, hint, path)
+  return fmt, config, params
+
+
+def _directory_format(path: str) -> str:
+  if orbax.find(path):
+    return 'orbax'
+  config_file = os.path.join(path, 'config.json')
+  if os.path.isfile(config_file):
+    model_type = hf.read_json(config_file).get('model_type')
+    formats = {'timesformer': 'hf_timesformer', 'vit': 'vit_hf'}
+    if model_type in formats:
+      return formats[model_type]
+    raise ValueError(f'{config_file}: unsupported model_type {model_type!r}; '
+                     'valid: timesformer, vit.')
+  raise ValueError(f'{path}: unknown checkpoint format: a directory with '
+                   f'neither {PARAMS_ITEM}/ and {CONFIG_ITEM}/ (orbax) nor '
+                   'config.json (Hugging Face).')
+
+
+def _format_from_keys(state: Mapping[str, Any], path: str) -> str:
+  keys = list(state)
+  if any(k.startswith('timesformer.') for k in keys):
+    return 'hf_timesformer'
+  if any(k.endswith('attention.attention.query.weight') for k in keys):
+    return 'vit_hf'
+  embed = [k for k in keys if k.endswith('patch_embed.proj.weight')]
+  if embed:
+    prefix = embed[0][:-len('patch_embed.proj.weight')]
+    video = any('temporal_attn.' in k or k.endswith('time_embed')
+                for k in keys)
+    return 'original' if prefix.endswith('model.') or video else 'vit_timm'
+  raise ValueError(f'{path}: unknown checkpoint format; valid: {FORMATS} '
+                   f'(its first names: {keys[:5]}).')
+
+
+def load_checkpoint(path: str, config=None, *, format: str = 'auto',
+                    num_classes: int | None = None,
+                    rng: jax.Array | None = None,
+                    pos_resize: str = '2d'
+                    ) -> tuple[ml_collections.ConfigDict, dict]:
+  """`(config, params)` from a checkpoint of any format in `FORMATS`.
+
+  Args:
+    path: a checkpoint file or directory.
+    config: the config to load into, or None for the checkpoint's own (for
+      an image ViT: divided attention over 8 frames of its frame size, its
+      class count, or 400 classes when it has no head).
+    format: one of `FORMATS`, or 'auto' to detect it.
+    num_classes: overrides `config.model.num_classes`.
+    rng: PRNG key for a new head; from `config.seed` when None.
+    pos_resize: '2d' (default) or '1d', see `resample_pos_embedding`.
+
+  Returns:
+    The config (a copy; never the one passed) and the params (float32 numpy)
+    of `create_model(config)`.
+  """
+  fmt, src_config, params = read_checkpoint(path, format, hint=config)
+  if config is None:
+    config = _default_config(fmt, src_config)
+  else:
+    config = copy.deepcopy(config)
+  if num_classes is not None:
+    config.model.num_classes = int(num_classes)
+  if rng is None:
+    rng = jax.random.key(config.get('seed', 0))
+  params = adapt.adapt_params(params, src_config, config, rng=rng,
+                              pos_resize=pos_resize, source=os.fspath(path))
+  return config, params
+
+
+def _default_config(fmt, src_config) -> ml_collections.ConfigDict:
+  if fmt not in IMAGE_FORMATS:
+    return copy.deepcopy(src_config)
+  config = config_lib.get_config('divided')
+  sizes = {k: src_config.model[k] for k in (
+      'image_size', 'patch_size', 'hidden_size', 'depth', 'num_heads',
+      'mlp_dim', 'num_classes')}
+  config.model.update(sizes)
+  config.model.num_classes = sizes['num_classes'] or 400
+  return config
+
+
+def init_params_from(config, rng: jax.Array):
+  """The params training starts from: `config.init_from`, or fresh ones.
+
+  `config.init_from.path` empty: `init_params(config, rng)`. Otherwise the
+  checkpoint there, of `config.init_from.format` ('auto' detects it),
+  fitted to `config.model` (see `load_checkpoint`; `rng` draws a new head).
+  """
+  init_from = config.get('init_from')
+  if init_from is None or not init_from.get('path'):
+    return model_lib.init_params(config, rng)
+  _, params = load_checkpoint(
+      init_from.path, config, format=init_from.get('format', 'auto'),
+      rng=rng, pos_resize=init_from.get('pos_resize', '2d'))
+  _LOG.info('Initialised from %s.', init_from.path)
+  return jax.tree.map(jnp.asarray, params)

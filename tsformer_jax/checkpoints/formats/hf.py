@@ -1,0 +1,110 @@
+"""Hugging Face TimeSformer: `config.json` and `model.safetensors` (or
+`pytorch_model.bin`, or shards of either)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from tsformer_jax import config_lib
+from tsformer_jax import tensor_io
+from tsformer_jax.checkpoints.formats import state_dicts
+from tsformer_jax.checkpoints.formats.state_dicts import HF_ATTENTION_TYPES
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Our config for a Hugging Face `TimesformerConfig` (its `to_dict()`)."""
+  attention_type = hf_config.get('attention_type', 'divided_space_time')
+  if attention_type not in HF_ATTENTION_TYPES:
+    raise ValueError(f'Unknown Hugging Face attention_type '
+                     f'{attention_type!r}; valid: '
+                     f'{sorted(HF_ATTENTION_TYPES)}.')
+  if hf_config.get('hidden_act', 'gelu') != 'gelu':
+    raise ValueError(f'hidden_act {hf_config["hidden_act"]!r} is not '
+                     'supported; TimeSformer uses exact GELU ("gelu").')
+  if not hf_config.get('qkv_bias', True):
+    raise ValueError('qkv_bias=False is not supported.')
+  config = config_lib.get_config(HF_ATTENTION_TYPES[attention_type])
+  size = hf_config.get('image_size', 224)
+  num_labels = hf_config.get('num_labels')
+  if num_labels is None:
+    num_labels = len(hf_config.get('id2label') or {}) or 2
+  config.model.update(dict(
+      num_classes=int(num_labels),
+      num_frames=int(hf_config.get('num_frames', 8)),
+      image_size=(size, size) if isinstance(size, int) else tuple(size),
+      patch_size=int(hf_config.get('patch_size', 16)),
+      hidden_size=int(hf_config.get('hidden_size', 768)),
+      depth=int(hf_config.get('num_hidden_layers', 12)),
+      num_heads=int(hf_config.get('num_attention_heads', 12)),
+      mlp_dim=int(hf_config.get('intermediate_size', 3072)),
+      dropout=float(hf_config.get('hidden_dropout_prob', 0.0)),
+      attention_dropout=float(hf_config.get('attention_probs_dropout_prob',
+                                            0.0)),
+      drop_path=float(hf_config.get('drop_path_rate', 0.0)),
+      layer_norm_eps=float(hf_config.get('layer_norm_eps', 1e-6)),
+  ))
+  return config
+
+
+def hf_module_names(model_config) -> dict[str, str]:
+  """Our module path ('block_0/space_attention/qkv') -> HF module name."""
+  return state_dicts.torch_names(model_config, 'hf', 'timesformer.', '')[0]
+
+
+HF_PARAMETER_NAMES = state_dicts.torch_names(
+    ml_collections.ConfigDict(dict(attention='divided', depth=0)), 'hf',
+    'timesformer.')[1]
+
+
+def params_from_hf_state_dict(state_dict: Mapping[str, Any], config,
+                              source: str = 'state dict') -> dict:
+  """Our params from a Hugging Face `TimesformerForVideoClassification`.
+
+  `state_dict` holds anything `np.asarray` takes (CPU torch tensors too);
+  `config_from_hf` makes the config.
+  """
+  modules, parameters = state_dicts.torch_names(config.model, 'hf',
+                                                'timesformer.', '')
+  return state_dicts.params_from_torch_state_dict(state_dict, config, modules,
+                                                  parameters, source)
+
+
+def read_json(path: str) -> dict:
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def read_weights(path: str) -> dict[str, Any]:
+  """A Hugging Face model directory's tensors (single file or shards)."""
+  for name in ('model.safetensors', 'pytorch_model.bin'):
+    if os.path.isfile(os.path.join(path, name)):
+      return state_dicts.state_dict(
+          tensor_io.read_tensors(os.path.join(path, name)),
+          os.path.join(path, name))
+    index = os.path.join(path, name + '.index.json')
+    if os.path.isfile(index):
+      state = {}
+      for shard in sorted(set(read_json(index)['weight_map'].values())):
+        shard = os.path.join(path, shard)
+        state.update(state_dicts.state_dict(tensor_io.read_tensors(shard),
+                                            shard))
+      return state
+  raise ValueError(f'{path}: a Hugging Face directory without '
+                   'model.safetensors or pytorch_model.bin.')
+
+
+def read(state, hf_config, hint, source):
+  """`(config, params)`; the config from `config.json`, or the shapes."""
+  if hf_config is not None:
+    config = config_from_hf(hf_config)
+  else:
+    scheme = state_dicts.torch_scheme(state, 'temporal_attention.',
+                                      'time_embeddings')
+    config = state_dicts.torch_layout_config(state, 'hf', 'timesformer.', '',
+                                             scheme, hint, source)
+  return config, params_from_hf_state_dict(state, config, source)

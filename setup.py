@@ -38,12 +38,17 @@ setuptools.setup(
         'orbax-checkpoint>=0.11',
         # Frame encoding for TFDS and GIFs of the attention rollout.
         'pillow>=10',
+        # The original .pyth's training config (a YAML dump), read safely.
+        'pyyaml>=6',
         # clu's TensorBoard writer and the clip resizing use TensorFlow.
         'tensorboard>=2.16',
         'tensorflow-cpu>=2.16',
         'tensorflow-datasets>=4.9.3',
     ],
     extras_require={
+        # Hugging Face Hub ids as checkpoint paths (checkpoints/hub.py); 0.34
+        # brought the `hf` command its errors name.
+        'hub': ['huggingface_hub>=0.34'],
         'test': [
             'pytest>=8',
             'pytest-xdist>=3.5',
@@ -52,6 +57,7 @@ setuptools.setup(
             # torch pulls a multi-GB CUDA build. Only the tests use it.
             'torch==2.13.0',
             'transformers>=4.40,<6',
+            'huggingface_hub>=0.34',
             'safetensors>=0.4',
             # Runs the notebooks top to bottom (tests/test_notebooks.py).
             'ipykernel>=6.29',

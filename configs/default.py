@@ -57,6 +57,9 @@ DATASETS = {
     'ssv2': dict(num_classes=174, flip=False, sampling='segments',
                  frames=dict(base=8, hr=16, l=64)),
     'diving48': dict(num_classes=48),
+    # Your videos, {data_dir}/{train,val}/{class}/*: their class folders
+    # tell the count, which --config.model.num_classes must give.
+    'folder': dict(num_classes=0),
 }
 ALIASES = {'k400': 'kinetics400', 'k600': 'kinetics600',
            'something_something_v2': 'ssv2'}
@@ -122,6 +125,8 @@ def get_config(arg: str | None = None, **defaults
       # averaged (the paper's long-video protocol).
       test_clip_stride=0.0,
       num_workers=8,
+      # Class names by index; empty: the dataset's. Checkpoints carry them.
+      class_names=(),
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       name='sgd',

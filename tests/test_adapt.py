@@ -2,6 +2,18 @@
 
 import math
 
+import jax
+import numpy as np
+import pytest
+
+import tsformer_jax
+from tsformer_jax import attention
+from tsformer_jax import checkpoints
+from tsformer_jax import cli
+from tsformer_jax import config_lib
+from tsformer_jax import convert
+from tsformer_jax import model as model_lib
+
 from checkpoint_sources import VIT_FORMATS
 from checkpoint_sources import config_file
 from checkpoint_sources import hf_timesformer
@@ -10,16 +22,6 @@ from checkpoint_sources import save_hf
 from checkpoint_sources import save_vits
 from checkpoint_sources import torch_nearest_1d
 from checkpoint_sources import torch_nearest_2d
-import jax
-import numpy as np
-import pytest
-
-import tsformer_jax
-from tsformer_jax import attention
-from tsformer_jax import checkpoints
-from tsformer_jax import config_lib
-from tsformer_jax import model as model_lib
-
 from conftest import apply
 from conftest import random_clips
 from conftest import tiny_config
@@ -52,7 +54,7 @@ def test_resampling_is_torch_nearest_interpolation(old, new):
         torch_nearest_1d(time, frames))
 
 
-def test_checkpoint_into_other_frames_and_resolution(tmp_path):
+def test_checkpoint_into_other_frames_and_resolution(tmp_path, capsys):
   """HF weights at 2 x 16 px into the tiny config's 4 x 32 px."""
   hf = hf_timesformer(0, num_frames=2, image_size=16, patch_size=8,
                       hidden_size=64, num_hidden_layers=2,
@@ -61,9 +63,22 @@ def test_checkpoint_into_other_frames_and_resolution(tmp_path):
   src = save_hf(hf, tmp_path / 'hf', 'safetensors')
   pos = hf.timesformer.embeddings.position_embeddings.detach().numpy()
   time = hf.timesformer.embeddings.time_embeddings.detach().numpy()
+  # Resampled only when asked for, and then every change is named.
+  assert cli.call(convert.main, ['convert', str(src), str(tmp_path / 'no'),
+                                 config_file('divided')]) == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f'convert: error: {src} does not fit that config as it is; fitting it '
+      'would change: resampled pos_embedding from (2, 2) to (4, 4) patches '
+      '(nearest, 2d). resampled time_embedding from 2 to 4 frames '
+      '(nearest). Pass --adapt (load_checkpoint(..., fit=True)) to change '
+      'them.')
+  assert not (tmp_path / 'no').exists()
   for mode in ('2d', '1d'):
     out = tmp_path / mode
-    run_convert(src, out, config_file('divided'), f'--pos_resize={mode}')
+    run_convert(src, out, config_file('divided'), f'--pos_resize={mode}',
+                '--adapt')
+    assert f'resampled pos_embedding from (2, 2) to (4, 4) patches ' \
+        f'(nearest, {mode})' in capsys.readouterr().err
     config, params = tsformer_jax.load_checkpoint(out)
     assert (config.model.num_frames, tuple(config.model.image_size)) == (
         4, (32, 32))

@@ -10,18 +10,6 @@ import pathlib
 import subprocess
 import sys
 
-from checkpoint_sources import ROOT
-from checkpoint_sources import VIT_FORMATS
-from checkpoint_sources import OriginalModel
-from checkpoint_sources import config_file
-from checkpoint_sources import hf_timesformer
-from checkpoint_sources import original_pyth
-from checkpoint_sources import random_params
-from checkpoint_sources import randomize
-from checkpoint_sources import run_convert
-from checkpoint_sources import save_hf
-from checkpoint_sources import save_vits
-from checkpoint_sources import torch_nearest_2d
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -37,6 +25,18 @@ from tsformer_jax import cli
 from tsformer_jax import config_lib
 from tsformer_jax import convert
 
+from checkpoint_sources import ROOT
+from checkpoint_sources import VIT_FORMATS
+from checkpoint_sources import OriginalModel
+from checkpoint_sources import config_file
+from checkpoint_sources import hf_timesformer
+from checkpoint_sources import original_pyth
+from checkpoint_sources import random_params
+from checkpoint_sources import randomize
+from checkpoint_sources import run_convert
+from checkpoint_sources import save_hf
+from checkpoint_sources import save_vits
+from checkpoint_sources import torch_nearest_2d
 from conftest import apply
 from conftest import hf_logits
 from conftest import random_clips

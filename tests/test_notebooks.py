@@ -133,5 +133,12 @@ def test_finetune_runs(tmp_path, monkeypatch):
       str(tmp_path / 'finetune_run' / 'checkpoints'))
   assert config.init_from.path == str(tmp_path / 'pretrained_standin')
   assert config.model.num_frames == 8 and config.model.num_classes == 2
+  # The class folders' names, carried by the checkpoint and exported.
+  assert config.data.class_names == ('blue_then_red', 'red_then_blue')
+  text = _stdout(_cell(notebook, 'export'))
+  assert "id2label: {0: 'blue_then_red', 1: 'red_then_blue'}" in text
+  difference = re.search(r'largest logit difference, PyTorch vs ours: (\S+)',
+                         text)
+  assert difference and float(difference[1]) < 1e-4
   assert config.model.depth == 1  # Smoke mode's model.
   assert params['head']['kernel'].shape == (64, 2)

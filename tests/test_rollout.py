@@ -269,7 +269,8 @@ def test_visualize_cli(tmp_path):
   # One line on stderr, last, and a non-zero exit.
   assert bad.returncode != 0
   last = bad_err.strip().splitlines()[-1]
-  assert last == f'visualize: No video file at {tmp_path / "nothing.mp4"}.'
+  assert last == (f'visualize: error: No video file at '
+                  f'{tmp_path / "nothing.mp4"}.')
 
 
 def test_visualize_errors_name_the_problem(tmp_path):

@@ -2,8 +2,6 @@
 
 import pickle
 
-from checkpoint_sources import hf_timesformer
-from checkpoint_sources import save_hf
 import numpy as np
 import pytest
 from safetensors.torch import save_file
@@ -14,6 +12,9 @@ import tsformer_jax
 from tsformer_jax import cli
 from tsformer_jax import convert
 from tsformer_jax import tensor_io
+
+from checkpoint_sources import hf_timesformer
+from checkpoint_sources import save_hf
 
 
 class _RunsCode:

@@ -20,6 +20,7 @@ from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline
 from tsformer_jax import train
+from tsformer_jax.datasets import synthetic_motion
 
 from conftest import predicted_metrics
 
@@ -235,3 +236,5 @@ def test_demo_divided_model_learns_the_frame_order(demo_workdir):
       input_pipeline.SkipCounter())
   assert metrics['videos'] == 256
   assert metrics['top1'] >= 0.9, metrics  # Measured 0.984; chance is 0.5.
+  # Its checkpoints carry the dataset's class names.
+  assert config.data.class_names == synthetic_motion.CLASSES

@@ -30,6 +30,13 @@ CHECKPOINT = flags.DEFINE_string(
     'checkpoints/ (its latest step).')
 OUT = flags.DEFINE_string('out', None, 'Where the output goes.')
 JSON = flags.DEFINE_bool('json', False, 'Print one JSON document.')
+# convert reads SRC in a checkpoint format, export writes OUT in one; each
+# checks the value (absl lets one module alone define a flag name).
+FORMAT = flags.DEFINE_string(
+    'format', None, 'Checkpoint format: of SRC for convert (auto, the '
+    'default, or one of checkpoints.FORMATS), of OUT for export (hf, the '
+    'default, or pyth).')
+OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing OUT.')
 
 Main = Callable[[list[str]], int | None]
 

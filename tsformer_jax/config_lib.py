@@ -8,6 +8,8 @@ that attention scheme.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Sequence
+import copy
 from typing import Any
 
 import ml_collections
@@ -32,6 +34,23 @@ def get_config(scheme: str, arg: str | None = None
   variant and/or dataset, as after the colon of a config file)."""
   attention.get_scheme(scheme)  # Fails early, listing the valid schemes.
   return default.get_config(arg, attention=scheme)
+
+
+def with_class_names(config: ml_collections.ConfigDict,
+                     names: Sequence[str]) -> ml_collections.ConfigDict:
+  """A copy of `config` whose classes are called `names`, by index.
+
+  Raises:
+    ValueError: `names` does not hold one name per class of the model.
+  """
+  names = tuple(str(n) for n in names)
+  if len(names) != config.model.num_classes:
+    raise ValueError(f'{len(names)} class names for a model of '
+                     f'{config.model.num_classes} classes.')
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.data.class_names = names
+  return config
 
 
 def upgrade(values: Mapping[str, Any]) -> dict[str, Any]:

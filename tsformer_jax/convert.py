@@ -1,15 +1,18 @@
 r"""Converts a checkpoint of any supported format into our orbax format.
 
-  python -m tsformer_jax.convert SRC OUT [--config=configs/divided.py:hr]
-      [--num_classes=N] [--format=auto] [--pos_resize=2d] [--overwrite]
+  python -m tsformer_jax.convert SRC OUT [--config=configs/divided.py:hr
+      --adapt] [--num_classes=N] [--class_names=FILE] [--format=auto]
+      [--pos_resize=2d] [--overwrite]
 
-SRC: a Hugging Face TimeSformer directory, an original `.pyth`, an ImageNet
-ViT (`.npz`, Hugging Face or timm layout) or one of our orbax checkpoints
-(`checkpoints.FORMATS`). Without `--config` the model is the checkpoint's own
-(an image ViT becomes divided attention over 8 frames); with it, the weights
-are fitted to that config (embeddings resampled, a new head if the class
-count differs). OUT, written only once complete, is then read by
-`tsformer_jax.load_checkpoint(OUT)`.
+SRC: a Hugging Face TimeSformer directory or Hub id, an original `.pyth`,
+an ImageNet ViT (`.npz`, Hugging Face or timm layout) or one of our orbax
+checkpoints (`checkpoints.FORMATS`). Without `--config` the model is the
+checkpoint's own, as its file describes it (an image ViT becomes divided
+attention over 8 frames). With `--config`, a video checkpoint that does not
+fit it is refused, naming what would change, unless `--adapt` asks for the
+change (embeddings resampled, scheme inflated, a new head); `--num_classes`
+asks for a new head alone. Every change is printed. OUT, written only once
+complete, is then read by `tsformer_jax.load_checkpoint(OUT)`.
 """
 
 from __future__ import annotations
@@ -24,16 +27,22 @@ import numpy as np
 
 from tsformer_jax import checkpoints
 from tsformer_jax import cli
+from tsformer_jax import config_lib
 
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', None,
                                     'Overrides the class count.')
-_FORMAT = flags.DEFINE_enum('format', 'auto', ['auto', *checkpoints.FORMATS],
-                            'Format of SRC.')
 _POS_RESIZE = flags.DEFINE_enum(
     'pos_resize', '2d', list(checkpoints.POS_RESIZE_MODES),
     "Position embedding resampling: 2d grid or the original's 1d sequence "
     '(both nearest).')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing OUT.')
+_ADAPT = flags.DEFINE_bool(
+    'adapt', False, 'Fit a video checkpoint to --config where it differs: '
+    'resample its embeddings, inflate its scheme, draw a new head. Without '
+    'it such a conversion stops and names the changes.')
+_CLASS_NAMES = flags.DEFINE_string(
+    'class_names', None, 'A text file of class names, one per line in class '
+    'order, for a checkpoint that does not carry its own (an original '
+    '.pyth).')
 
 
 def main(argv) -> int:
@@ -44,10 +53,14 @@ def main(argv) -> int:
   _log_adaptations()
   try:
     config, params = checkpoints.load_checkpoint(
-        src, cli.CONFIG.value, format=_FORMAT.value,
-        num_classes=_NUM_CLASSES.value, pos_resize=_POS_RESIZE.value)
+        src, cli.CONFIG.value, format=cli.FORMAT.value or 'auto',
+        num_classes=_NUM_CLASSES.value, pos_resize=_POS_RESIZE.value,
+        fit=_ADAPT.value)
+    if _CLASS_NAMES.value:
+      config = config_lib.with_class_names(
+          config, _read_names(_CLASS_NAMES.value))
     path = checkpoints.save_checkpoint(out, config, params,
-                                       overwrite=_OVERWRITE.value)
+                                       overwrite=cli.OVERWRITE.value)
   except (ValueError, OSError, pickle.UnpicklingError) as e:
     raise cli.Error(str(e), status=1) from e
   m = config.model
@@ -58,14 +71,25 @@ def main(argv) -> int:
   return 0
 
 
+def _read_names(path: str) -> list[str]:
+  with open(path, encoding='utf-8') as f:
+    return [line.strip() for line in f if line.strip()]
+
+
 def _log_adaptations():
   """Prints what checkpoints.py changes in the weights (not orbax's logs)."""
   logger = logging.getLogger('tsformer_jax')
-  if not logger.handlers:
-    handler = logging.StreamHandler(sys.stderr)
+  handler = next((h for h in logger.handlers if h.get_name() == 'convert'),
+                 None)
+  if handler is None:
+    handler = logging.StreamHandler()
+    handler.set_name('convert')
     handler.setFormatter(logging.Formatter('convert: %(message)s'))
     logger.addHandler(handler)
     logger.propagate = False
+  # The current stderr (an in-process run may have swapped it); the last
+  # one may be closed, so no flush as setStream would.
+  handler.stream = sys.stderr
   logger.setLevel(logging.INFO)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 import dataclasses
-import logging
 import os
 
 import jax
@@ -185,17 +184,22 @@ def _predictions(videos: Sequence[input_pipeline.Video],
 
 
 def label_names(config) -> list[str]:
-  """Class names by index (`datasets.class_names`), or index strings where
-  the dataset's names do not fit the model's class count."""
+  """Class names by index: the checkpoint's own (`config.data.class_names`),
+  else its dataset's (`datasets.class_names`).
+
+  Raises:
+    ValueError: their count is not the model's class count.
+  """
   count = config.model.num_classes
-  try:
+  names = list(config.data.get('class_names') or ())
+  if names:
+    source = 'the checkpoint'
+  else:
     names = datasets.class_names(config)
-  except (ValueError, OSError) as e:
-    logging.warning('No class names (%s); printing class indices.', e)
-    return [str(i) for i in range(count)]
+    source = f'its dataset {config.data.dataset}'
   if len(names) != count:
-    logging.warning('%s has %d class names but the model %d classes; '
-                    'printing class indices.', config.data.dataset,
-                    len(names), count)
-    return [str(i) for i in range(count)]
+    raise ValueError(
+        f'The model has {count} classes but {source} {len(names)} class '
+        'names: give the checkpoint its names (python -m tsformer_jax.'
+        'convert SRC OUT --class_names=FILE, one name per line).')
   return names

@@ -156,6 +156,11 @@ def main(argv: Sequence[str]) -> int:
                     '(model.num_classes = 0): pass --features_out to write '
                     'its features.')
   try:
+    names = (evaluation.label_names(config) if config.model.num_classes
+             else [])
+  except ValueError as e:
+    raise cli.Error(str(e)) from e
+  try:
     predictions = evaluation.predict_videos(
         config, params, paths, coverage=coverage,
         batch_size=_BATCH_SIZE.value, with_features=features_out is not None)
@@ -164,8 +169,6 @@ def main(argv: Sequence[str]) -> int:
   for p in predictions:
     if p.error is not None:
       print(f'predict: error: {error_line(p)}', file=sys.stderr)
-  names = (evaluation.label_names(config) if config.model.num_classes
-           else [])
   if cli.JSON.value:
     print(json.dumps(to_json(predictions, names, _TOP_K.value, checkpoint),
                      indent=1))

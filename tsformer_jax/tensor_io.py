@@ -6,19 +6,26 @@ Unpickling calls every global a pickle names, so `read_torch` allows only
 plain values and torch's tensor-rebuilding functions, swapped for ours; any
 other global raises `UnsafePickleError` before it is imported. Tensors are
 `LazyArray`s, read on `np.asarray`, so optimizer state costs no memory.
+
+Writes safetensors (`write_safetensors`) and `torch.save` zip files
+(`write_torch`) without torch as well: both formats are small and fully
+specified, and exporting weights should not need PyTorch installed.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from collections.abc import Mapping
 import dataclasses
 import json
 import os
 import pickle
 import struct
+import sys
 from typing import Any
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -238,6 +245,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return self._load_storage(pid)
 
 
+_ZIP_MAGIC = b'PK\x03\x04'
+
+
 def read_torch(path: str) -> Any:
   """The object a `torch.save` file holds, tensors as `LazyArray`s.
 
@@ -246,8 +256,16 @@ def read_torch(path: str) -> Any:
       (nothing is imported or called).
     ValueError: the file is not a `torch.save` file.
   """
+  with open(path, 'rb') as f:
+    head = f.read(4)
   if zipfile.is_zipfile(path):
-    return _read_torch_zip(path)
+    try:
+      return _read_torch_zip(path)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+      raise ValueError(f'{path}: truncated or corrupt ({e}).') from e
+  if head == _ZIP_MAGIC:
+    raise ValueError(f'{path}: truncated or corrupt: a zip archive (the '
+                     'torch.save format) whose end is missing.')
   return _read_torch_legacy(path)
 
 
@@ -277,8 +295,12 @@ def _read_torch_zip(path: str) -> Any:
         raise ValueError(f'{path}: storage {name} is missing.')
 
       def read():
-        with zipfile.ZipFile(path) as z:
-          return z.read(name)
+        try:
+          with zipfile.ZipFile(path) as z:
+            return z.read(name)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+          raise ValueError(f'{path}: truncated or corrupt ({name}: {e}).'
+                           ) from e
       return _Storage(dtype, numel, read, big_endian=byteorder == 'big')
 
     with archive.open(pickles[0]) as f:
@@ -308,19 +330,27 @@ def _read_torch_legacy(path: str) -> Any:
     if magic != _LEGACY_MAGIC:
       raise ValueError(f'{path}: not a torch.save file (a pickle of '
                        f'{type(magic).__name__}).')
-    _RestrictedUnpickler(f, path).load()  # Protocol version.
-    _RestrictedUnpickler(f, path).load()  # System info.
-    obj = _RestrictedUnpickler(f, path, load_storage).load()
-    keys = _RestrictedUnpickler(f, path).load()
-    # Each storage: an int64 element count, then raw little-endian bytes.
-    for key in keys:
-      if key not in storages:
-        raise ValueError(f'{path}: unknown storage {key!r}.')
-      (numel,) = struct.unpack('<q', f.read(8))
-      info = storages[key]
-      nbytes = numel * info['dtype'].itemsize
-      info['read'] = _byte_reader(path, f.tell(), nbytes)
-      f.seek(nbytes, os.SEEK_CUR)
+    try:
+      _RestrictedUnpickler(f, path).load()  # Protocol version.
+      _RestrictedUnpickler(f, path).load()  # System info.
+      obj = _RestrictedUnpickler(f, path, load_storage).load()
+      keys = _RestrictedUnpickler(f, path).load()
+      # Each storage: an int64 element count, then raw little-endian bytes.
+      size = os.fstat(f.fileno()).st_size
+      for key in keys:
+        if key not in storages:
+          raise ValueError(f'{path}: unknown storage {key!r}.')
+        (numel,) = struct.unpack('<q', f.read(8))
+        info = storages[key]
+        nbytes = numel * info['dtype'].itemsize
+        if f.tell() + nbytes > size:
+          raise EOFError(f'storage {key} ends past the end of the file')
+        info['read'] = _byte_reader(path, f.tell(), nbytes)
+        f.seek(nbytes, os.SEEK_CUR)
+    except (EOFError, struct.error, pickle.UnpicklingError) as e:
+      if isinstance(e, UnsafePickleError):
+        raise
+      raise ValueError(f'{path}: truncated or corrupt ({e}).') from e
   missing = [k for k, info in storages.items() if 'read' not in info]
   if missing:
     raise ValueError(f'{path}: storages {missing} have no data.')
@@ -333,3 +363,182 @@ def _byte_reader(path, offset, nbytes):
       f.seek(offset)
       return f.read(nbytes)
   return read
+
+
+# ----------------------------------------------------------------------------
+# Writing safetensors and torch.save files
+
+_SAFETENSORS_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+_STORAGE_NAMES = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items()}
+
+
+def _little_endian(array: np.ndarray) -> bytes:
+  return (array.byteswap() if sys.byteorder == 'big' else array).tobytes()
+
+
+def write_safetensors(path: str, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `tensors` (name -> array) as a safetensors file.
+
+  The layout `read_safetensors` reads: an 8-byte header length, the JSON
+  header (padded with spaces so that the data starts 8-byte aligned), then
+  each tensor's little-endian bytes in order. `metadata` is the header's
+  `__metadata__` (transformers wants `{'format': 'pt'}`).
+  """
+  arrays = {name: np.asarray(value, order='C')
+            for name, value in tensors.items()}
+  header: dict[str, Any] = {}
+  if metadata:
+    header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
+  offset = 0
+  for name, array in arrays.items():
+    if array.dtype not in _SAFETENSORS_NAMES:
+      raise ValueError(f'{path}: tensor {name!r} has dtype {array.dtype}, '
+                       'which safetensors does not hold.')
+    header[name] = dict(dtype=_SAFETENSORS_NAMES[array.dtype],
+                        shape=list(array.shape),
+                        data_offsets=[offset, offset + array.nbytes])
+    offset += array.nbytes
+  text = json.dumps(header, separators=(',', ':')).encode()
+  text += b' ' * (-len(text) % 8)
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(text)))
+    f.write(text)
+    for array in arrays.values():
+      f.write(_little_endian(array))
+
+
+# A storage's bytes start on this boundary, as torch writes them (so that
+# torch.load(mmap=True) maps them in place).
+_TORCH_ALIGNMENT = 64
+# The zip's constant-size local header, before the name and extra field.
+_ZIP_LOCAL_HEADER = 30
+
+
+def write_torch(path: str, obj: Any) -> None:
+  """Writes `obj` as `torch.save` does (its zip format), without torch.
+
+  `obj` nests dicts, lists and tuples of str, int, float, bool, None and
+  numpy arrays; arrays become CPU tensors of their dtype (those of
+  `_STORAGE_DTYPES`). `torch.load(path, weights_only=True)` loads the file,
+  and so does `read_torch`: its pickle names only torch's tensor-rebuilding
+  function, storage types and `collections.OrderedDict`.
+  """
+  pickler = _TorchPickler()
+  data = pickler.dumps(obj)
+  with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as archive:
+    def record(name, payload):
+      _write_aligned(archive, f'archive/{name}', payload)
+    record('data.pkl', data)
+    record('.format_version', b'1')
+    record('.storage_alignment', str(_TORCH_ALIGNMENT).encode())
+    record('byteorder', b'little')
+    for key, array in enumerate(pickler.storages):
+      record(f'data/{key}', _little_endian(array))
+    record('version', b'3\n')
+
+
+def _write_aligned(archive: zipfile.ZipFile, name: str, payload: bytes):
+  """One stored zip entry whose data starts on `_TORCH_ALIGNMENT`, padded
+  with an extra field as torch pads it ('FB', then its length, then 'Z's)."""
+  info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+  info.compress_type = zipfile.ZIP_STORED
+  # zipfile adds a 20-byte zip64 field for entries near 2 GiB and above.
+  zip64 = 20 if len(payload) * 1.05 > zipfile.ZIP64_LIMIT else 0
+  start = (archive.fp.tell() + _ZIP_LOCAL_HEADER + len(name.encode()) + 4 +
+           zip64)
+  padding = -start % _TORCH_ALIGNMENT
+  info.extra = struct.pack('<2sH', b'FB', padding) + b'Z' * padding
+  archive.writestr(info, payload)
+
+
+class _TorchPickler:
+  """Pickle protocol 2, written opcode by opcode as torch.save writes it.
+
+  Python's pickler names a global only after importing it; the names here
+  (torch's) are written without importing anything.
+  """
+
+  def __init__(self):
+    self.storages: list[np.ndarray] = []
+    self._out: list[bytes] = []
+
+  def dumps(self, obj: Any) -> bytes:
+    self._out = [pickle.PROTO + b'\x02']
+    self._save(obj)
+    self._out.append(pickle.STOP)
+    return b''.join(self._out)
+
+  def _save(self, obj: Any):
+    w = self._out.append
+    if isinstance(obj, Mapping):
+      w(pickle.EMPTY_DICT)
+      if obj:
+        w(pickle.MARK)
+        for key, value in obj.items():
+          self._save(key)
+          self._save(value)
+        w(pickle.SETITEMS)
+    elif isinstance(obj, list):
+      w(pickle.EMPTY_LIST)
+      if obj:
+        w(pickle.MARK)
+        for value in obj:
+          self._save(value)
+        w(pickle.APPENDS)
+    elif isinstance(obj, tuple):
+      w(pickle.MARK)
+      for value in obj:
+        self._save(value)
+      w(pickle.TUPLE)
+    elif obj is None:
+      w(pickle.NONE)
+    elif isinstance(obj, (bool, np.bool_)):
+      w(pickle.NEWTRUE if obj else pickle.NEWFALSE)
+    elif isinstance(obj, (int, np.integer)):
+      obj = int(obj)
+      if -2 ** 31 <= obj < 2 ** 31:
+        w(pickle.BININT + struct.pack('<i', obj))
+      else:
+        data = obj.to_bytes(obj.bit_length() // 8 + 1, 'little', signed=True)
+        w(pickle.LONG1 + bytes([len(data)]) + data)
+    elif isinstance(obj, (float, np.floating)):
+      w(pickle.BINFLOAT + struct.pack('>d', float(obj)))
+    elif isinstance(obj, str):
+      data = obj.encode('utf-8')
+      w(pickle.BINUNICODE + struct.pack('<I', len(data)) + data)
+    elif hasattr(obj, '__array__'):  # numpy, LazyArray, jax.
+      self._save_tensor(np.asarray(obj))
+    else:
+      raise TypeError(f'write_torch cannot write a {type(obj).__name__}.')
+
+  def _save_tensor(self, array: np.ndarray):
+    """`torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+    requires_grad, backward_hooks)`, the storage a persistent id."""
+    if array.dtype not in _STORAGE_NAMES:
+      raise TypeError(f'write_torch cannot write arrays of {array.dtype}.')
+    array = np.asarray(array, order='C')  # Keeps 0-d arrays 0-d.
+    stride, step = [], 1
+    for size in reversed(array.shape):  # Contiguous, as torch counts it.
+      stride.insert(0, step)
+      step *= max(size, 1)
+    w = self._out.append
+    w(pickle.GLOBAL + b'torch._utils\n_rebuild_tensor_v2\n')
+    w(pickle.MARK)
+    w(pickle.MARK)
+    self._save('storage')
+    w(pickle.GLOBAL + f'torch\n{_STORAGE_NAMES[array.dtype]}\n'.encode())
+    self._save(str(len(self.storages)))
+    self._save('cpu')
+    self._save(array.size)
+    w(pickle.TUPLE)
+    w(pickle.BINPERSID)
+    self._save(0)
+    self._save(tuple(array.shape))
+    self._save(tuple(stride))
+    self._save(False)
+    w(pickle.GLOBAL + b'collections\nOrderedDict\n' + pickle.EMPTY_TUPLE +
+      pickle.REDUCE)
+    w(pickle.TUPLE)
+    w(pickle.REDUCE)
+    self.storages.append(array)

@@ -13,6 +13,7 @@ checkpoint continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 from collections.abc import Callable
+import copy
 import functools
 import json
 import logging
@@ -347,6 +348,25 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _with_class_names(config: ml_collections.ConfigDict
+                      ) -> ml_collections.ConfigDict:
+  """`config`, naming its classes, so that its checkpoints carry the names:
+  `config.data.class_names`, else the dataset's where they fit the head."""
+  if config.data.get('class_names') or not config.model.num_classes:
+    return config
+  try:
+    names = datasets.class_names(config)
+  except (ValueError, OSError) as e:
+    logging.warning('Checkpoints will carry no class names: %s', e)
+    return config
+  if len(names) != config.model.num_classes:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.data.class_names = tuple(names)
+  return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = 'train_and_eval') -> dict[str, Any]:
   """Runs (or resumes) a job; returns what it writes to results.json."""
@@ -354,6 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"Unknown mode {mode!r}; valid: ['eval', 'train', "
                      "'train_and_eval'].")
   os.makedirs(workdir, exist_ok=True)
+  config = _with_class_names(config)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   train_source = datasets.get_source(config, config.data.train_split)

@@ -9,6 +9,7 @@ The original inflates this way into divided attention only.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 import logging
 
 import flax
@@ -69,15 +70,29 @@ def resample_time_embedding(time: np.ndarray, num_frames: int) -> np.ndarray:
   return time[:, nearest_indices(time.shape[1], num_frames)]
 
 
+# The kinds of change `adapt_params` makes.
+CHANGES = ('scheme', 'pos_embedding', 'time_embedding', 'head')
+
+
 def adapt_params(params, src_config, config, *, rng: jax.Array | None = None,
-                 pos_resize: str = '2d', source: str = 'checkpoint') -> dict:
+                 pos_resize: str = '2d', source: str = 'checkpoint',
+                 allowed: Collection[str] | None = None) -> dict:
   """Fits `params` of `src_config` to `config`, logging every change.
 
   Width, depth, heads, MLP and patch size must agree; frames, frame size,
   class count and (from a single-step scheme) the scheme may differ. `rng`
   draws a new head (key 0 when None), `source` names the checkpoint in logs
-  and errors. Returns float32 numpy params for `create_model(config)`.
+  and errors. `allowed` limits the changes to these of `CHANGES` (None: any);
+  a change beyond them is a ValueError naming every change needed. Returns
+  float32 numpy params for `create_model(config)`.
   """
+  changes = []
+
+  def note(kind, message, *args):
+    changes.append((kind, message % args))
+    if allowed is None or kind in allowed:
+      _LOG.info('%s: ' + message, source, *args)
+
   src, dst = src_config.model, config.model
   sizes = ('hidden_size', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
   if any(src[k] != dst[k] for k in sizes):
@@ -97,32 +112,30 @@ def adapt_params(params, src_config, config, *, rng: jax.Array | None = None,
                      'another scheme.')
   if not same:
     flat = _inflate(flat, src_scheme, dst_scheme, source)
-    _LOG.info('%s: inflated %s into %s: steps %s start as copies of its '
-              'attention, their output layers at zero.', source,
-              src.attention, dst.attention,
-              [s.grouping for s in dst_scheme.steps])
+    note('scheme', 'inflated %s into %s: steps %s start as copies of its '
+         'attention, their output layers at zero.', src.attention,
+         dst.attention, [s.grouping for s in dst_scheme.steps])
 
   old, new = spec.patch_grid(src), spec.patch_grid(dst)
   pos = flat.get('pos_embedding')
   if old != new and pos is not None and pos.shape[1] == 1 + old[0] * old[1]:
     flat['pos_embedding'] = resample_pos_embedding(pos, old, new, pos_resize)
-    _LOG.info('%s: resampled pos_embedding from %s to %s patches '
-              '(nearest, %s).', source, old, new, pos_resize)
+    note('pos_embedding', 'resampled pos_embedding from %s to %s patches '
+         '(nearest, %s).', old, new, pos_resize)
 
   time = flat.pop('time_embedding', None)
   if not dst_scheme.per_frame:
     if time is None:
       width = flat['cls'].shape[-1] if 'cls' in flat else dst.hidden_size
       time = np.zeros((1, dst.num_frames, width), np.float32)
-      _LOG.info('%s: time_embedding starts at zero.', source)
+      note('scheme', 'time_embedding starts at zero.')
     elif time.shape[1] != dst.num_frames:
-      _LOG.info('%s: resampled time_embedding from %d to %d frames '
-                '(nearest).', source, time.shape[1], dst.num_frames)
+      note('time_embedding', 'resampled time_embedding from %d to %d frames '
+           '(nearest).', time.shape[1], dst.num_frames)
       time = resample_time_embedding(time, dst.num_frames)
     flat['time_embedding'] = time
   elif time is not None:
-    _LOG.info('%s: dropped time_embedding (%s has none).', source,
-              dst.attention)
+    note('scheme', 'dropped time_embedding (%s has none).', dst.attention)
 
   kernel = flat.pop('head/kernel', None)
   bias = flat.pop('head/bias', None)
@@ -135,11 +148,17 @@ def adapt_params(params, src_config, config, *, rng: jax.Array | None = None,
       flat['head/kernel'] = np.asarray(
           _TRUNC_NORMAL(rng, (width, dst.num_classes)), np.float32)
       flat['head/bias'] = np.zeros((dst.num_classes,), np.float32)
-      _LOG.info('%s: new head for %d classes (checkpoint: %s).', source,
-                dst.num_classes,
-                'no head' if kernel is None else kernel.shape[-1])
+      note('head', 'new head for %d classes (checkpoint: %s).',
+           dst.num_classes, 'no head' if kernel is None else kernel.shape[-1])
   elif kernel is not None:
-    _LOG.info('%s: dropped the head (num_classes=0).', source)
+    note('head', 'dropped the head (num_classes=0).')
+
+  refused = [m for kind, m in changes
+             if allowed is not None and kind not in allowed]
+  if refused:
+    raise ValueError(f'{source} does not fit that config as it is; fitting '
+                     f'it would change: {" ".join(refused)} Pass --adapt '
+                     '(load_checkpoint(..., fit=True)) to change them.')
 
   spec.check_params(flat, config, source)
   return flax.traverse_util.unflatten_dict(flat, sep='/')

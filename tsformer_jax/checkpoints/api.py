@@ -16,6 +16,7 @@ from tsformer_jax import config_lib
 from tsformer_jax import model as model_lib
 from tsformer_jax import tensor_io
 from tsformer_jax.checkpoints import adapt
+from tsformer_jax.checkpoints import hub
 from tsformer_jax.checkpoints.formats import hf
 from tsformer_jax.checkpoints.formats import orbax
 from tsformer_jax.checkpoints.formats import original
@@ -36,7 +37,7 @@ _READERS = {'hf_timesformer': hf.read, 'original': original.read,
 
 def detect_format(path: str) -> str:
   """The format (`FORMATS`) of a checkpoint file or directory."""
-  path = os.fspath(path)
+  path = hub.resolve(os.fspath(path))
   if os.path.isdir(path):
     return _directory_format(path)
   if not os.path.exists(path):
@@ -52,12 +53,14 @@ def read_checkpoint(path: str, format: str = 'auto', hint=None
   """Reads a checkpoint in its own shapes: `(format, config, params)`.
 
   Args:
-    path: a checkpoint file or directory (see `FORMATS`).
+    path: a checkpoint file or directory (see `FORMATS`), or a Hugging
+      Face Hub id, `owner/name[@revision]` (see `hub`).
     format: one of `FORMATS`, or 'auto' to detect it.
     hint: the config the weights are meant for, or None. Formats that do
       not record every size take from it what the weights cannot show: the
-      number of heads (otherwise width / 64, as in every ViT-B), the number
-      of frames of `space_only` (otherwise 8) and a non-square patch grid.
+      number of heads (otherwise that of the ViT of that width), the number
+      of frames of `space_only` (otherwise the file's cfg, else 8) and a
+      non-square patch grid.
 
   Returns:
     The format, the config the weights fit, and the params (float32 numpy)
@@ -68,9 +71,10 @@ def read_checkpoint(path: str, format: str = 'auto', hint=None
   if format != 'auto' and format not in FORMATS:
     raise ValueError(f'Unknown checkpoint format {format!r}; valid: '
                      f'{["auto", *FORMATS]}.')
+  path = hub.resolve(path)  # A Hub id: its snapshot in the Hub's cache.
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such file or directory.')
-  hf_config = None
+  hf_config, raw = None, None
   if os.path.isdir(path):
     found = _directory_format(path)
     if found == 'orbax':
@@ -83,7 +87,8 @@ def read_checkpoint(path: str, format: str = 'auto', hint=None
     if path.endswith('.npz'):
       state = tensor_io.read_npz(path)
     else:
-      state = state_dicts.state_dict(tensor_io.read_tensors(path), path)
+      raw = tensor_io.read_tensors(path)
+      state = state_dicts.state_dict(raw, path)
     found = 'vit_npz' if path.endswith('.npz') else _format_from_keys(state,
                                                                       path)
     sibling = os.path.join(os.path.dirname(path) or '.', 'config.json')
@@ -95,7 +100,11 @@ def read_checkpoint(path: str, format: str = 'auto', hint=None
     hf_config = None  # Not this checkpoint's config.json.
   if fmt == 'orbax':
     raise ValueError(f'{path}: an orbax checkpoint is a directory.')
-  config, params = _READERS[fmt](state, hf_config, hint, path)
+  # Each reader takes the metadata its format keeps beside the weights.
+  metadata = hf_config
+  if fmt == 'original' and isinstance(raw, Mapping):
+    metadata = raw.get('cfg')  # The original's training config (YAML).
+  config, params = _READERS[fmt](state, metadata, hint, path)
   return fmt, config, params
 
 
@@ -134,12 +143,12 @@ def _format_from_keys(state: Mapping[str, Any], path: str) -> str:
 def load_checkpoint(path: str, config=None, *, format: str = 'auto',
                     num_classes: int | None = None,
                     rng: jax.Array | None = None,
-                    pos_resize: str = '2d'
+                    pos_resize: str = '2d', fit: bool = True
                     ) -> tuple[ml_collections.ConfigDict, dict]:
   """`(config, params)` from a checkpoint of any format in `FORMATS`.
 
   Args:
-    path: a checkpoint file or directory.
+    path: a checkpoint file or directory, or a Hugging Face Hub id.
     config: the config to load into, or None for the checkpoint's own (for
       an image ViT: divided attention over 8 frames of its frame size, its
       class count, or 400 classes when it has no head).
@@ -147,6 +156,10 @@ def load_checkpoint(path: str, config=None, *, format: str = 'auto',
     num_classes: overrides `config.model.num_classes`.
     rng: PRNG key for a new head; from `config.seed` when None.
     pos_resize: '2d' (default) or '1d', see `resample_pos_embedding`.
+    fit: fit a video checkpoint's weights to a `config` they do not match
+      (resample embeddings, inflate, a new head); False fails instead,
+      naming each change, except a new head that `num_classes` asks for.
+      Image weights always become a video model.
 
   Returns:
     The config (a copy; never the one passed) and the params (float32 numpy)
@@ -161,9 +174,27 @@ def load_checkpoint(path: str, config=None, *, format: str = 'auto',
     config.model.num_classes = int(num_classes)
   if rng is None:
     rng = jax.random.key(config.get('seed', 0))
+  allowed = None
+  if not fit and fmt not in IMAGE_FORMATS:
+    allowed = ('head',) if num_classes is not None else ()
   params = adapt.adapt_params(params, src_config, config, rng=rng,
-                              pos_resize=pos_resize, source=os.fspath(path))
-  return config, params
+                              pos_resize=pos_resize, source=os.fspath(path),
+                              allowed=allowed)
+  return _name_classes(config, src_config), params
+
+
+def _name_classes(config, src_config) -> ml_collections.ConfigDict:
+  """`config` with the class names that fit its head: its own, else the
+  checkpoint's; none where the head has another size."""
+  if 'data' not in config:
+    return config
+  count = config.model.num_classes
+  names = [n for n in (config.data.get('class_names', ()),
+                       src_config.get('data', {}).get('class_names', ()))
+           if n and len(n) == count]
+  with config.unlocked():
+    config.data.class_names = tuple(names[0]) if names else ()
+  return config
 
 
 def _default_config(fmt, src_config) -> ml_collections.ConfigDict:

@@ -13,6 +13,7 @@ dataset that `python -m tsformer_jax.datasets.prepare` wrote
 | kinetics400, kinetics600 | 400, 600 | `{train,val,test}.csv` (`path label`) |
 | ssv2 | 174 | SSv2 label JSONs + `20bn-something-something-v2/` |
 | diving48 | 48 | `Diving48_V2_{train,test}.json` + `rgb/` |
+| folder | its class folders | `{train,val}/<class>/*`: your own videos |
 """
 
 from tsformer_jax import input_pipeline

@@ -19,6 +19,7 @@ import os
 
 from tsformer_jax import input_pipeline
 from tsformer_jax.datasets import diving48
+from tsformer_jax.datasets import folder
 from tsformer_jax.datasets import kinetics
 from tsformer_jax.datasets import ssv2
 from tsformer_jax.datasets import synthetic_motion
@@ -31,7 +32,8 @@ class Dataset:
 
   Attributes:
     name: its key in `DATASETS` (`config.data.dataset`).
-    num_classes: the number of classes.
+    num_classes: the number of classes; 0 where the data tells them
+      (`names`), and the model must have exactly those.
     splits: split name -> the file listing it, relative to `data_dir`
       (for a dataset not on disk, what `load` takes).
     load: `(data_dir, split_file) -> Source`.
@@ -120,6 +122,10 @@ DATASETS = {d.name: d for d in [
                 f'{{data_dir}}/{_DIVING48_LISTS["test"]} and the videos as '
                 f'{{data_dir}}/{diving48.VIDEO_DIR}/{{vid_name}}.mp4'),
         how_to=diving48.HOW_TO, labels_file='diving48.txt'),
+    Dataset(
+        name='folder', num_classes=0, splits=folder.SPLITS, load=folder.load,
+        required=(folder.SPLITS['train'],), layout=folder.LAYOUT,
+        how_to=folder.HOW_TO, names=folder.class_names),
 ]}
 # Other names accepted for a dataset (`config.data.dataset`).
 ALIASES = {'k400': 'kinetics400', 'k600': 'kinetics600',
@@ -155,12 +161,19 @@ def data_dir(config) -> str:
       f'), which should hold {dataset.layout}. {dataset.how_to}')
 
 
-def file_source(config, split: str) -> input_pipeline.Source:
+def file_source(config, split: str, num_classes: int | None = None
+                ) -> input_pipeline.Source:
   """The videos of `split` of `config.data.dataset`, from its own files.
+
+  Args:
+    num_classes: the class count the labels must fit; None for
+      `config.model.num_classes` (what a model reads; `prepare` reads no
+      model and passes the dataset's).
 
   Raises:
     ValueError: an unknown dataset or split, or labels beyond
-      `config.model.num_classes`.
+      `num_classes`; for a dataset whose data tells its classes, another
+      count of them.
     FileNotFoundError: the dataset's files are missing; the message names
       the files expected, where, and how to prepare them.
   """
@@ -174,15 +187,30 @@ def file_source(config, split: str) -> input_pipeline.Source:
   split_file = dataset.splits[split]
   if dataset.on_disk:
     _check_files(dataset, root, split_file)
+  if num_classes is None:
+    num_classes = config.model.num_classes
+  if not dataset.num_classes:
+    check_class_count(len(dataset.names(root)), num_classes,
+                      f'The {dataset.name} dataset {root!r}')
   source = dataset.load(root, split_file)
   if isinstance(source, video_files.FileSource):
     _check_source(dataset, source, os.path.join(root, split_file),
-                  config.model.num_classes)
+                  num_classes)
   return source
 
 
+def check_class_count(count: int, num_classes: int, what: str):
+  """For a dataset whose data tells its classes (`Dataset.num_classes` 0):
+  fails unless the model has as many, `count` (`what` holds them)."""
+  if num_classes != count:
+    raise ValueError(
+        f'{what} has {count} classes, but config.model.num_classes is '
+        f'{num_classes}: set --config.model.num_classes={count}.')
+
+
 def _check_files(dataset: Dataset, root: str, split_file: str):
-  missing = [paths for paths in (split_file,) + dataset.required
+  missing = [paths for paths in dict.fromkeys((split_file,) +
+                                             dataset.required)
              if not any(os.path.exists(os.path.join(root, p))
                         for p in paths.split('|'))]
   if missing:
@@ -218,9 +246,9 @@ def class_names(config) -> list[str]:
 
   From the data where it tells them (SSv2's labels file; the folders of
   Kinetics-600's training videos, `.../{class name}/{video}.mp4`, where each
-  class has a folder of its own), else from the lists shipped in
-  `tsformer_jax/labels/` (Kinetics-400, SSv2, Diving-48), else index
-  strings ('0', '1', ...).
+  class has a folder of its own; the class folders of `folder`), else from
+  the lists shipped in `tsformer_jax/labels/` (Kinetics-400, SSv2,
+  Diving-48), else index strings ('0', '1', ...).
   """
   dataset = get_dataset(config.data.dataset)
   root = os.path.expanduser(config.data.data_dir)
@@ -229,7 +257,7 @@ def class_names(config) -> list[str]:
     names = list(_shipped_names(dataset.labels_file))
   if names is None:
     names = [str(i) for i in range(dataset.num_classes)]
-  if len(names) != dataset.num_classes:
+  if dataset.num_classes and len(names) != dataset.num_classes:
     raise ValueError(f'{len(names)} class names for {dataset.name}, which '
                      f'has {dataset.num_classes} classes.')
   return names

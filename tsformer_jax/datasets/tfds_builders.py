@@ -274,15 +274,19 @@ class VideoConfig(tfds.core.BuilderConfig):
       all.
     jpeg_quality: JPEG quality of the stored frames (1 to 95).
     limit: videos per split at most (a quick trial); None for all.
+    data_dir: for a dataset that its folder alone names (`folder`), that
+      folder, so that another is not taken for it; else ''.
   """
   short_side: int = 320
   fps: float = 0.0
   jpeg_quality: int = 90
   limit: int | None = None
+  data_dir: str = ''
 
   def params(self) -> dict:
-    return dict(short_side=self.short_side, fps=self.fps,
-                jpeg_quality=self.jpeg_quality, limit=self.limit)
+    params = dict(short_side=self.short_side, fps=self.fps,
+                  jpeg_quality=self.jpeg_quality, limit=self.limit)
+    return params | (dict(data_dir=self.data_dir) if self.data_dir else {})
 
 
 class EncodedVideos(_LocalBuilder, skip_registration=True):
@@ -394,7 +398,8 @@ def prepare(config, out_dir: str | None = None, *,
       where).
     ValueError: the folder holds the dataset prepared otherwise.
   """
-  name = registry.get_dataset(config.data.dataset).name
+  dataset = registry.get_dataset(config.data.dataset)
+  name = dataset.name
   root = tfds_dir(config) if out_dir is None else os.path.expanduser(out_dir)
   splits = splits_of(config) if splits is None else tuple(splits)
   if not 1 <= jpeg_quality <= 95:
@@ -409,16 +414,20 @@ def prepare(config, out_dir: str | None = None, *,
     params, splits = dict(limit=limit), tuple(synthetic_motion.SPLITS)
   else:
     # Opened first: a missing dataset fails here, naming what it expects.
-    sources = {s: registry.file_source(config, s) for s in splits}
+    class_names = registry.class_names(config)
+    # No model reads them here: the labels must fit the names.
+    sources = {s: registry.file_source(config, s, len(class_names))
+               for s in splits}
     video_config = VideoConfig(
         name=name, description=(
             f'short side <= {short_side or "any"}, fps <= {fps or "any"}, '
             f'JPEG quality {jpeg_quality}'),
         short_side=short_side, fps=fps, jpeg_quality=jpeg_quality,
-        limit=limit)
+        limit=limit, data_dir='' if dataset.num_classes else os.path.abspath(
+            registry.data_dir(config)))
     builder = EncodedVideos(
         config=video_config, sources=sources,
-        class_names=registry.class_names(config), num_workers=num_workers,
+        class_names=class_names, num_workers=num_workers,
         data_dir=root, file_format=FILE_FORMAT)
     params = video_config.params()
   directory = os.fspath(builder.data_dir)
@@ -463,6 +472,9 @@ def load(config, split: str) -> TfdsSource:
       config, splits))
   top = source.split_metadata.get('max_label', -1)
   num_classes = config.model.num_classes
+  if not registry.get_dataset(config.data.dataset).num_classes:
+    registry.check_class_count(len(source.class_names), num_classes,
+                               f'The prepared {directory!r}')
   if num_classes and top >= num_classes:
     raise ValueError(
         f'{directory} split {split} has class {top}, but '
@@ -479,6 +491,7 @@ class TfdsSource:
 
   Attributes:
     directory: the dataset's version folder.
+    class_names: the dataset's class names, by index.
     split_metadata: what `prepare` recorded of the split: `skipped` (the
       videos left out), `errors` and `max_label`.
   """
@@ -501,6 +514,7 @@ class TfdsSource:
           f'{directory} holds splits {sorted(builder.info.splits)}, not '
           f'{split!r}.{hint}')
     self.directory, self.split = directory, split
+    self.class_names = list(builder.info.features['label'].names)
     self.split_metadata = dict(
         builder.info.metadata.get('splits', {}).get(split, {}))
     self._records = builder.as_data_source(

@@ -48,7 +48,23 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
       drop_path=float(hf_config.get('drop_path_rate', 0.0)),
       layer_norm_eps=float(hf_config.get('layer_norm_eps', 1e-6)),
   ))
+  config.data.class_names = _class_names(hf_config.get('id2label'),
+                                         config.model.num_classes)
   return config
+
+
+def _class_names(id2label: Mapping[Any, str] | None, count: int
+                 ) -> tuple[str, ...]:
+  """`id2label` by index; () where it is missing or transformers' default
+  ('LABEL_0', ...), which names nothing."""
+  if not id2label:
+    return ()
+  names = {int(i): str(name) for i, name in id2label.items()}
+  if sorted(names) != list(range(count)):
+    raise ValueError(f'id2label holds classes {sorted(names)[:5]}... but '
+                     f'the model has {count} classes.')
+  names = tuple(names[i] for i in range(count))
+  return () if names == tuple(f'LABEL_{i}' for i in range(count)) else names
 
 
 def hf_module_names(model_config) -> dict[str, str]:

@@ -1,11 +1,19 @@
-"""The original TimeSformer's `.pyth`: its `model_state`, names `model.*`."""
+"""The original TimeSformer's `.pyth`: its `model_state`, names `model.*`,
+and its training config `cfg` (a YAML dump of the original's yacs config)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
+import yaml
+
+from tsformer_jax import config_lib
 from tsformer_jax.checkpoints.formats import state_dicts
+
+# The original's `TRAIN.DATASET` -> ours (Kinetics by its class count).
+_DATASETS = {'ssv2': 'ssv2', 'diving48': 'diving48'}
 
 
 def params_from_original_state_dict(state_dict: Mapping[str, Any], config,
@@ -22,14 +30,57 @@ def params_from_original_state_dict(state_dict: Mapping[str, Any], config,
                                                   parameters, source)
 
 
-def read(state, hf_config, hint, source):
-  """`(config, params)`; the file does not record the number of heads."""
-  del hf_config
+def config_from_cfg(text: str, scheme: str, source: str
+                    ) -> ml_collections.ConfigDict:
+  """Our config of `scheme` as the original's `cfg` describes the job:
+  frames, crop size, classes, dataset, sampling and test views."""
+  try:
+    cfg = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise ValueError(f'{source}: its cfg is not readable YAML ({e}).'
+                     ) from e
+  cfg = cfg if isinstance(cfg, Mapping) else {}
+  get = lambda section, key: (cfg.get(section) or {}).get(key)
+  attention_type = get('TIMESFORMER', 'ATTENTION_TYPE')
+  named = state_dicts.HF_ATTENTION_TYPES.get(attention_type, scheme)
+  if named != scheme:
+    raise ValueError(f'{source}: its cfg says {attention_type!r} but its '
+                     f'weights are {scheme!r} attention.')
+  classes = get('MODEL', 'NUM_CLASSES')
+  dataset = str(get('TRAIN', 'DATASET') or '').lower()
+  dataset = _DATASETS.get(dataset) or (
+      f'kinetics{classes}' if dataset == 'kinetics' and classes in (400, 600)
+      else '')
+  config = config_lib.get_config(scheme, f'dataset={dataset}' if dataset
+                                 else None)
+  size = get('DATA', 'TRAIN_CROP_SIZE')
+  for section, key, value in (
+      ('model', 'num_frames', get('DATA', 'NUM_FRAMES')),
+      ('model', 'image_size', size and (int(size), int(size))),
+      ('model', 'num_classes', classes),
+      ('data', 'sampling_rate', get('DATA', 'SAMPLING_RATE')),
+      ('data', 'mean', get('DATA', 'MEAN')),
+      ('data', 'std', get('DATA', 'STD')),
+      ('data', 'test_num_clips', get('TEST', 'NUM_ENSEMBLE_VIEWS')),
+      ('data', 'test_num_crops', get('TEST', 'NUM_SPATIAL_CROPS'))):
+    if value is not None:
+      config[section][key] = type(config[section][key])(value)
+  return config
+
+
+def read(state, cfg, hint, source):
+  """`(config, params)`: sizes from the weights, the rest from `cfg` (the
+  file's training config, if it has one) or else `hint`."""
   prefix = state_dicts.prefix_of(state, 'patch_embed.proj.weight', source)
   state = state_dicts.conv_kernel_from_linear(
       state, prefix + 'patch_embed.proj.weight')
   scheme = state_dicts.torch_scheme(state, 'temporal_attn.', 'time_embed')
+  recipe = (config_from_cfg(cfg, scheme, source) if isinstance(cfg, str)
+            else None)
   config = state_dicts.torch_layout_config(state, 'original', prefix, prefix,
-                                           scheme, hint, source)
+                                           scheme, hint or recipe, source)
+  if recipe is not None:
+    recipe.model.update(config.model)
+    config = recipe
   return config, params_from_original_state_dict(state, config, source,
                                                  prefix)

@@ -7,7 +7,6 @@ concerns activations only), so converting them is renaming and transposing.
 from __future__ import annotations
 
 from collections.abc import Mapping
-import logging
 import math
 import re
 from typing import Any
@@ -20,8 +19,6 @@ from tsformer_jax import attention
 from tsformer_jax import config_lib
 from tsformer_jax import tensor_io
 from tsformer_jax.checkpoints import spec
-
-_LOG = logging.getLogger(__name__)
 
 # Hugging Face `TimesformerConfig.attention_type` -> our scheme names.
 HF_ATTENTION_TYPES = {
@@ -158,15 +155,28 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config,
 def _to_flax(value: np.ndarray, shape: tuple[int, ...], kind: str, path: str,
              key: str, source: str) -> np.ndarray:
   """One torch tensor in our layout, or an error naming both shapes."""
+  file_shape = value.shape
   if kind == 'kernel' and value.ndim == 4:  # Conv: [D, 3, p, p] -> [p, p, 3, D]
     value = value.transpose(2, 3, 1, 0)
   elif kind == 'kernel':  # Linear: [out, in] -> [in, out], then split heads.
     value = value.T
   if not _fits(value.shape, shape):
+    needs = _torch_shape(shape, kind, path)
+    ours = f' (ours: {list(shape)})' if needs != list(shape) else ''
     raise ValueError(f'{source}: parameter {key!r} has shape '
-                     f'{list(value.shape)} in our layout but {path!r} needs '
-                     f'{list(shape)}.')
+                     f'{list(file_shape)} in the file, where {path!r} needs '
+                     f'{needs}{ours}.')
   return value.reshape(shape)
+
+
+def _torch_shape(shape: tuple[int, ...], kind: str, path: str) -> list[int]:
+  """Our parameter's shape as torch lays it out."""
+  if kind == 'kernel' and len(shape) == 4:  # Conv.
+    return [shape[3], shape[2], shape[0], shape[1]]
+  if kind == 'kernel':  # Linear [out, in]; proj takes [heads, head_dim].
+    inputs = 2 if path.endswith('proj/kernel') and len(shape) == 3 else 1
+    return [math.prod(shape[inputs:]), math.prod(shape[:inputs])]
+  return [math.prod(shape)] if kind == 'bias' else list(shape)
 
 
 def _fits(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
@@ -255,6 +265,11 @@ def torch_layout_config(state, layout, prefix, head_prefix, scheme, hint,
       hint=hint, source=source)
 
 
+# Heads by width of the ViT sizes (Ti, S, B, L, H), the one rule that tells
+# a file's head count when the file does not record it.
+VIT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
 def model_config(scheme, *, width, depth, heads, mlp, patch, num_patches,
                  frames, classes, hint, source) -> ml_collections.ConfigDict:
   """A config of `scheme` with the given sizes; `hint` fills the gaps."""
@@ -262,11 +277,14 @@ def model_config(scheme, *, width, depth, heads, mlp, patch, num_patches,
   if heads is None:
     if hint_model is not None and hint_model.hidden_size == width:
       heads = hint_model.num_heads
+    elif width in VIT_HEADS:
+      heads = VIT_HEADS[width]
     else:
-      heads = max(1, width // 64)
-      _LOG.warning('%s: the file does not record the number of heads; '
-                   'assuming %d (head dim 64). Pass a config to set it.',
-                   source, heads)
+      raise ValueError(
+          f'{source}: the file does not record the number of heads, and '
+          f'width {width} is none of the ViT sizes {sorted(VIT_HEADS)}: '
+          'pass it, e.g. --config=configs/divided.py '
+          '--config.model.num_heads=N (with the model\'s other sizes).')
   if frames is None:
     frames = hint_model.num_frames if hint_model is not None else 8
   grid = None

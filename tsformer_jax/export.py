@@ -1,0 +1,55 @@
+r"""Exports a checkpoint for PyTorch: Hugging Face or the original's `.pyth`.
+
+  python -m tsformer_jax.export CHECKPOINT OUT [--format=hf|pyth]
+      [--config=configs/divided.py:base] [--overwrite]
+
+CHECKPOINT: anything `tsformer_jax.load_checkpoint` reads (with `--config`,
+fitted to that config first, as `convert` does).
+
+`--format=hf` (default): OUT is a directory (`config.json`,
+`model.safetensors`) that `transformers.TimesformerForVideoClassification.
+from_pretrained(OUT)` loads, our class names as its `id2label`; divided and
+joint attention only (see `checkpoints.export`).
+`--format=pyth`: OUT is the original TimeSformer's `.pyth`
+(`{'model_state', 'epoch', 'cfg'}`, a `torch.save` file); also space_only.
+
+OUT is written only once complete. Neither format needs torch installed.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import jax
+import numpy as np
+
+from tsformer_jax import checkpoints
+from tsformer_jax import cli
+from tsformer_jax.checkpoints import export
+
+WRITERS = {'hf': export.write_hf, 'pyth': export.write_pyth}
+
+
+def main(argv) -> int:
+  if len(argv) != 3:
+    raise cli.Error('Pass CHECKPOINT and OUT: python -m tsformer_jax.export '
+                    'CHECKPOINT OUT --format=hf|pyth (--help shows more).')
+  src, out = argv[1:]
+  fmt = cli.FORMAT.value or 'hf'
+  if fmt not in WRITERS:
+    raise cli.Error(f'--format={fmt}: export writes {" or ".join(WRITERS)}.')
+  try:
+    config, params = checkpoints.load_checkpoint(src, cli.CONFIG.value)
+    path = WRITERS[fmt](out, config, params, overwrite=cli.OVERWRITE.value)
+  except (ValueError, OSError, pickle.UnpicklingError) as e:
+    raise cli.Error(str(e), status=1) from e
+  m = config.model
+  count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  print(f'{src} -> {path} ({fmt}): {m.attention}, {m.num_frames} x '
+        f'{tuple(m.image_size)}, {m.num_classes} classes, {count:,} '
+        'parameters.')
+  return 0
+
+
+if __name__ == '__main__':
+  cli.run(main)

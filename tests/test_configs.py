@@ -1,6 +1,8 @@
 """The config files: variants, errors, and loading through config_flags."""
 
 import pathlib
+import subprocess
+import sys
 
 from ml_collections import config_flags
 import pytest
@@ -84,3 +86,12 @@ def test_configs_saved_with_a_dataset_section_are_upgraded():
       dataset='ssv2', data_dir='/d', train_split='train', eval_split='val',
       format='tfds', tfds_dir='/t')
   assert config_lib.upgrade(new) == new
+
+
+@pytest.mark.slow
+def test_importing_the_package_loads_no_video_or_tensorflow_stack():
+  code = ('import sys, tsformer_jax; print(sorted(m for m in ("av", '
+          '"tensorflow", "huggingface_hub", "torch") if m in sys.modules))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip() == '[]'

@@ -7,7 +7,8 @@
   original's `.pyth`), `vit` (ImageNet ViT as `.npz`, Hugging Face or timm);
   `state_dicts` holds the PyTorch names that `hf`, `original` and timm share.
 - `export`: writes ours out for PyTorch (`write_hf`: a Hugging Face
-  directory; `write_pyth`: the original's `.pyth`), each its reader's inverse.
+  directory; `write_pyth`: the original's `.pyth`), each its reader's inverse
+  (imported on its own: it reads datasets' class names).
 - `adapt`: fits weights to another config (`adapt_params`): embeddings
   resampled, single-step schemes inflated, a new head.
 - `spec`: the parameter shapes a config fixes (`check_params`) and our
@@ -21,7 +22,6 @@ Pickled files are read by `tensor_io.read_torch`, which never runs pickled
 code; nothing here needs torch.
 """
 
-from tsformer_jax.checkpoints import export
 from tsformer_jax.checkpoints import hub
 from tsformer_jax.checkpoints import training
 from tsformer_jax.checkpoints.adapt import POS_RESIZE_MODES
@@ -64,7 +64,6 @@ __all__ = [
     'IMAGE_FORMATS', 'PARAMS_ITEM', 'POS_RESIZE_MODES', 'STATE_ITEM',
     'TORCH_NAMES', 'TORCH_SCHEMES', 'adapt_params', 'check_params',
     'config_from_hf', 'config_from_json', 'config_to_json', 'detect_format',
-    'export',
     'hf_module_names', 'hub', 'init_params_from', 'load_checkpoint',
     'nearest_indices', 'params_from_hf_state_dict',
     'params_from_original_state_dict', 'params_from_state_dict',

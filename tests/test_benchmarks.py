@@ -1,5 +1,6 @@
 """The benchmark scripts under experiments/ run, on tiny models."""
 
+import argparse
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 
 import benchmark_cpu  # noqa: E402  pylint: disable=g-import-not-at-top
+import gpu_benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def test_cpu_benchmark_steps_both_frameworks_alike():
@@ -44,16 +46,134 @@ def test_cpu_benchmark_skips_a_framework_whose_first_call_is_too_slow():
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_runs_on_any_backend(tmp_path):
+  """Every plan's rows, each in its own process, tiny: all of them run."""
   result = subprocess.run(
       [sys.executable, 'experiments/gpu_benchmark.py', '--smoke',
        f'--out={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
       timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   (json_file,) = tmp_path.glob('gpu_*.json')
-  rows = json.loads(json_file.read_text())['rows']
-  assert rows
+  run = json.loads(json_file.read_text())
+  rows = run['rows']
+  expected = gpu_benchmark.smoke_rows(
+      [r for plan in gpu_benchmark.plans().values() for r in plan])
+  assert ([gpu_benchmark.row_key(r) for r in rows] ==
+          [gpu_benchmark.row_key(r) for r in expected])
+  assert run['forward_flops_per_clip'] > 0
   for r in rows:
-    assert np.isfinite(r['clips_per_sec']) and r['clips_per_sec'] > 0, r
+    assert r['status'] == 'ok', r
+    if r['kind'] in ('jax', 'torch'):
+      assert np.isfinite(r['clips_per_sec']) and r['clips_per_sec'] > 0, r
+      assert np.isfinite(r['first_loss']), r
+    if r['kind'] == 'memory':
+      assert r['peak_gib'] > 0 and r['remat'] in ('full', 'none', 'dots'), r
+  # Our variants start from the same parameters, clips and key.
+  jax_losses = {r['first_loss'] for r in rows
+                if r['kind'] == 'jax' and r['batch_size'] == 2}
+  assert max(jax_losses) - min(jax_losses) < 1e-2, jax_losses
+  text = (tmp_path / json_file.name.replace('.json', '.md')).read_text()
+  assert 'HF PyTorch (torch.compile default, SDPA)' in text
+  assert '## Training-step memory' in text and '## Profiles' in text
+  assert len(list(tmp_path.glob('gpu_profile_*.md'))) == 2
+
+
+def test_gpu_benchmark_plans_hold_the_rows_the_gpu_session_needs():
+  plans = gpu_benchmark.plans()
+  assert {'quick', 'full', 'anchor', 'variants', 'memory', 'profile'} <= set(
+      plans)
+  for name, rows in plans.items():
+    keys = [gpu_benchmark.row_key(r) for r in rows]
+    assert len(keys) == len(set(keys)), name
+    for r in rows:
+      assert r.get('flags', 'default') in gpu_benchmark.XLA_FLAG_SETS
+  full = {gpu_benchmark.row_key(r): r for r in plans['full']}
+  assert 'HF PyTorch (torch.compile default, SDPA) b32' in full
+  assert 'HF PyTorch (torch.compile max-autotune, SDPA) b32' in full
+  assert 'tsformer_jax (pallas, remat none) b32' in full
+  assert 'tsformer_jax (xla, remat dots) b64' in full
+  assert 'tsformer_jax (xla, remat none, XLA flags lhs) b32' in full
+  (l_memory,) = [r for r in plans['full'] if r['kind'] == 'memory']
+  assert (l_memory['variant'], l_memory['remat'],
+          l_memory['batch_size']) == ('l', 'full', 1)
+  # The quick plan comes first in the full one: a cut run still has it.
+  quick = [gpu_benchmark.row_key(r) for r in plans['quick']]
+  assert set(quick) <= set(list(full)[:len(quick) + 2])
+
+
+def test_gpu_benchmark_sdpa_attention_equals_hugging_face_attention():
+  import torch  # pylint: disable=g-import-not-at-top
+  config = tiny_config('divided')
+  hf = gpu_benchmark.hf_model(config, 'hf').eval()
+  sdpa = gpu_benchmark.hf_model(config, 'sdpa').eval()
+  sdpa.load_state_dict(hf.state_dict())
+  # Our drop path schedule: 0 at the first block, ours at the last.
+  rates = [getattr(layer.drop_path, 'drop_prob', 0.0)
+           for layer in hf.timesformer.encoder.layer]
+  assert rates == pytest.approx([0.0, config.model.drop_path])
+  m = config.model
+  pixels = torch.randn(2, m.num_frames, 3, *m.image_size)
+  outs = []
+  for model in (hf, sdpa):
+    logits = model(pixels).logits
+    logits.square().sum().backward()
+    outs.append((logits.detach(),
+                 model.timesformer.encoder.layer[0].attention.attention
+                 .qkv.weight.grad.clone()))
+  np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5)
+  np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-5)
+
+
+def test_gpu_benchmark_tables_record_rows_that_failed_or_ran_out(tmp_path):
+  meta = dict(device='Some GPU', jax='1', torch='torch 2', python='3.12',
+              peak_bf16=1e15, forward_flops_per_clip=1e11,
+              command='python experiments/gpu_benchmark.py --plan=quick')
+  ok = gpu_benchmark.finish_row(
+      gpu_benchmark.jax_row(32), dict(times_s=[0.2, 0.1, 0.1], status='ok',
+                                      first_loss=6.0, memory_gib=3.0),
+      1e11, 1e15)
+  assert ok['clips_per_sec'] == pytest.approx(320)
+  assert ok['mfu'] == pytest.approx(3 * 1e11 * 320 / 1e15)
+  rows = [ok,
+          dict(gpu_benchmark.torch_row(32, 'max-autotune'),
+               status='timed out after 420 s'),
+          dict(gpu_benchmark.memory_row(), status='failed: OOM'),
+          dict(gpu_benchmark.profile_row(32), status='not run: out of time')]
+  name = gpu_benchmark.write_tables(str(tmp_path), meta, rows)
+  text = open(name + '.md').read()
+  assert name.endswith('gpu_Some_GPU')
+  assert ('| tsformer_jax (xla, remat none) | 32 | 100.0 | 100.0 | 320.0 |'
+          in text)
+  assert 'torch.compile max-autotune, SDPA) | 32 | - |' in text
+  assert 'timed out after 420 s' in text and 'failed: OOM' in text
+  assert 'not run: out of time' in text
+  assert json.loads(open(name + '.json').read())['rows'][0]['mfu'] > 0
+
+
+def test_gpu_benchmark_resumes_the_rows_an_earlier_run_measured(tmp_path):
+  rows = gpu_benchmark.plans()['quick']
+  earlier = [dict(rows[0], status='ok', clips_per_sec=200.0),
+             dict(rows[1], status='timed out after 300 s'),
+             dict(gpu_benchmark.jax_row(64), status='ok')]
+  path = tmp_path / 'gpu_H200.json'
+  path.write_text(json.dumps(dict(device='H200', rows=earlier)))
+  kept = gpu_benchmark.resumed_rows(str(path), 'H200', rows)
+  # Only finished rows of this plan: the timed-out one runs again.
+  assert kept == earlier[:1]
+  assert gpu_benchmark.resumed_rows(str(path), 'H100', rows) == []
+  assert gpu_benchmark.resumed_rows(None, 'H200', rows) == []
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_rows_that_fail_or_time_out_are_recorded(tmp_path):
+  args = argparse.Namespace(steps=1, out=str(tmp_path))
+  bad = dict(gpu_benchmark.jax_row(2, impl='no_such_kernel'),
+             variant='tiny', smoke=True)
+  slow = dict(gpu_benchmark.memory_row(), variant='tiny', smoke=True)
+  failed = gpu_benchmark.launch(bad, args, 'cpu', 120)
+  timed_out = gpu_benchmark.launch(slow, args, 'cpu', 0.5)
+  assert failed.result()['status'].startswith('failed: ValueError: Unknown '
+                                              'attention implementation')
+  assert timed_out.result()['status'] == 'timed out after 0 s'
 
 
 def _fake_case(scheme, seconds):

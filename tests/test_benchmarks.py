@@ -20,6 +20,7 @@ import benchmark_cpu  # noqa: E402  pylint: disable=g-import-not-at-top
 import gpu_benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+@pytest.mark.slow
 def test_cpu_benchmark_steps_both_frameworks_alike():
   config = tiny_config('divided', drop_path=0.0)
   jax_run, flops, temp = benchmark_cpu.jax_runner(config, 2, 'train')

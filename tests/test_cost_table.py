@@ -29,6 +29,7 @@ def test_analytic_count_gives_the_papers_tflops(variant):
   assert abs(tflops / cost_table.PAPER_TFLOPS[variant] - 1) < 0.01
 
 
+@pytest.mark.slow
 def test_base_divided_row_and_parameters_match_the_paper():
   config = config_lib.get_config('divided', 'base')
   xla = cost_table.paper_tflops(cost_table.xla_flops(config))

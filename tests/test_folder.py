@@ -129,9 +129,10 @@ def test_a_folder_prepares_as_tfds_without_a_class_count(tmp_path):
   config = config_lib.get_config('divided', 'tiny,folder')
   config.data.update(data_dir=str(data), tfds_dir=str(tmp_path / 'tfds'))
   assert config.model.num_classes == 0  # prepare reads no model.
-  directory = tfds_builders.prepare(config, num_workers=1)
+  # Every frame kept (the files are 30 fps), so that counts tell files.
+  directory = tfds_builders.prepare(config, fps=30.0, num_workers=1)
   assert directory == str(tmp_path / 'tfds' / 'encoded_videos' / 'folder' /
-                          '1.0.0')
+                          '2.0.0')
   config.data.format = 'tfds'
   with _raises(ValueError, f'The prepared {directory!r} has 3 classes, but '
                'config.model.num_classes is 0: set '

@@ -169,6 +169,7 @@ def test_kernel_events_on_a_cpu_count_the_innermost_thunks():
                                                 'fusion.4']
 
 
+@pytest.mark.slow
 def test_profile_of_a_tiny_training_step_on_the_cpu(tmp_path):
   config = tiny_config('divided')
   config.model.dtype = 'bfloat16'

@@ -67,6 +67,7 @@ def test_small_configs_match_hf(attention_type, frames, image, patch, width,
   np.testing.assert_allclose(ours, want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_base_size_divided_matches_hf():
   hf = _hf_model(0, num_labels=400)  # Defaults: the 8 x 224 base model.
   with torch.no_grad():  # Realistic scales: LayerNorm near one, small weights.

@@ -314,6 +314,7 @@ def test_pallas_refuses_other_shapes_and_the_registry_falls_back():
       attention.attend(q, k, v, mask), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pallas_model_equals_einsum_model_with_gradients():
   """The tiny divided model: its time step (4 frames) takes the kernel."""
   config = tiny_config('divided', drop_path=0.0)

@@ -12,6 +12,7 @@ from tsformer_jax import attention
 from tsformer_jax import config_lib
 from tsformer_jax.kernels import cpu
 
+from conftest import DIVIDED_FIRST
 from conftest import SCHEMES
 from conftest import apply
 from conftest import random_clips
@@ -60,7 +61,7 @@ def test_forward_shapes_and_features(scheme):
       atol=1e-5)
 
 
-@pytest.mark.parametrize('scheme', SCHEMES)
+@pytest.mark.parametrize('scheme', DIVIDED_FIRST)
 def test_fused_attention_equals_einsum(scheme):
   config = tiny_config(scheme, image_size=(40, 24))  # A 5 x 3 patch grid.
   params = _randomize(tiny_params(scheme, image_size=(40, 24)))
@@ -74,7 +75,7 @@ def test_fused_attention_equals_einsum(scheme):
     np.testing.assert_allclose(logits[impl], logits['einsum'], atol=1e-5)
 
 
-@pytest.mark.parametrize('scheme', SCHEMES)
+@pytest.mark.parametrize('scheme', DIVIDED_FIRST)
 def test_cpu_attention_gives_the_einsum_gradients(scheme, monkeypatch):
   """With every unmasked group long enough, 'auto' runs `cpu_attention`
   (class tokens, per-frame tokens and groupings included)."""
@@ -100,7 +101,8 @@ def test_cpu_attention_gives_the_einsum_gradients(scheme, monkeypatch):
     np.testing.assert_allclose(a, b, atol=5e-5 * np.abs(b).max())
 
 
-@pytest.mark.parametrize('scheme', ['divided', 'space_only'])
+@pytest.mark.parametrize('scheme', DIVIDED_FIRST[:1] + [
+    pytest.param('space_only', marks=pytest.mark.slow)])
 def test_remat_policies_give_the_same_gradients(scheme):
   grads = {}
   for remat in ('none', 'full', 'dots', 'dots_no_batch'):
@@ -144,7 +146,7 @@ def test_attention_weights_on_request_from_the_same_forward(scheme):
       np.testing.assert_allclose(weights.sum(-1)[..., 1:], 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize('scheme', SCHEMES)
+@pytest.mark.parametrize('scheme', DIVIDED_FIRST)
 def test_bfloat16_close_to_float32_with_float32_params(scheme):
   config = tiny_config(scheme)
   params = _randomize(tiny_params(scheme))

@@ -11,9 +11,9 @@ import pytest
 import tsformer_jax
 from tsformer_jax import checkpoints
 from tsformer_jax import cli
+from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import evaluation
-from tsformer_jax import input_pipeline
 from tsformer_jax import long_video
 from tsformer_jax import predict
 from tsformer_jax.datasets import synthetic_motion
@@ -56,8 +56,8 @@ def files(tmp_path_factory):
 
 def _eval_scores(config, params, path):
   """Evaluation's path: all test views, model, softmax averaged: `[C]`."""
-  views = input_pipeline.eval_views(video_files.VideoFile(path),
-                                    input_pipeline.clip_spec(config))
+  views = clip_lib.eval_views(video_files.VideoFile(path),
+                              clip_lib.clip_spec(config))
   logits = apply(tsformer_jax.create_model(config), params, views)
   return np.asarray(jax.nn.softmax(logits)).mean(0)
 
@@ -66,8 +66,8 @@ def _features(config, params, path):
   """Per-view features of `model.apply` with num_classes = 0: `[V, D]`."""
   config = copy.deepcopy(config)
   config.model.num_classes = 0
-  views = input_pipeline.eval_views(video_files.VideoFile(path),
-                                    input_pipeline.clip_spec(config))
+  views = clip_lib.eval_views(video_files.VideoFile(path),
+                              clip_lib.clip_spec(config))
   headless = {k: v for k, v in params.items() if k != 'head'}
   return np.asarray(apply(tsformer_jax.create_model(config), headless, views))
 
@@ -90,7 +90,7 @@ def test_prediction_equals_evaluation_and_reports_bad_files(demo, files):
 
 
 def test_stride_clips_cover_the_video_end_to_end():
-  spec = input_pipeline.clip_spec(config_lib.get_config('divided', 'demo'))
+  spec = clip_lib.clip_spec(config_lib.get_config('divided', 'demo'))
 
   def starts(frames, fps, **coverage):
     indices = long_video.clip_indices(frames, fps, spec,
@@ -155,18 +155,21 @@ def _softmax(x):
 
 def test_long_videos_average_clip_softmaxes_across_batches(tmp_path):
   config = config_lib.get_config('divided', 'demo')
-  spec = input_pipeline.clip_spec(config)
+  spec = clip_lib.clip_spec(config)
   videos = [
       _write(tmp_path / 'long.mp4', _long_frames(4, extra=6)),  # 70 frames
       _write(tmp_path / 'short.mp4', _long_frames(1)),
       str(tmp_path / 'missing.mp4'),
       _write(tmp_path / 'three.mp4', _long_frames(3)),
-      input_pipeline.ArrayVideo(_long_frames(2)[::-1].copy()),
+      clip_lib.ArrayVideo(_long_frames(2)[::-1].copy()),
   ]
   starts = [[0, 16, 32, 48, 54], [0], None, [0, 16, 32], [0, 16]]
   calls = []
 
   def forward(params, clips):
+    # Clips arrive as uint8; the model's forward normalises them.
+    assert clips.dtype == np.uint8
+    clips = clip_lib.normalize(clips, spec)
     calls.append(len(clips))
     return dict(scores=_softmax(_fake_logits(clips)),
                 features=np.asarray(clips)[:, :, 5, 7, :].reshape(
@@ -185,7 +188,7 @@ def test_long_videos_average_clip_softmaxes_across_batches(tmp_path):
     clips = []
     for s in first:  # Independently: 8 frames evenly over the 16 from s.
       indices = np.linspace(s, s + SPAN - 1, 8).astype(int)
-      clips.append(input_pipeline.normalize(video.frames(indices), spec))
+      clips.append(clip_lib.normalize(video.frames(indices), spec))
     clips = np.stack(clips)  # 32 x 32 frames: the crop is the frame.
     assert result.error is None and result.start.tolist() == first
     assert result.clip.tolist() == list(range(len(first)))
@@ -255,19 +258,58 @@ def test_cli_writes_json_and_features(demo, demo_workdir, files, tmp_path,
 
 def test_clips_and_crops_are_evaluations_views():
   config = config_lib.get_config('divided', 'demo')
-  spec = dataclasses.replace(input_pipeline.clip_spec(config), num_clips=2,
+  spec = dataclasses.replace(clip_lib.clip_spec(config), num_clips=2,
                              num_crops=3)
   # Landscape frames, so that the left, centre and right crops differ.
   frames = np.concatenate([_long_frames(3), _long_frames(3)[:, :, ::-1]], 2)
-  video = input_pipeline.ArrayVideo(frames[:, :, 8:56].copy())
-  forward = lambda params, clips: dict(scores=_softmax(_fake_logits(clips)))
+  video = clip_lib.ArrayVideo(frames[:, :, 8:56].copy())
+  forward = lambda params, clips: dict(scores=_softmax(_fake_logits(
+      clip_lib.normalize(clips, spec))))
   result, = evaluation.predict_videos(
       config, None, [video], batch_size=4, forward=forward,
       coverage=long_video.Coverage(num_clips=2, num_crops=3))
   assert result.clip.tolist() == [0, 0, 0, 1, 1, 1]
   assert result.crop.tolist() == [0, 1, 2, 0, 1, 2]
   assert result.start.tolist() == [0, 0, 0, 32, 32, 32]
-  expected = _softmax(_fake_logits(input_pipeline.eval_views(video, spec)))
+  expected = _softmax(_fake_logits(clip_lib.eval_views(video, spec)))
   assert np.ptp(expected, axis=0).min() > 1e-3  # The views differ.
   np.testing.assert_allclose(result.view_scores, expected, atol=1e-6)
   np.testing.assert_allclose(result.scores, expected.mean(0), atol=1e-6)
+
+
+class _MeanColourModel:
+  """A model whose logits are 4 x each clip's mean colour."""
+
+  @staticmethod
+  def apply(variables, clips, **kwargs):
+    del variables, kwargs
+    return 4 * clips.mean(axis=(1, 2, 3))
+
+
+def test_forward_and_eval_step_normalise_uint8_clips_on_the_device(
+    monkeypatch):
+  """uint8 clips through the forward (predict) and the eval step give what
+  host-normalised float32 clips give."""
+  from tsformer_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(evaluation.model_lib, 'create_model',
+                      lambda config: _MeanColourModel())
+  config = config_lib.get_config('divided', 'tiny')
+  config.data.mean, config.data.std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+  spec = clip_lib.clip_spec(config)
+  clips = np.random.default_rng(0).integers(0, 256, (3, 4, 16, 16, 3),
+                                            np.uint8)
+  floats = clip_lib.normalize(clips, spec)
+  forward = jax.jit(evaluation.forward_fn(config))
+  scores = forward(None, clips)['scores']
+  np.testing.assert_allclose(scores, _softmax(_fake_logits(floats)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(forward(None, floats)['scores'], scores,
+                             rtol=1e-5)
+  batch = dict(labels=np.array([0, 1, 2]), mask=np.ones(3, bool))
+  step = jax.jit(lambda clips: train.eval_step(
+      None, dict(batch, clips=clips[:, None]),
+      apply_fn=_MeanColourModel.apply, mean=spec.mean, std=spec.std))
+  sums, expected = step(clips), step(floats)
+  assert float(sums['count']) == 3
+  for key in sums:
+    np.testing.assert_allclose(sums[key], expected[key], rtol=1e-5)

@@ -26,7 +26,7 @@ import pytest
 import tsformer_jax
 from tsformer_jax import attention
 from tsformer_jax import checkpoints
-from tsformer_jax import input_pipeline
+from tsformer_jax import clip_lib
 from tsformer_jax import model as model_lib
 from tsformer_jax import rollout
 from tsformer_jax import visualize
@@ -171,14 +171,14 @@ def test_rollout_matches_brute_force(scheme_name, sizes):
 def _motion_clips(config, count):
   """Test clips of synthetic_motion as evaluation samples them, and where
   the square is: float32 `[B, T, H, W, 3]`, bool `[B, T, H, W]`."""
-  spec = input_pipeline.clip_spec(config)
+  spec = clip_lib.clip_spec(config)
   clips, squares = [], []
   for index in range(count):
     frames, _ = synthetic_motion.generate('test', index)
-    video = input_pipeline.ArrayVideo(frames)
-    clips.append(input_pipeline.eval_views(video, spec)[0])
-    shown = frames[input_pipeline.temporal_indices(len(frames), video.fps,
-                                                   spec, clip=0)]
+    video = clip_lib.ArrayVideo(frames)
+    clips.append(clip_lib.eval_views(video, spec)[0])
+    shown = frames[clip_lib.temporal_indices(len(frames), video.fps,
+                                             spec, clip=0)]
     # The square is painted over the noise in synthetic_motion's exact
     # colours; the background (at most 60 plus noise of std 8) never reaches
     # 230 in any channel. Demo frames are the clip's size: no crop to undo.
@@ -278,7 +278,7 @@ def test_visualize_errors_name_the_problem(tmp_path):
   garbage.write_bytes(b'not a video' * 100)
   out = str(tmp_path / 'out')
   # The video is probed before the checkpoint is read: any path will do.
-  with pytest.raises(input_pipeline.BadVideoError, match='garbage.mp4'):
+  with pytest.raises(clip_lib.BadVideoError, match='garbage.mp4'):
     visualize.visualize(str(tmp_path), str(garbage), out)
   with pytest.raises(FileNotFoundError, match='No checkpoint at .*nothing'):
     visualize.visualize(str(tmp_path / 'nothing'), str(garbage), out)
@@ -287,13 +287,13 @@ def test_visualize_errors_name_the_problem(tmp_path):
 
 def test_sample_clip_is_the_evaluation_view():
   config = tiny_config('divided', image_size=(24, 32))
-  spec = input_pipeline.clip_spec(config)
+  spec = clip_lib.clip_spec(config)
   # Already at the short side: the centre crop cuts 4 columns each side.
   frames = np.random.default_rng(0).integers(0, 256, (20, 24, 40, 3),
                                              np.uint8)
-  video = input_pipeline.ArrayVideo(frames)
+  video = clip_lib.ArrayVideo(frames)
   indices, shown, clip = visualize.sample_clip(video, spec)
-  one_view = input_pipeline.eval_views(
+  one_view = clip_lib.eval_views(
       video, dataclasses.replace(spec, num_clips=1, num_crops=1))
   np.testing.assert_array_equal(clip, one_view[0])
   # The centre clip of 20 frames: 4 frames spanning 8, from frame 6.

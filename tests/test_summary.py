@@ -38,6 +38,7 @@ def test_cli_prints_json():
   assert result['params'] == 81_226 and result['flops_per_clip'] > 1e6
 
 
+@pytest.mark.slow
 def test_train_step_memory_accounts_for_donation_and_batch():
   config = config_lib.get_config('divided', 'tiny')
   one, four = (summary.train_step_memory(config, b) for b in (1, 4))

@@ -1,10 +1,12 @@
 """TFDS datasets: the synthetic_motion builder, converted video datasets,
 reading them as sources, training on them, and the missing-data error."""
 
+import dataclasses
 import io
 import json
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
+from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline as ip
@@ -43,23 +46,28 @@ def synthetic_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('tfds')
   config = _tfds_config('demo', root)
   directory = tfds_builders.prepare(config, limit=LIMIT, num_workers=2)
-  assert directory == str(root / 'synthetic_motion' / '1.0.0')
+  assert directory == str(root / 'synthetic_motion' / '2.0.0')
   return root
 
 
 def test_synthetic_motion_tfds_holds_the_generated_clips(synthetic_dir):
   config = _tfds_config('demo', synthetic_dir)
   info = tfds.builder_from_directory(tfds_builders.builder_dir(config)).info
-  assert (info.name, str(info.version)) == ('synthetic_motion', '1.0.0')
-  assert info.features['label'].names == list(synthetic_motion.CLASSES)
+  assert (info.name, str(info.version)) == ('synthetic_motion', '2.0.0')
+  assert info.metadata['class_names'] == list(synthetic_motion.CLASSES)
+  # One record per frame: 16 frames a video.
   assert {s: info.splits[s].num_examples for s in info.splits} == {
-      'train': LIMIT, 'test': LIMIT}
+      'train': 16 * LIMIT, 'test': 16 * LIMIT}
   assert all(f.endswith('.array_record-00000-of-00001')
              for s in info.splits for f in info.splits[s].filenames)
   for split in ('train', 'test'):
     source = datasets.get_source(config, split)
     assert len(source) == LIMIT
-    assert source.split_metadata == dict(skipped=0, errors=[], max_label=1)
+    metadata = dict(source.split_metadata)
+    videos = metadata.pop('videos')
+    assert metadata == dict(skipped=0, errors=[], max_label=1)
+    assert videos['first'] == list(range(0, 16 * LIMIT, 16))
+    assert videos['id'][7] == f'{split}/00007'
     for index in (0, 7, LIMIT - 1):
       frames, label = synthetic_motion.generate(split, index)
       video, stored_label = source[index]
@@ -68,12 +76,12 @@ def test_synthetic_motion_tfds_holds_the_generated_clips(synthetic_dir):
       np.testing.assert_array_equal(video.frames(np.arange(16)), frames)
       np.testing.assert_array_equal(video.frames(np.array([9, 2, 9])),
                                     frames[[9, 2, 9]])
-  # Example ids, read without our source.
+  # Frame records, read without our source: video 5's frame 3.
   raw = tfds.builder_from_directory(tfds_builders.builder_dir(config)
                                     ).as_data_source('test')
-  assert raw[5]['id'] == b'test/00005'
-  np.testing.assert_array_equal(raw[5]['video'],
-                                synthetic_motion.generate('test', 5)[0])
+  assert (raw[5 * 16 + 3]['video'], raw[5 * 16 + 3]['frame']) == (5, 3)
+  np.testing.assert_array_equal(raw[5 * 16 + 3]['image'],
+                                synthetic_motion.generate('test', 5)[0][3])
 
 
 def test_preparing_again_keeps_the_data_or_refuses_other_settings(
@@ -109,7 +117,7 @@ def test_training_runs_on_the_tfds_source(synthetic_dir, tmp_path):
   config.batch_size = config.eval_batch_size = 8
   config.data.num_workers = 2
   # Batches equal those read from the generated clips themselves.
-  spec = ip.clip_spec(config)
+  spec = clip_lib.clip_spec(config)
   batches = [next(ip.train_batches(source, spec, 8, seed=3, start_step=5,
                                    num_workers=2))
              for source in (datasets.get_source(config, 'train'),
@@ -127,7 +135,7 @@ def test_missing_tfds_data_names_the_folder_and_the_command(tmp_path):
   config = _tfds_config('tiny,k400', tmp_path / 'none',
                         data_dir='/data/k 400')
   expected = str(tmp_path / 'none' / 'encoded_videos' / 'kinetics400' /
-                 '1.0.0')
+                 '2.0.0')
   command = ("python -m tsformer_jax.datasets.prepare "
              "--config=configs/divided.py:tiny,kinetics400 "
              f"--out={tmp_path / 'none'} "
@@ -170,7 +178,7 @@ def test_streamed_frames_equal_decoded_frames(tmp_path):
   assert frame_indices(streamed)[-1] < 29  # The cut repeats its last frame.
   bad = tmp_path / 'bad.mp4'
   bad.write_bytes(b'not a video')
-  with pytest.raises(ip.BadVideoError, match='bad.mp4'):
+  with pytest.raises(clip_lib.BadVideoError, match='bad.mp4'):
     list(tfds_builders.iter_frames(video_files.VideoFile(str(bad)), [0]))
 
 
@@ -200,10 +208,10 @@ def test_a_csv_dataset_converts_with_the_cli(tmp_path):
       check=True, cwd=ROOT, capture_output=True, timeout=120)
   config = _tfds_config('tiny,k400', out, data_dir=str(data))
   directory = tfds_builders.builder_dir(config)
-  assert directory == str(out / 'encoded_videos' / 'kinetics400' / '1.0.0')
+  assert directory == str(out / 'encoded_videos' / 'kinetics400' / '2.0.0')
   metadata = json.loads(pathlib.Path(directory, 'metadata.json').read_text())
   assert (metadata['short_side'], metadata['fps'],
-          metadata['jpeg_quality']) == (320, 0.0, 90)
+          metadata['jpeg_quality']) == (320, 15.0, 75)
   train_meta = metadata['splits']['train']
   assert train_meta['skipped'] == 2 and train_meta['max_label'] == 3
   assert ['bad1.mp4' in e for e in train_meta['errors']] == [True, False]
@@ -218,16 +226,20 @@ def test_a_csv_dataset_converts_with_the_cli(tmp_path):
     for index, entry in enumerate(good):
       video, label = source[index]
       file = video_files.VideoFile(entry.path)
-      assert (label, video.num_frames, video.fps) == (entry.label, 16, 25.0)
-      stored = video.frames(np.arange(16))
-      decoded = file.frames(np.arange(16))
-      # Exactly the decoded frames through JPEG at quality 90 ...
+      # 25 fps at most 15: frames 0, 1.67, 3.33, ... of the 16.
+      kept, _ = tfds_builders.subsample(16, 25.0, 15.0)
+      assert (label, video.num_frames, video.fps) == (entry.label, 10, 15.0)
+      stored = video.frames(np.arange(10))
+      decoded = file.frames(kept)
+      # Exactly the decoded frames through JPEG at quality 75 ...
       np.testing.assert_array_equal(
-          stored, np.stack([_jpeg(f, 90) for f in decoded]))
-      # ... whose error on these noisy 32 px frames is 5.2 on average.
-      assert np.abs(stored.astype(float) - decoded).mean() < 6
+          stored, np.stack([_jpeg(f, 75) for f in decoded]))
+      # ... whose error on these noisy 32 px frames is 7.8 on average.
+      assert np.abs(stored.astype(float) - decoded).mean() < 9
       if split == 'train':
-        assert raw[index]['path'].decode() == entry.path
+        assert source.split_metadata['videos']['path'][index] == entry.path
+        record = raw[video.first + 2]
+        assert (record['video'], record['frame']) == (index, 2)
   with pytest.raises(FileNotFoundError, match=(
       r"(?s)holds splits \['test', 'train'\], not 'val'. Delete .*"
       r'--splits=test,train,val$')):
@@ -248,3 +260,92 @@ def test_conversion_shrinks_and_subsamples(tmp_path):
   frames = video.frames(np.arange(15))
   assert frames.shape == (15, 24, 32, 3)
   assert frame_indices(frames) == list(range(0, 30, 2))
+
+
+def test_data_in_the_old_layout_is_refused_with_the_command(tmp_path):
+  config = _tfds_config('tiny,k400', tmp_path, data_dir='/data/k400')
+  old = tmp_path / 'encoded_videos' / 'kinetics400' / '1.0.0'
+  old.mkdir(parents=True)
+  (old / 'dataset_info.json').write_text('{}')
+  with pytest.raises(FileNotFoundError, match=(
+      r"(?s)kinetics400/1.0.0' holds kinetics400 prepared in the old layout "
+      r'1.0.0 \(one record per video\); this version reads layout 2.0.0.*'
+      r'Prepare it again with:\n  python -m tsformer_jax.datasets.prepare '
+      r'.*--config.data.data_dir=/data/k400$')):
+    datasets.get_source(config, 'train')
+
+
+class _CountingRecords:
+  """Records that note the keys read."""
+
+  def __init__(self, records):
+    self.records, self.keys = records, []
+
+  def __getitems__(self, keys):
+    self.keys.extend(keys)
+    return self.records.__getitems__(keys)
+
+
+def test_a_clip_reads_only_the_frames_it_uses(synthetic_dir):
+  config = _tfds_config('demo', synthetic_dir)
+  source = datasets.get_source(config, 'train')
+  spec = clip_lib.clip_spec(config)
+  video, _ = source[9]
+  records = _CountingRecords(video.records)
+  counted = dataclasses.replace(video, records=records)
+  clip = clip_lib.train_clip(counted, spec, np.random.default_rng(0))
+  indices = clip_lib.temporal_indices(16, 30.0, spec,
+                                      rng=np.random.default_rng(0))
+  assert clip.shape == (8, 32, 32, 3) and clip.dtype == np.uint8
+  assert records.keys == [video.first + i for i in dict.fromkeys(
+      indices.tolist())]
+  assert video.first == 9 * 16
+
+
+def test_tfds_sources_pickle_as_their_folder(synthetic_dir):
+  config = _tfds_config('demo', synthetic_dir)
+  source = datasets.get_source(config, 'test')
+  copy = pickle.loads(pickle.dumps(source))
+  assert len(pickle.dumps(source)) < 1000  # The folder, not the data.
+  np.testing.assert_array_equal(copy[3][0].frames(np.arange(16)),
+                                source[3][0].frames(np.arange(16)))
+  assert copy[3][1] == source[3][1]
+
+
+def test_jpeg_frames_decode_at_a_reduced_scale_where_the_crop_allows():
+  """PIL's draft decodes a JPEG at 1/2, 1/4 or 1/8 of its size in the DCT;
+  a clip asks for the smallest no smaller than its resized frame. On smooth
+  frames the clips stay within a few levels of full decoding."""
+  y, x = np.mgrid[0:256, 0:320]
+  frame = np.stack([128 + 100 * np.sin(x / 17.0),
+                    128 + 100 * np.cos(y / 23.0), 90 + 0 * x], -1
+                   ).astype(np.uint8)
+  data = tfds_builders.encode_jpeg(frame, 90)
+  assert tfds_builders.decode_image(data).shape == (256, 320, 3)
+  assert tfds_builders.decode_image(data, (64, 80)).shape == (64, 80, 3)
+  assert tfds_builders.decode_image(data, (65, 80)).shape == (128, 160, 3)
+  records = [dict(image=data)] * 4
+  video = tfds_builders.EncodedVideo(_Records(records), 0, 4, 30.0,
+                                     (256, 320))
+  full = clip_lib.ArrayVideo(np.stack([tfds_builders.decode_image(data)] * 4))
+  spec = clip_lib.ClipSpec(num_frames=4, sampling_rate=1, crop_size=(48, 48),
+                           train_scales=(64, 64), num_clips=1, num_crops=3)
+  for seed in range(4):
+    reduced = clip_lib.train_clip(video, spec, np.random.default_rng(seed))
+    whole = clip_lib.train_clip(full, spec, np.random.default_rng(seed))
+    difference = np.abs(reduced.astype(int) - whole)
+    assert reduced.shape == (4, 48, 48, 3)
+    assert difference.mean() < 1 and difference.max() <= 4  # 0.52, 3.
+  difference = np.abs(clip_lib.eval_clips(video, spec).astype(int) -
+                      clip_lib.eval_clips(full, spec))
+  assert difference.mean() < 1 and difference.max() <= 4  # 0.39, 2.
+
+
+class _Records:
+  """A list of records with `__getitems__`, as TFDS's data sources."""
+
+  def __init__(self, records):
+    self.records = records
+
+  def __getitems__(self, keys):
+    return [self.records[k] for k in keys]

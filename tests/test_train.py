@@ -16,6 +16,7 @@ import pytest
 
 import tsformer_jax
 from tsformer_jax import checkpoints
+from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline
@@ -55,6 +56,7 @@ def _state_and_batch(config, batch_size=4):
   return state, batch
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch():
   config = config_lib.get_config('divided', 'tiny')
   config.model.drop_path = 0.0
@@ -70,6 +72,45 @@ def test_gradient_accumulation_equals_the_full_batch():
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
   for a, b in zip(*(jax.tree.leaves(r[0]) for r in results), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    'name', ['sgd', pytest.param('adamw', marks=pytest.mark.slow)])
+def test_bfloat16_optimizer_state_halves_it_and_follows_float32(name):
+  config = config_lib.get_config('divided', 'tiny')
+  config.model.drop_path = 0.0
+  config.optimizer.update(name=name, learning_rate=0.1)
+  config.grad_accum_steps = 1
+  results = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.optimizer.state_dtype = dtype
+    state, batch = _state_and_batch(config)
+    step = jax.jit(functools.partial(
+        train.train_step, config=config,
+        schedule=train.learning_rate_schedule(config, 10)))
+    # Adam's update of a near-zero gradient flips sign with any change of
+    # the parameters, so AdamW is compared after one step, SGD after three.
+    for _ in range(3 if name == 'sgd' else 1):
+      state, _ = step(state, batch, jax.random.key(1))
+    moments = [x for x in jax.tree.leaves(state.opt_state)
+               if x.shape == state.params['head']['kernel'].shape]
+    results[dtype] = state, moments
+  f32, b16 = results['float32'], results['bfloat16']
+  # The momentum (first moment) is stored in bfloat16: half the bytes.
+  assert {x.dtype for x in f32[1]} == {jnp.dtype('float32')}
+  assert jnp.dtype('bfloat16') in {x.dtype for x in b16[1]}
+  # The steps move the parameters alike, to within bfloat16's rounding of
+  # the update.
+  for before, a, b in zip(
+      jax.tree.leaves(_state_and_batch(config)[0].params),
+      jax.tree.leaves(f32[0].params), jax.tree.leaves(b16[0].params),
+      strict=True):
+    moved = np.abs(np.asarray(a) - before).max()
+    np.testing.assert_allclose(b, a, atol=0.02 * moved + 1e-7)
+  with pytest.raises(ValueError, match=r"state_dtype 'fp8'; valid: "
+                     r"\['float32', 'bfloat16'\]"):
+    config.optimizer.state_dtype = 'fp8'
+    train.create_optimizer(config, 10)
 
 
 def test_mixup_mixes_clips_and_targets_alike():
@@ -180,7 +221,7 @@ class _ListSource:
 
   def __getitem__(self, index):
     if self.videos[index] is None:
-      raise input_pipeline.BadVideoError('unreadable')
+      raise clip_lib.BadVideoError('unreadable')
     return self.videos[index], self.labels[index]
 
 
@@ -194,7 +235,7 @@ def test_long_videos_are_evaluated_whole_with_averaged_clip_scores():
   model = tsformer_jax.create_model(config)
   rng = np.random.default_rng(0)
   lengths = [100, 8, 47]  # 30 fps: a clip spans 8 frames, stride 15.
-  videos = [input_pipeline.ArrayVideo(
+  videos = [clip_lib.ArrayVideo(
       rng.integers(0, 255, (n, 40, 48, 3), np.uint8)) for n in lengths]
   labels = [3, 1, 7]
   skipped = input_pipeline.SkipCounter()
@@ -204,14 +245,14 @@ def test_long_videos_are_evaluated_whole_with_averaged_clip_scores():
   # Independently: clips at 0, 15, 30, ... and one ending on the last frame,
   # each spanning 8 frames (4 frames at rate 2: offsets linspace(0, 7, 4)
   # truncated), centre-cropped after the short-side resize.
-  spec = input_pipeline.clip_spec(config)
+  spec = clip_lib.clip_spec(config)
   expected_nll, expected_top1 = [], []
   for video, label, n in zip(videos, labels, lengths, strict=True):
     starts = list(range(0, n - 8 + 1, 15))
     if starts[-1] != n - 8:
       starts.append(n - 8)
     clips = np.stack([
-        input_pipeline.normalize(input_pipeline.eval_crops(
+        clip_lib.normalize(clip_lib.eval_crops(
             video.array[s + np.array([0, 2, 4, 7])], spec)[0], spec)
         for s in starts])
     probs = np.asarray(jax.nn.softmax(model.apply({'params': params},

@@ -4,15 +4,17 @@ Every video here is generated (synthetic_motion, or frames whose brightness
 encodes their index) and written with PyAV: mp4 (H.264) and webm (VP9).
 """
 
+import fractions
 import json
 import os
 
+import av
 import numpy as np
 import pytest
 
+from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import datasets
-from tsformer_jax import input_pipeline as ip
 from tsformer_jax import train
 from tsformer_jax.datasets import kinetics
 from tsformer_jax.datasets import synthetic_motion
@@ -94,9 +96,9 @@ def test_unreadable_files_are_bad_videos(tmp_path):
   (tmp_path / 'text.webm').write_text('not a video')
   for name in ('empty.mp4', 'noise.mp4', 'text.webm', 'absent.mp4'):
     video = video_files.VideoFile(str(tmp_path / name))
-    with pytest.raises(ip.BadVideoError, match=name):
+    with pytest.raises(clip_lib.BadVideoError, match=name):
       _ = video.num_frames
-    with pytest.raises(ip.BadVideoError, match=name):
+    with pytest.raises(clip_lib.BadVideoError, match=name):
       video.frames(np.array([0]))
   # An mp4 cut after its index: 16 frames announced, none to decode.
   whole = tmp_path / 'whole.mp4'
@@ -105,30 +107,56 @@ def test_unreadable_files_are_bad_videos(tmp_path):
   (tmp_path / 'no_frames.mp4').write_bytes(data[:data.index(b'mdat') + 4])
   video = video_files.VideoFile(str(tmp_path / 'no_frames.mp4'))
   assert video.num_frames == 16
-  with pytest.raises(ip.BadVideoError, match='no decodable frame'):
+  with pytest.raises(clip_lib.BadVideoError, match='no decodable frame'):
     video.frames(np.array([0]))
 
 
-def test_segment_sampling_takes_one_frame_per_segment():
-  spec = ip.ClipSpec(num_frames=8, sampling_rate=99, crop_size=(8, 8),
-                     sampling='segments', num_clips=1)
-  np.testing.assert_array_equal(ip.temporal_indices(80, 12.0, spec, clip=0),
-                                np.arange(5, 80, 10))  # Middles.
-  two = ip.ClipSpec(8, 1, (8, 8), sampling='segments', num_clips=2)
-  np.testing.assert_array_equal(ip.temporal_indices(80, 30.0, two, clip=0),
-                                np.arange(2, 80, 10))
-  np.testing.assert_array_equal(ip.temporal_indices(80, 30.0, two, clip=1),
-                                np.arange(7, 80, 10))
+def _get_seq_frames(video_length, num_frames, train, rng=None):
+  """PySlowFast's SSv2 `get_seq_frames`, as the original writes it."""
+  seg_size = float(video_length - 1) / num_frames
+  seq = []
+  for i in range(num_frames):
+    start = int(np.round(seg_size * i))
+    end = int(np.round(seg_size * (i + 1)))
+    if train:
+      seq.append(rng.randint(start, end))  # random.randint: inclusive.
+    else:
+      seq.append((start + end) // 2)
+  return seq
+
+
+@pytest.mark.parametrize('length', [1, 2, 5, 8, 9, 17, 80, 81, 173, 300])
+@pytest.mark.parametrize('frames', [8, 16])
+def test_segment_sampling_is_the_originals(length, frames):
+  spec = clip_lib.ClipSpec(num_frames=frames, sampling_rate=99,
+                           crop_size=(8, 8), sampling='segments', num_clips=1)
+  np.testing.assert_array_equal(clip_lib.temporal_indices(length, 12.0, spec,
+                                                          clip=0),
+                                _get_seq_frames(length, frames, False))
+  # Training: each frame uniform over its segment, both ends included.
+  seg = (length - 1) / frames
+  starts = np.round(seg * np.arange(frames)).astype(int)
+  ends = np.round(seg * np.arange(1, frames + 1)).astype(int)
   rng = np.random.default_rng(0)
-  draws = np.stack([ip.temporal_indices(80, 30.0, spec, rng=rng)
-                    for _ in range(200)])
-  assert (draws // 10 == np.arange(8)).all()  # Each in its own segment.
-  assert all(len(set(column)) == 10 for column in draws.T)  # Any frame.
-  short = ip.temporal_indices(5, 30.0, spec, clip=0)  # Fewer frames than T.
-  assert list(short) == [0, 0, 1, 2, 2, 3, 4, 4]  # Middles 0.31, 0.94, ...
+  draws = np.stack([clip_lib.temporal_indices(length, 30.0, spec, rng=rng)
+                    for _ in range(300)])
+  assert ((draws >= starts) & (draws <= ends)).all()
+  for column, lo, hi in zip(draws.T, starts, ends, strict=True):
+    assert set(column) == set(range(lo, hi + 1))
+
+
+def test_segment_sampling_test_clips():
+  """Several test clips take the point (2k + 1) / 2n of each segment; one
+  clip is the original's middle."""
+  two = clip_lib.ClipSpec(8, 1, (8, 8), sampling='segments', num_clips=2)
+  # 81 frames: segments of 10 frames, [0, 10], [10, 20], ...
+  np.testing.assert_array_equal(
+      clip_lib.temporal_indices(81, 30.0, two, clip=0), np.arange(2, 80, 10))
+  np.testing.assert_array_equal(
+      clip_lib.temporal_indices(81, 30.0, two, clip=1), np.arange(7, 80, 10))
   with pytest.raises(ValueError, match="'rate', 'segments'"):
-    ip.temporal_indices(80, 30.0, ip.ClipSpec(8, 1, (8, 8), sampling='x'),
-                        clip=0)
+    clip_lib.temporal_indices(
+        80, 30.0, clip_lib.ClipSpec(8, 1, (8, 8), sampling='x'), clip=0)
 
 
 def test_configs_select_the_dataset():
@@ -136,7 +164,7 @@ def test_configs_select_the_dataset():
   assert (hr.data.dataset, hr.model.num_classes, hr.model.num_frames,
           tuple(hr.model.image_size), hr.data.flip, hr.data.sampling) == (
               'ssv2', 174, 16, (448, 448), False, 'segments')
-  assert ip.clip_spec(hr).sampling == 'segments'
+  assert clip_lib.clip_spec(hr).sampling == 'segments'
   assert config_lib.get_config('divided', 'ssv2').model.num_frames == 8
   assert config_lib.get_config('divided', 'L,ssv2').model.num_frames == 64
   k600 = config_lib.get_config('divided', 'k600')
@@ -259,12 +287,13 @@ def test_ssv2_layout_loads_with_its_labels(tmp_path, video_dir):
   video, label = train_source[2]
   assert label == 173 - shipped.index(SSV2_TEMPLATES[2])
   assert (video.num_frames, video.fps) == (24, 12.0)
-  # Segments: the middle frame of each of 4 segments of 6 frames.
-  spec = ip.clip_spec(config)
+  # Segments as the original's: bounds round(5.75 * i) = 0, 6, 12, 17, 23;
+  # the middles (start + end) // 2.
+  spec = clip_lib.clip_spec(config)
   assert spec.sampling == 'segments' and not spec.flip
-  indices = ip.temporal_indices(video.num_frames, video.fps, spec, clip=0)
-  assert frame_indices(video.frames(indices)) == [3, 9, 15, 21]
-  assert ip.eval_views(video, spec).shape == (3, 4, 32, 32, 3)
+  indices = clip_lib.temporal_indices(video.num_frames, video.fps, spec, clip=0)
+  assert frame_indices(video.frames(indices)) == [3, 9, 14, 20]
+  assert clip_lib.eval_views(video, spec).shape == (3, 4, 32, 32, 3)
   items[0]['template'] = 'Juggling [something]'
   (tmp_path / 'something-something-v2-train.json').write_text(
       json.dumps(items))
@@ -329,3 +358,83 @@ def test_synthetic_motion_videos_are_written_then_decoded(tmp_path,
   memory = datasets.get_source(config_lib.get_config('divided', 'demo'),
                                'test')
   assert len(memory) == 256 and memory[5][1] == source[5][1]
+
+
+def _write_gop_video(path, frames, container='mp4', fps=30):
+  """H.264 with B-frames and a keyframe every 12 frames (or VP9 in webm,
+  every 12 frames): files where seeking and frame skipping matter."""
+  codec, options = (('libx264', {'g': '12', 'bf': '3', 'crf': '18',
+                                 'preset': 'veryfast'}) if container == 'mp4'
+                    else ('libvpx-vp9', {'g': '12', 'deadline': 'realtime',
+                                         'cpu-used': '8', 'crf': '20',
+                                         'b': '0'}))
+  with av.open(str(path), 'w', format=container) as out:
+    stream = out.add_stream(codec, rate=fractions.Fraction(fps))
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = 'yuv420p'
+    stream.options = options
+    for frame in frames:
+      out.mux(stream.encode(av.VideoFrame.from_ndarray(frame,
+                                                       format='rgb24')))
+    out.mux(stream.encode())
+
+
+def _numbered_frames(n, size=32):
+  """Frames whose red and green levels tell their index (up to 1023): uint8
+  `[n, size, size, 3]`."""
+  index = np.arange(n)
+  levels = np.stack([8 * (index % 32), 8 * (index // 32), 0 * index], -1)
+  return np.broadcast_to(levels[:, None, None].astype(np.uint8),
+                         (n, size, size, 3)).copy()
+
+
+def _numbers(frames):
+  levels = np.round(frames.mean((1, 2)) / 8).astype(int)
+  return (levels[:, 0] + 32 * levels[:, 1]).tolist()
+
+
+def _every_frame(path):
+  """Every frame in decoding order, decoded plainly: the reference."""
+  with av.open(str(path)) as container:
+    return np.stack([f.to_ndarray(format='rgb24')
+                     for f in container.decode(video=0)])
+
+
+@pytest.mark.parametrize('container', ['mp4', 'webm'])
+def test_seeking_and_skipping_decode_the_frames_asked_for(tmp_path,
+                                                          container):
+  """Seeking to the keyframe before a clip and skipping the non-reference
+  frames it does not use give exactly the frames of a plain decode from
+  frame 0, in any order, repeated, and past the end."""
+  path = tmp_path / f'gop.{container}'
+  _write_gop_video(path, _numbered_frames(150), container)
+  every = _every_frame(path)
+  assert _numbers(every) == list(range(150))
+  rng = np.random.default_rng(0)
+  cases = [[0], [149], [149, 0, 75, 75], list(range(150)), [140, 150, 999],
+           [37, 38, 39], [100, 101, 130]]
+  cases += [np.linspace(s, s + 63, 8).astype(int).tolist()
+            for s in rng.integers(0, 86, 6)]
+  for indices in cases:
+    got = video_files.decode(str(path), indices)
+    want = every[np.minimum(indices, 149)]
+    np.testing.assert_array_equal(got, want, err_msg=str(indices))
+
+
+def test_a_clip_opens_its_file_once(tmp_path, monkeypatch):
+  path = tmp_path / 'gop.mp4'
+  _write_gop_video(path, counting_frames(90))
+  opened = []
+  real_open = av.open
+  monkeypatch.setattr(av, 'open', lambda *a, **k: opened.append(a[0]) or
+                      real_open(*a, **k))
+  spec = clip_lib.ClipSpec(num_frames=4, sampling_rate=8, crop_size=(16, 16),
+                           train_scales=(16, 24), num_clips=2)
+  source = video_files.FileSource([video_files.Entry(str(path), 0)])
+  video, _ = source[0]
+  clip = clip_lib.train_clip(video, spec, np.random.default_rng(0))
+  assert clip.shape == (4, 16, 16, 3) and opened == [str(path)]
+  # Evaluation decodes once for all its clips.
+  opened.clear()
+  views = clip_lib.eval_clips(source[0][0], spec)
+  assert views.shape == (6, 4, 16, 16, 3) and opened == [str(path)]

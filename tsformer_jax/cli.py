@@ -4,8 +4,9 @@ Every entry point is an absl program. absl keeps flags in one registry in
 which two modules may not define the same name, so the flags that several
 entry points take are defined here, once. `run` ends an expected failure
 (`Error`: a missing file, a bad value) with one line on stderr instead of a
-traceback; `call` runs an entry point within this process, as the shell
-would (tests, notebooks). Only entry points import this module.
+traceback, and `expected` tells such a failure from a bug; `call` runs an
+entry point within this process, as the shell would (tests, notebooks).
+Only entry points import this module.
 """
 
 from __future__ import annotations
@@ -13,12 +14,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 import functools
+import logging
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
+import clu
+import jax
 from ml_collections import config_flags
+import numpy as np
+
+# TensorFlow's C++ INFO lines (oneDNN notices), in this process and every
+# loader worker it starts; set before anything imports TensorFlow.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The job config: a file of configs/ and its arg, e.g. '
@@ -37,6 +48,12 @@ FORMAT = flags.DEFINE_string(
     'default, or one of checkpoints.FORMATS), of OUT for export (hf, the '
     'default, or pyth).')
 OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing OUT.')
+# main runs train, eval or train_and_eval (its default), the input
+# benchmark train (its default) or eval loaders; each checks the value.
+MODE = flags.DEFINE_enum('mode', None, ['train', 'eval', 'train_and_eval'],
+                         'What to run: main trains and evaluates by '
+                         'default; datasets.benchmark times the train '
+                         '(default) or eval loader.')
 
 Main = Callable[[list[str]], int | None]
 
@@ -53,9 +70,79 @@ class Error(Exception):
     self.status = status
 
 
+# A missing or unwritable file: the job's surroundings, not its code.
+_EXPECTED_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError,
+                       IsADirectoryError, PermissionError)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def expected(error: BaseException) -> bool:
+  """Whether `error` is an expected problem, for one line and exit status 2
+  rather than a traceback: a missing, existing or unwritable file, or a
+  `ValueError` or `ArithmeticError` that a `raise` statement of this package
+  raised on purpose (a bad config value, missing data, a damaged checkpoint,
+  a diverged loss). The same types raised anywhere else (JAX's shape
+  checks, `int('x')`, a library's own complaint) are a bug's symptoms and
+  keep their traceback.
+  """
+  if isinstance(error, _EXPECTED_OS_ERRORS):
+    return True
+  if not isinstance(error, (ValueError, ArithmeticError)):
+    return False
+  trace = error.__traceback__
+  if type(error.__cause__).__name__ == 'UnfilteredStackTrace':
+    trace = error.__cause__.__traceback__  # JAX hid its own frames.
+  frames = traceback.extract_tb(trace)
+  return bool(frames) and frames[-1].filename.startswith(_PACKAGE) and (
+      frames[-1].line or '').startswith('raise ')
+
+
 def run(main: Main):
-  """`app.run(main)`, where an `Error` ends the program in one line."""
-  app.run(_reporting_errors(main))
+  """`app.run(main)`, where an `Error` or a flag that does not parse (exit
+  status 2) ends the program in one line, and the libraries' INFO lines
+  show only with --verbosity=1 or more."""
+  app.run(_quiet_libraries(_reporting_errors(main)), flags_parser=_parse_flags)
+
+
+# Where the INFO lines worth showing come from: this package (progress,
+# where checkpoints go) and clu (metric lines, steps/s and ETA).
+_SHOWN = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+               for m in (sys.modules['tsformer_jax'], clu))
+
+
+class _LibraryChatter(logging.Filter):
+  """Drops other libraries' (orbax, jax, tfds) records below WARNING."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno >= logging.WARNING or
+            os.path.abspath(record.pathname).startswith(_SHOWN))
+
+
+def _quiet_libraries(main: Main) -> Main:
+  @functools.wraps(main)
+  def wrapped(argv):
+    if absl_logging.get_verbosity() < absl_logging.DEBUG:
+      absl_logging.get_absl_handler().addFilter(_LibraryChatter())
+    return main(argv)
+  return wrapped
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'{_program(argv)}: error: {_flag_error(e)}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _flag_error(error: Exception) -> str:
+  """A flag's error; for a config file's own ValueError, which config_flags
+  reports with its traceback, the flag and that error's line."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if 'Traceback (most recent call last):' in lines and lines[-1].startswith(
+      'ValueError: '):
+    return f'{lines[0]} {lines[-1][len("ValueError: "):]}'
+  return str(error)
 
 
 def call(main: Main, argv: Sequence[str]) -> int:
@@ -75,7 +162,7 @@ def call(main: Main, argv: Sequence[str]) -> int:
   try:
     rest = values(list(argv))
   except (flags.Error, app.UsageError) as e:
-    print(f'{_program(argv)}: error: {e}', file=sys.stderr)
+    print(f'{_program(argv)}: error: {_flag_error(e)}', file=sys.stderr)
     return 2
   finally:
     sys.argv = argv_before
@@ -94,6 +181,14 @@ def _reporting_errors(main: Main) -> Main:
       print(f'{_program(argv)}: error: {e}', file=sys.stderr)
       sys.exit(e.status)
   return wrapped
+
+
+def describe(config, params) -> str:
+  """'divided, 8 x (224, 224), 400 classes, 121,260,688 parameters'."""
+  m = config.model
+  count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  return (f'{m.attention}, {m.num_frames} x {tuple(m.image_size)}, '
+          f'{m.num_classes} classes, {count:,} parameters')
 
 
 def _program(argv: Sequence[str]) -> str:

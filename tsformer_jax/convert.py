@@ -22,8 +22,6 @@ import pickle
 import sys
 
 from absl import flags
-import jax
-import numpy as np
 
 from tsformer_jax import checkpoints
 from tsformer_jax import cli
@@ -63,11 +61,7 @@ def main(argv) -> int:
                                        overwrite=cli.OVERWRITE.value)
   except (ValueError, OSError, pickle.UnpicklingError) as e:
     raise cli.Error(str(e), status=1) from e
-  m = config.model
-  count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-  print(f'{src} -> {path}: {m.attention}, {m.num_frames} x '
-        f'{tuple(m.image_size)}, {m.num_classes} classes, {count:,} '
-        'parameters.')
+  print(f'{src} -> {path}: {cli.describe(config, params)}.')
   return 0
 
 

@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsformer_jax import clip_lib
 from tsformer_jax import datasets
-from tsformer_jax import input_pipeline
 from tsformer_jax import long_video
 from tsformer_jax import model as model_lib
 from tsformer_jax.datasets import video_files
 
-# forward(params, clips [B, T, H, W, 3]) -> {'scores': [B, C] softmax,
-# 'features': [B, D]}, either key optional.
+# forward(params, clips uint8 [B, T, H, W, 3]) -> {'scores': [B, C]
+# softmax, 'features': [B, D]}, either key optional.
 Forward = Callable[[dict, np.ndarray], dict[str, np.ndarray]]
 
 
@@ -81,13 +81,17 @@ def _is_final_norm(module, method_name: str) -> bool:
 def forward_fn(config, with_features: bool = False) -> Forward:
   """The model's inference forward as a `Forward` (not yet jitted).
 
+  It takes uint8 clips and normalises them with `config.data.mean` / `std`,
+  as the train and eval steps do (float clips are taken as normalised).
   With `with_features`, one pass gives both the scores and the features the
   head reads (the same as `model.apply` with `num_classes = 0`). A model
   without a head (`num_classes = 0`) gives its features only.
   """
   model = model_lib.create_model(config)
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
 
   def forward(params, clips):
+    clips = clip_lib.device_normalize(clips, mean, std)
     variables = {'params': params}
     if not config.model.num_classes:
       return dict(features=model.apply(variables, clips))
@@ -103,7 +107,7 @@ def forward_fn(config, with_features: bool = False) -> Forward:
   return forward
 
 
-def predict_videos(config, params, videos: Sequence[str | input_pipeline.Video],
+def predict_videos(config, params, videos: Sequence[str | clip_lib.Video],
                    *, coverage: long_video.Coverage | None = None,
                    batch_size: int | None = None, with_features: bool = False,
                    forward: Forward | None = None) -> list[Prediction]:
@@ -113,19 +117,20 @@ def predict_videos(config, params, videos: Sequence[str | input_pipeline.Video],
     config: the model's config (`load_checkpoint` returns it); its
       `config.data` says how clips are sampled and normalised.
     params: the model's parameters.
-    videos: file paths, or `input_pipeline.Video`s.
+    videos: file paths, or `clip_lib.Video`s.
     coverage: which clips and crops; None takes evaluation's views.
     batch_size: views per forward pass; None takes
       `config.eval_batch_size`.
     with_features: also return the class-token features.
     forward: replaces the model's jitted `forward_fn(config,
-      with_features)`, e.g. by a fake model in tests.
+      with_features)`, e.g. by a fake model in tests; it receives uint8
+      clips `[B, T, H, W, 3]`.
 
   Returns:
     One `Prediction` per video, in order; a video that could not be read
     has its `error` set and the others are unaffected.
   """
-  spec = input_pipeline.clip_spec(config)
+  spec = clip_lib.clip_spec(config)
   coverage = coverage or long_video.Coverage.evaluation(spec)
   batch_size = batch_size or config.eval_batch_size
   if forward is None:
@@ -160,7 +165,7 @@ def _collect(parts: dict[str, list[np.ndarray]], batch: dict[str, np.ndarray],
     parts.setdefault(key, []).append(value[mask])
 
 
-def _predictions(videos: Sequence[input_pipeline.Video],
+def _predictions(videos: Sequence[clip_lib.Video],
                  parts: dict[str, list[np.ndarray]], errors: dict[int, str]
                  ) -> list[Prediction]:
   views = {k: np.concatenate(v) for k, v in parts.items()}

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import pickle
 
-import jax
-import numpy as np
-
 from tsformer_jax import checkpoints
 from tsformer_jax import cli
 from tsformer_jax.checkpoints import export
@@ -43,11 +40,7 @@ def main(argv) -> int:
     path = WRITERS[fmt](out, config, params, overwrite=cli.OVERWRITE.value)
   except (ValueError, OSError, pickle.UnpicklingError) as e:
     raise cli.Error(str(e), status=1) from e
-  m = config.model
-  count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-  print(f'{src} -> {path} ({fmt}): {m.attention}, {m.num_frames} x '
-        f'{tuple(m.image_size)}, {m.num_classes} classes, {count:,} '
-        'parameters.')
+  print(f'{src} -> {path} ({fmt}): {cli.describe(config, params)}.')
   return 0
 
 

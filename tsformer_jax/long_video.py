@@ -4,6 +4,12 @@ The paper's long-video protocol (HowTo100M): average the scores of clips
 covering the video from start to end. A stride adds a clip ending on the last
 frame, so no frame is left out; each file is decoded once, keeping only the
 frames of clips not yet complete, so a long video is never held whole.
+
+With a time bound (`ClipSpec.decode_timeout_s`), files are decoded in a
+worker process, which is killed when a clip takes longer (a stalled
+decoder, even inside FFmpeg's C code, where no signal reaches it; a
+crashed decoder ends only that process): the video counts as bad, and the
+next one goes to a fresh process.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import dataclasses
 import av
 import numpy as np
 
-from tsformer_jax import input_pipeline
+from tsformer_jax import clip_lib
+from tsformer_jax import workers
 from tsformer_jax.datasets import video_files
 
 # What PyAV and the file system raise on a bad file (as video_files.decode).
-DECODE_ERRORS = (input_pipeline.BadVideoError, av.FFmpegError, OSError,
+DECODE_ERRORS = (clip_lib.BadVideoError, av.FFmpegError, OSError,
                  ValueError)
 
 
@@ -60,21 +67,21 @@ class Coverage:
       raise ValueError(f'num_crops must be 1 or 3, got {self.num_crops}.')
 
   @classmethod
-  def evaluation(cls, spec: input_pipeline.ClipSpec) -> Coverage:
+  def evaluation(cls, spec: clip_lib.ClipSpec) -> Coverage:
     """Evaluation's views: `spec.num_clips` clips x `spec.num_crops`."""
     return cls(num_clips=spec.num_clips, num_crops=spec.num_crops)
 
 
-def clip_span(video_fps: float, spec: input_pipeline.ClipSpec) -> float:
+def clip_span(video_fps: float, spec: clip_lib.ClipSpec) -> float:
   """Source frames one clip spans: `num_frames * sampling_rate` at
   `target_fps`, rescaled to the video's rate."""
   return spec.num_frames * spec.sampling_rate * video_fps / spec.target_fps
 
 
 def indices_at(start: float, video_frames: int, video_fps: float,
-               spec: input_pipeline.ClipSpec) -> np.ndarray:
+               spec: clip_lib.ClipSpec) -> np.ndarray:
   """Frame indices `[T]` of the clip starting at (fractional) `start`, as
-  `input_pipeline.temporal_indices`; the last frame repeats past the end."""
+  `clip_lib.temporal_indices`; the last frame repeats past the end."""
   span = clip_span(video_fps, spec)
   positions = np.linspace(start, start + span - 1, spec.num_frames)
   return np.clip(positions, 0, video_frames - 1).astype(np.int64)
@@ -94,7 +101,7 @@ def stride_starts(video_frames: int, span: float, stride: float
   return starts
 
 
-def check_coverage(spec: input_pipeline.ClipSpec, coverage: Coverage):
+def check_coverage(spec: clip_lib.ClipSpec, coverage: Coverage):
   """Fails on a stride with segment sampling (SSv2), whose every clip
   already spans the whole video: a number of clips is what fits there."""
   if coverage.num_clips is None and spec.sampling != 'rate':
@@ -104,18 +111,18 @@ def check_coverage(spec: input_pipeline.ClipSpec, coverage: Coverage):
 
 
 def clip_indices(video_frames: int, video_fps: float,
-                 spec: input_pipeline.ClipSpec, coverage: Coverage
+                 spec: clip_lib.ClipSpec, coverage: Coverage
                  ) -> np.ndarray:
   """Frame indices of every clip `coverage` takes: int64 `[K, T]`, row `k`
   being clip `k` in time order."""
   if video_frames < 1:
-    raise input_pipeline.BadVideoError('The video has no frames.')
+    raise clip_lib.BadVideoError('The video has no frames.')
   check_coverage(spec, coverage)
   if coverage.num_clips is not None:
     spec = dataclasses.replace(spec, num_clips=coverage.num_clips)
     return np.stack([
-        input_pipeline.temporal_indices(video_frames, video_fps, spec,
-                                        clip=k)
+        clip_lib.temporal_indices(video_frames, video_fps, spec,
+                                  clip=k)
         for k in range(coverage.num_clips)])
   stride = (coverage.stride_frames if coverage.stride_frames is not None
             else coverage.stride_seconds * video_fps)
@@ -124,12 +131,14 @@ def clip_indices(video_frames: int, video_fps: float,
                    for s in starts])
 
 
-def decode_clips(path: str, indices: np.ndarray
+def decode_clips(video: str | video_files.VideoFile, indices: np.ndarray
                  ) -> Iterator[tuple[int, np.ndarray]]:
-  """Decodes `path` once and yields each clip as soon as it is complete.
+  """Decodes `video` (a file, or its path) once and yields each clip as
+  soon as it is complete.
 
-  Frames are as `video_files.decode` gives them (past the last decodable
-  frame, that frame); only frames of incomplete clips are kept.
+  Frames are as `video.frames` gives them (past the last decodable frame,
+  that frame); frames no clip uses are skipped where the codec allows it,
+  and only frames of incomplete clips are kept.
 
   Args:
     indices: int `[K, T]`, the frame indices of each clip.
@@ -139,12 +148,15 @@ def decode_clips(path: str, indices: np.ndarray
     frame (ties in order of `k`).
 
   Raises:
-    input_pipeline.BadVideoError: the file cannot be opened, has no
+    clip_lib.BadVideoError: the file cannot be opened, has no
       decodable frame, or fails to decode (possibly after some clips).
   """
+  if isinstance(video, str):
+    video = video_files.VideoFile(video)
   indices = np.asarray(indices, np.int64)
   if indices.size and indices.min() < 0:
-    raise ValueError(f'Negative frame index {indices.min()} for {path}.')
+    raise ValueError(f'Negative frame index {indices.min()} for '
+                     f'{video.path}.')
   ends = indices.max(axis=1)
   order = np.argsort(ends, kind='stable').tolist()
   done = 0  # Clips of `order` yielded so far.
@@ -162,30 +174,19 @@ def decode_clips(path: str, indices: np.ndarray
         del kept[i]
     return clip
 
-  for i, frame in video_files.decoded_frames(path):
-    if users.get(i):
-      kept[i] = frame.to_ndarray(format='rgb24')
-    last, count = frame, i + 1
+  for i, frame in video.iter_frames(sorted(users)):
+    kept[i] = frame
     while done < len(order) and ends[order[done]] <= i:
       done += 1
       yield order[done - 1], take(order[done - 1])
-    if done == len(order):
-      return
-  # The header over-estimated the length: the last frame stands in.
-  if count - 1 not in kept:
-    kept[count - 1] = last.to_ndarray(format='rgb24')
-  for k in order[done:]:
-    yield k, np.stack([kept[min(i, count - 1)] for i in indices[k].tolist()])
 
 
-def video_clips(video: input_pipeline.Video, indices: np.ndarray
+def video_clips(video: clip_lib.Video, indices: np.ndarray
                 ) -> Iterator[tuple[int, np.ndarray]]:
   """`(k, uint8 [T, H, W, 3])` for each row `k` of `indices` `[K, T]`; a
   `video_files.VideoFile` is decoded in one pass (`decode_clips`)."""
   if isinstance(video, video_files.VideoFile):
-    if video.end is not None:
-      indices = np.minimum(indices, video.end - video.start - 1)
-    yield from decode_clips(video.path, indices + video.start)
+    yield from decode_clips(video, indices)
   else:
     for k, row in enumerate(indices):
       yield k, video.frames(row)
@@ -207,54 +208,81 @@ class View:
   start: int
 
 
-def video_views(video: input_pipeline.Video, index: int,
-                spec: input_pipeline.ClipSpec, coverage: Coverage
+def video_views(video: clip_lib.Video, index: int,
+                spec: clip_lib.ClipSpec, coverage: Coverage
                 ) -> Iterator[tuple[View, np.ndarray]]:
-  """Every view of one video: `(View, float32 [T, H, W, 3])`, normalised."""
+  """Every view of one video: `(View, uint8 [T, H, W, 3])`."""
   if video.num_frames < 1:
-    raise input_pipeline.BadVideoError('The video has no frames.')
+    raise clip_lib.BadVideoError('The video has no frames.')
   indices = clip_indices(video.num_frames, video.fps, spec, coverage)
   crop_spec = dataclasses.replace(spec, num_crops=coverage.num_crops)
   for k, frames in video_clips(video, indices):
-    for c, crop in enumerate(input_pipeline.eval_crops(frames, crop_spec)):
-      yield (View(index, k, c, int(indices[k, 0])),
-             input_pipeline.normalize(crop, spec))
+    for c, crop in enumerate(clip_lib.eval_crops(frames, crop_spec)):
+      yield View(index, k, c, int(indices[k, 0])), crop
 
 
-def clip_batches(videos: Sequence[input_pipeline.Video],
-                 spec: input_pipeline.ClipSpec, coverage: Coverage,
+def file_views(video: video_files.VideoFile, index: int,
+               spec: clip_lib.ClipSpec, coverage: Coverage
+               ) -> Iterator[tuple[View, np.ndarray]]:
+  """`video_views` of a file, run in a worker process: its decoding errors
+  leave as `BadVideoError`s (FFmpeg's own do not survive pickling)."""
+  try:
+    yield from video_views(video, index, spec, coverage)
+  except clip_lib.BadVideoError:
+    raise
+  except DECODE_ERRORS as e:
+    raise clip_lib.BadVideoError(str(e) or type(e).__name__) from None
+
+
+def clip_batches(videos: Sequence[clip_lib.Video],
+                 spec: clip_lib.ClipSpec, coverage: Coverage,
                  batch_size: int, errors: dict[int, str] | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """The views of all `videos`, `batch_size` at a time, in video order.
 
-  Yields `{'clips': float32 [B, T, H, W, 3], 'video', 'clip', 'crop': int32
+  Yields `{'clips': uint8 [B, T, H, W, 3], 'video', 'clip', 'crop': int32
   [B], 'start': int64 [B], 'mask': bool [B]}` (see `View`); the last batch
   is padded with zero clips whose mask is False, so every batch has the
   same shape. A video that fails to read is recorded as
   `errors[index] = message` and skipped; if it fails part way, its earlier
-  views may already have been yielded, and callers should drop them.
+  views may already have been yielded, and callers should drop them. With
+  `spec.decode_timeout_s`, files decode in a worker process, and a file
+  whose next clip takes longer fails (see the module doc); videos in
+  memory decode here.
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}.')
   check_coverage(spec, coverage)
   errors = errors if errors is not None else {}
+  timeout = spec.decode_timeout_s
+  worker = workers.DecodingProcess() if timeout else None
   chunk: list[tuple[View, np.ndarray]] = []
-  for index, video in enumerate(videos):
-    try:
-      for view in video_views(video, index, spec, coverage):
-        chunk.append(view)
-        if len(chunk) == batch_size:
-          yield _stack(chunk, batch_size)
-          chunk = []
-    except DECODE_ERRORS as e:
-      errors[index] = str(e) or type(e).__name__
-  if chunk:
-    yield _stack(chunk, batch_size)
+  try:
+    for index, video in enumerate(videos):
+      views = (worker.stream(file_views, (video, index, spec, coverage),
+                             timeout)
+               if worker and isinstance(video, video_files.VideoFile) else
+               video_views(video, index, spec, coverage))
+      try:
+        for view in views:
+          chunk.append(view)
+          if len(chunk) == batch_size:
+            yield _stack(chunk, batch_size)
+            chunk = []
+      except DECODE_ERRORS as e:
+        errors[index] = str(e) or type(e).__name__
+      finally:
+        views.close()  # A worker's stream left part way ends there.
+    if chunk:
+      yield _stack(chunk, batch_size)
+  finally:
+    if worker:
+      worker.stop()
 
 
 def _stack(chunk: Sequence[tuple[View, np.ndarray]], size: int
            ) -> dict[str, np.ndarray]:
-  clips = np.zeros((size,) + chunk[0][1].shape, np.float32)
+  clips = np.zeros((size,) + chunk[0][1].shape, chunk[0][1].dtype)
   fields = {name: np.zeros((size,), np.int32)
             for name in ('video', 'clip', 'crop')}
   start = np.zeros((size,), np.int64)

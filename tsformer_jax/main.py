@@ -4,7 +4,11 @@ r"""Train and evaluate TimeSformer.
   python -m tsformer_jax.main --config=configs/divided.py \
       --config.data.data_dir=/data/k400 --workdir=DIR --mode=eval
 
-Running the same command again resumes from the last checkpoint in DIR.
+Running the same command again resumes from the last checkpoint in DIR
+that restores (a damaged newer one is moved aside, with a warning).
+Expected problems (missing data, a bad config value, an unreadable
+checkpoint, a loss gone NaN with config.on_nonfinite='stop') end the job
+with one line `main: error: ...` and exit status 2.
 
 Multi-process (one process per host, or several on one machine):
 
@@ -21,12 +25,9 @@ from absl import logging
 
 from tsformer_jax import cli
 from tsformer_jax import sharding
-from tsformer_jax import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and '
                                'results.json go here.')
-_MODE = flags.DEFINE_enum('mode', 'train_and_eval',
-                          ['train', 'eval', 'train_and_eval'], 'What to run.')
 
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 in a multi-process '
@@ -48,8 +49,18 @@ def main(argv):
                     '--help shows more.')
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, auto=_DISTRIBUTED.value)
-  results = train.train_and_evaluate(cli.CONFIG.value, _WORKDIR.value,
-                                     _MODE.value)
+  # Imported here: loader worker processes import this module again, and
+  # train's clu writers would load TensorFlow into each of them.
+  from tsformer_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    results = train.train_and_evaluate(cli.CONFIG.value, _WORKDIR.value,
+                                       cli.MODE.value or 'train_and_eval')
+  except Exception as e:  # pylint: disable=broad-except
+    # Missing data, a bad config value, an unreadable checkpoint, a loss
+    # gone NaN: one line. Anything else is a bug and keeps its traceback.
+    if cli.expected(e):
+      raise cli.Error(str(e)) from e
+    raise
   logging.info('Results: %s', results)
 
 

@@ -2,7 +2,7 @@ r"""Classifies video files and extracts their features with a checkpoint.
 
   python -m tsformer_jax.predict --checkpoint=CKPT VIDEO [VIDEO ...]
       [--top_k=5] [--json] [--clips=N | --clip_stride=SECONDS] [--crops=C]
-      [--batch_size=B] [--features_out=FILE.npz]
+      [--batch_size=B] [--features_out=FILE.npz] [--decode_timeout_s=S]
 
 CKPT: any checkpoint `tsformer_jax.load_checkpoint` reads, e.g. a training
 workdir's `checkpoints/` (its latest step). Clips are cut, cropped and
@@ -21,8 +21,12 @@ video; NaN for a failed video), `clip_features` [N, D] with `clip_video`,
 frame of each view), and, with a classification head, `video_scores`
 [V, C] and `clip_scores` [N, C].
 
-A video that cannot be read gets a one-line error on stderr naming it; the
-others are still classified, and the exit status is then 1.
+A video that cannot be read gets one line on stderr, `predict: error:
+PATH: why.` (empty, a directory, no permission, audio only, not a video,
+a decoder stalled past `data.decode_timeout_s`, ...); the others are still
+classified, and the exit status is then 1. Files decode in a worker
+process, killed when a clip takes longer than that time bound
+(`--decode_timeout_s` replaces it; see `long_video`).
 """
 
 from __future__ import annotations
@@ -61,14 +65,23 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Views per forward '
                                    lower_bound=1)
 _FEATURES_OUT = flags.DEFINE_string('features_out', None, 'Write the '
                                     'class-token features to this .npz.')
+_DECODE_TIMEOUT_S = flags.DEFINE_float(
+    'decode_timeout_s', None, 'Seconds a clip may take to decode before its '
+    'video counts as bad (0: no bound; default: the checkpoint\'s '
+    'data.decode_timeout_s).')
 
 
 def error_line(prediction: Prediction) -> str:
-  """`PATH: why`, once, for a video that could not be read."""
-  message = prediction.error or ''
+  """`PATH: why.` on one line, the path once, for a video that could not
+  be read."""
+  message = prediction.error or 'unreadable'
   prefix = f'{prediction.path}: '
-  message = message[len(prefix):] if message.startswith(prefix) else message
-  return f'{prediction.path}: cannot be read: {message}'
+  while message.startswith(prefix):
+    message = message[len(prefix):]
+  message = ' '.join(message.split())  # A decoder's text may break lines.
+  if not message.endswith('.'):
+    message += '.'
+  return f'{prediction.path}: {message}'
 
 
 def format_text(predictions: Sequence[Prediction], names: Sequence[str],
@@ -150,6 +163,9 @@ def main(argv: Sequence[str]) -> int:
     config, params = checkpoints.load_checkpoint(checkpoint)
   except (ValueError, OSError) as e:
     raise cli.Error(str(e), status=1) from e
+  if _DECODE_TIMEOUT_S.value is not None:
+    with config.unlocked():
+      config.data.decode_timeout_s = _DECODE_TIMEOUT_S.value
   features_out = _FEATURES_OUT.value
   if not config.model.num_classes and not features_out:
     raise cli.Error(f'{checkpoint} has no classification head '

@@ -55,10 +55,13 @@ SGD_LEARNING_RATE = 0.005
 
 def sgd_train_step(config) -> Callable:
   """A plain training step of `config.model`: cross-entropy, backward and
-  SGD with momentum. `step(params, opt_state, clips, labels, rng)` returns
-  the new params and optimizer state and the loss."""
+  SGD with momentum, kept in `config.optimizer.state_dtype`.
+  `step(params, opt_state, clips, labels, rng)` returns the new params and
+  optimizer state and the loss."""
   model = tsformer_jax.create_model(config)
-  tx = optax.sgd(SGD_LEARNING_RATE, momentum=0.9, nesterov=True)
+  tx = optax.sgd(SGD_LEARNING_RATE, momentum=0.9, nesterov=True,
+                 accumulator_dtype=config.optimizer.get('state_dtype',
+                                                        'float32'))
 
   def step(params, opt_state, clips, labels, rng):
     def loss_fn(p):
@@ -137,7 +140,12 @@ def main(argv):
     raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and nothing '
                     'else (--help shows more).')
   config = cli.CONFIG.value
-  summary = summarize(config)
+  try:
+    summary = summarize(config)
+  except Exception as e:  # pylint: disable=broad-except
+    if cli.expected(e):  # A bad config value: one line.
+      raise cli.Error(str(e)) from e
+    raise
   print(json.dumps(summary) if cli.JSON.value
         else format_table(config, summary))
 

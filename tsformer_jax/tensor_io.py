@@ -21,8 +21,10 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import struct
 import sys
+import tempfile
 from typing import Any
 import zipfile
 import zlib
@@ -542,3 +544,32 @@ class _TorchPickler:
     w(pickle.TUPLE)
     w(pickle.REDUCE)
     self.storages.append(array)
+
+
+def write_atomically(path: str, write: Callable[[str], None],
+                     overwrite: bool) -> str:
+  """`write(staging)` writes a file or directory at the path it is given,
+  beside `path`, then renamed to `path`; a failure leaves nothing there."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path} exists; pass overwrite=True (--overwrite)'
+                          ' to replace it.')
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-',
+                             dir=parent)
+  try:
+    written = os.path.join(staging, 'out')
+    write(written)
+    replaced = os.path.join(staging, 'replaced')
+    if os.path.exists(path):
+      os.rename(path, replaced)
+    try:
+      os.rename(written, path)
+    except OSError:
+      if os.path.exists(replaced):
+        os.rename(replaced, path)
+      raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return path

@@ -17,6 +17,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -32,6 +33,7 @@ import numpy as np
 import optax
 
 from tsformer_jax import checkpoints
+from tsformer_jax import clip_lib
 from tsformer_jax import datasets
 from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
@@ -64,21 +66,32 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   return optax.join_schedules([ramp, main], [warmup])
 
 
+STATE_DTYPES = ('float32', 'bfloat16')
+
+
 def create_optimizer(config, steps_per_epoch: int
                      ) -> optax.GradientTransformation:
   """`config.optimizer.name`: 'sgd' (momentum, Nesterov; the paper's) or
-  'adamw'; weight decay on all parameters and optional gradient clipping."""
+  'adamw'; weight decay on all parameters and optional gradient clipping.
+  `config.optimizer.state_dtype` stores the momentum (SGD) or first moment
+  (AdamW) in that dtype; AdamW's second moment stays float32."""
   opt = config.optimizer
   schedule = learning_rate_schedule(config, steps_per_epoch)
   clip = ([optax.clip_by_global_norm(opt.grad_clip_norm)]
           if opt.grad_clip_norm else [])
+  state_dtype = opt.get('state_dtype', 'float32')
+  if state_dtype not in STATE_DTYPES:
+    raise ValueError(f'Unknown optimizer.state_dtype {state_dtype!r}; '
+                     f'valid: {list(STATE_DTYPES)}.')
   if opt.name == 'sgd':
     # PyTorch's SGD adds the decay to the gradient before the momentum.
     return optax.chain(*clip, optax.add_decayed_weights(opt.weight_decay),
-                       optax.sgd(schedule, opt.momentum, opt.nesterov))
+                       optax.sgd(schedule, opt.momentum, opt.nesterov,
+                                 accumulator_dtype=state_dtype))
   if opt.name == 'adamw':
     return optax.chain(*clip, optax.adamw(schedule, b1=opt.b1, b2=opt.b2,
-                                          weight_decay=opt.weight_decay))
+                                          weight_decay=opt.weight_decay,
+                                          mu_dtype=state_dtype))
   raise ValueError(f"Unknown optimizer.name {opt.name!r}; valid: ['adamw', "
                    "'sgd'].")
 
@@ -133,6 +146,23 @@ def mixup(rng: jax.Array, clips: jax.Array, targets: jax.Array, alpha: float
   return mix(clips), mix(targets)
 
 
+NONFINITE_POLICIES = ('skip', 'stop')
+
+
+def nonfinite_policy(config) -> str:
+  """`config.on_nonfinite`, checked ('stop' for a config without it)."""
+  policy = config.get('on_nonfinite', 'stop')
+  if policy not in NONFINITE_POLICIES:
+    raise ValueError(f'Unknown config.on_nonfinite {policy!r}; valid: '
+                     f'{list(NONFINITE_POLICIES)}.')
+  return policy
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
+                   ).all()
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array],
                rng: jax.Array, *, config, schedule: optax.Schedule
                ) -> tuple[TrainState, dict]:
@@ -140,19 +170,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
   Args:
     state: parameters and optimizer state.
-    batch: `clips [B, T, H, W, 3]`, `labels [B]`.
+    batch: `clips [B, T, H, W, 3]`, `labels [B]`; uint8 clips are
+      normalised here with `config.data.mean` / `std` (float clips are
+      taken as normalised).
     rng: the run's key; the step's keys are folded in from `state.step`.
     config: the job config (bound with functools.partial before jit).
     schedule: the learning rate schedule, for the metrics.
 
   Returns:
-    The new state and the metrics `loss`, `accuracy`, `learning_rate`.
+    The new state and the metrics `loss`, `accuracy`, `learning_rate` and
+    `nonfinite` (the loss, gradients or new state hold a NaN or an Inf;
+    with `config.on_nonfinite='skip'` the update was then dropped: the
+    params and optimizer state are the old ones, the step advances).
   """
   rng = jax.random.fold_in(rng, state.step)
   mix_rng, dropout_rng = jax.random.split(rng)
   num_classes = config.model.num_classes
   targets = soft_targets(batch['labels'], num_classes, config.label_smoothing)
-  clips = batch['clips']
+  # Clips leave the host as uint8 (4x fewer bytes) and normalise here.
+  clips = clip_lib.device_normalize(batch['clips'], config.data.mean,
+                                    config.data.std)
   if config.mixup_alpha > 0:
     clips, targets = mixup(mix_rng, clips, targets, config.mixup_alpha)
   micro = config.grad_accum_steps
@@ -185,28 +222,41 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
        jnp.arange(micro)))
   grads = jax.tree.map(lambda g: g / micro, grads)
   new_state = state.apply_gradients(grads=grads)
+  # The host reads this flag only with the metrics, so no sync per step.
+  finite = _all_finite((loss, grads, new_state.params, new_state.opt_state))
+  if nonfinite_policy(config) == 'skip':
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = new_state.replace(
+        params=jax.tree.map(keep, new_state.params, state.params),
+        opt_state=jax.tree.map(keep, new_state.opt_state, state.opt_state))
   return new_state, dict(loss=loss / micro,
                          accuracy=correct / clips.shape[0],
-                         learning_rate=schedule(state.step))
+                         learning_rate=schedule(state.step),
+                         nonfinite=jnp.logical_not(finite))
 
 
-def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable
+def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable,
+              mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225)
               ) -> dict[str, jax.Array]:
   """Multi-view scores: softmax averaged over each video's views.
 
   Args:
     params: model parameters.
-    batch: `clips [B, V, T, H, W, 3]` (V views per video), `labels [B]`,
-      `mask [B]` (False for padding).
+    batch: `clips [B, V, T, H, W, 3]` (V views per video; uint8,
+      normalised here with `mean` / `std`, or float and normalised),
+      `labels [B]`, `mask [B]` (False for padding).
     apply_fn: the model's apply.
+    mean: per-channel mean (`config.data.mean`).
+    std: per-channel standard deviation (`config.data.std`).
 
   Returns:
     Sums over the batch: `count`, `top1`, `top5` (correct videos) and
     `loss` (cross-entropy of the averaged scores).
   """
   b, v = batch['clips'].shape[:2]
+  clips = clip_lib.device_normalize(batch['clips'], mean, std)
   logits = apply_fn({'params': params},
-                    batch['clips'].reshape((b * v,) + batch['clips'].shape[2:]))
+                    clips.reshape((b * v,) + clips.shape[2:]))
   scores = jax.nn.softmax(logits).reshape(b, v, -1).mean(axis=1)  # [B, C]
   return video_metrics(scores, batch['labels'], batch['mask'])
 
@@ -222,7 +272,7 @@ def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array
 
 
 def evaluate(config, params, apply_fn: Callable,
-             source: input_pipeline.Source,
+             source: clip_lib.Source,
              skipped: input_pipeline.SkipCounter,
              step: Callable | None = None,
              mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
@@ -234,28 +284,31 @@ def evaluate(config, params, apply_fn: Callable,
   """
   if config.data.get('test_clip_stride', 0.0) > 0:
     return evaluate_long_videos(config, params, source, skipped)
-  spec = input_pipeline.clip_spec(config)
+  spec = clip_lib.clip_spec(config)
   if mesh is None:
     mesh = sharding.create_mesh(config)
   if step is None:
     step = jit_eval_step(config, params, apply_fn, mesh)
   batches = sharding.batch_sharding(mesh)
   totals = None
-  for batch in input_pipeline.eval_batches(
+  loaded = input_pipeline.eval_batches(
       source, spec, config.eval_batch_size, config.data.num_workers,
       skipped, process_index=jax.process_index(),
-      process_count=jax.process_count()):
-    sums = step(params, sharding.global_batch(batch, batches))
+      process_count=jax.process_count(),
+      worker_type=config.data.get('worker_type', 'thread'))
+  for batch in input_pipeline.prefetch_to_device(
+      loaded, lambda b: sharding.global_batch(b, batches)):
+    sums = step(params, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
-    raise input_pipeline.BadVideoError('No evaluation video could be read.')
+  if totals is None or not int(totals['count']):
+    raise clip_lib.BadVideoError('No evaluation video could be read.')
   count = float(totals['count'])
   return dict(top1=float(totals['top1']) / count,
               top5=float(totals['top5']) / count,
               loss=float(totals['loss']) / count, videos=count)
 
 
-def evaluate_long_videos(config, params, source: input_pipeline.Source,
+def evaluate_long_videos(config, params, source: clip_lib.Source,
                          skipped: input_pipeline.SkipCounter
                          ) -> dict[str, float]:
   """The long-video protocol (HowTo100M in the paper): every video is
@@ -287,12 +340,12 @@ def evaluate_long_videos(config, params, source: input_pipeline.Source,
   for index, label, prediction in zip(indices, labels, predictions,
                                       strict=True):
     if prediction.error is not None:
-      skipped.add(index, input_pipeline.BadVideoError(prediction.error))
+      skipped.add(index, clip_lib.BadVideoError(prediction.error))
     else:
       scores.append(prediction.scores)
       good.append(label)
   if not scores:
-    raise input_pipeline.BadVideoError('No evaluation video could be read.')
+    raise clip_lib.BadVideoError('No evaluation video could be read.')
   sums = video_metrics(jnp.asarray(np.stack(scores)), jnp.asarray(good),
                        jnp.ones(len(good), bool))
   count = float(sums['count'])
@@ -305,7 +358,9 @@ def jit_eval_step(config, params, apply_fn: Callable,
                   mesh: jax.sharding.Mesh) -> Callable:
   """`eval_step` jitted for `params` laid out as on `mesh`."""
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn),
+  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn,
+                                   mean=tuple(config.data.mean),
+                                   std=tuple(config.data.std)),
                  in_shardings=(sharding.state_shardings(params, mesh, config),
                                sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh),
@@ -348,6 +403,42 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteLossError(FloatingPointError):
+  """A NaN or Inf loss or update, with `config.on_nonfinite='stop'`."""
+
+
+class _NonFiniteSteps:
+  """The steps whose update was not finite, read from the step metrics when
+  they reach the host anyway (logging) and before every save."""
+
+  def __init__(self, policy: str):
+    self.policy = policy
+    self.steps = set()
+
+  def check(self, history: list[dict], last_step: int, manager):
+    """Notes the non-finite steps among `history`, the metrics of the steps
+    up to `last_step`; with 'stop', raises `NonFiniteLossError` on one."""
+    first = last_step - len(history) + 1
+    flags = jax.device_get([h['nonfinite'] for h in history])
+    bad = [first + i for i, flag in enumerate(flags) if flag]
+    self.steps.update(bad)
+    if not bad or self.policy != 'stop':
+      return
+    loss = float(jax.device_get(history[bad[0] - first]['loss']))
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    raise NonFiniteLossError(
+        f'Step {bad[0]}: ' + (f'the training loss is {loss}' if not
+                              math.isfinite(loss) else
+                              f'the update is not finite (loss {loss:.4g})')
+        + "; stopped (config.on_nonfinite='stop'), saving nothing after "
+        'it. ' + ('No checkpoint was saved before it' if last is None else
+                  f'The last good checkpoint is step {last} in '
+                  f'{manager.directory}')
+        + '. Lower the learning rate, or set --config.on_nonfinite=skip to '
+        'drop such updates.')
+
+
 def _with_class_names(config: ml_collections.ConfigDict
                       ) -> ml_collections.ConfigDict:
   """`config`, naming its classes, so that its checkpoints carry the names:
@@ -373,6 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if mode not in ('train', 'eval', 'train_and_eval'):
     raise ValueError(f"Unknown mode {mode!r}; valid: ['eval', 'train', "
                      "'train_and_eval'].")
+  nonfinite = _NonFiniteSteps(nonfinite_policy(config))
   os.makedirs(workdir, exist_ok=True)
   config = _with_class_names(config)
   writer = metric_writers.create_default_writer(
@@ -389,11 +481,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_rng, step_rng = jax.random.split(rng)
   state = create_train_state(config, init_rng, steps_per_epoch, mesh)
   manager = checkpoints.training.checkpoint_manager(workdir, config)
-  if manager.latest_step() is not None:
-    logging.info('Resuming from step %d in %s.', manager.latest_step(),
-                 workdir)
-    state = checkpoints.training.restore(manager, state,
-                                         manager.latest_step())
+  logging.info('%d steps (%d per epoch); checkpoints every %d steps, the '
+               'last %d kept, in %s; summaries in %s (TensorBoard).',
+               num_steps, steps_per_epoch, config.checkpoint_every_steps,
+               config.keep_checkpoints, manager.directory, workdir)
+  # The newest step that restores; damaged newer ones are moved aside.
+  state = checkpoints.training.restore_latest(manager, state)
   # Per split: the counters know videos by their index in the split.
   skipped = input_pipeline.SkipCounter()
   eval_skipped = input_pipeline.SkipCounter()
@@ -413,7 +506,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, results['train_loss'], metrics = _train(
         config, workdir, state, step_rng, num_steps, schedule, train_source,
         manager, writer, skipped, mesh,
-        evaluate_and_log if mode == 'train_and_eval' else None)
+        evaluate_and_log if mode == 'train_and_eval' else None, nonfinite)
   finished = int(state.step) >= num_steps
   if mode == 'eval' or (mode == 'train_and_eval' and finished and
                         metrics is None):
@@ -423,7 +516,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    eval_loss=metrics['loss'])
   manager.wait_until_finished()
   results.update(step=int(state.step),
-                 skipped_videos=len(skipped) + len(eval_skipped))
+                 skipped_videos=len(skipped) + len(eval_skipped),
+                 skipped_updates=len(nonfinite.steps))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)
@@ -432,7 +526,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
-           writer, skipped, mesh, evaluate_fn: Callable | None
+           writer, skipped, mesh, evaluate_fn: Callable | None,
+           nonfinite: _NonFiniteSteps
            ) -> tuple[TrainState, float | None, dict | None]:
   """The training loop from `state.step` to `num_steps` (or SIGTERM).
 
@@ -444,10 +539,14 @@ def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
   step_fn = jit_train_step(config, state, schedule, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   batches = input_pipeline.train_batches(
-      source, input_pipeline.clip_spec(config), config.batch_size, config.seed,
+      source, clip_lib.clip_spec(config), config.batch_size, config.seed,
       start_step=int(state.step), num_workers=config.data.num_workers,
       skipped=skipped, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      worker_type=config.data.get('worker_type', 'thread'))
+  # The next batches go to the devices, sharded, while a step runs.
+  batches = input_pipeline.prefetch_to_device(
+      batches, lambda b: sharding.global_batch(b, batch_sharding))
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps,
                                            writer=writer)]
   if jax.process_index() == 0 and config.profile:
@@ -456,36 +555,44 @@ def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
   last_loss, metrics, history, tick = None, None, [], time.time()
   with _Preemption() as preemption:
     for step in range(int(state.step) + 1, num_steps + 1):
-      batch = sharding.global_batch(next(batches), batch_sharding)
+      batch = next(batches)
       state, step_metrics = step_fn(state, batch, rng)
       for hook in hooks:
         hook(step)
       history.append(step_metrics)
       done = step == num_steps
       if every(config.log_every_steps, step) or done:
+        nonfinite.check(history, step, manager)
         last_loss = _write_train_metrics(writer, step, history, tick,
-                                         config.batch_size, len(skipped))
+                                         config.batch_size, len(skipped),
+                                         len(nonfinite.steps))
         history, tick = [], time.time()
       evaluating = evaluate_fn and (every(config.eval_every_steps, step) or
                                     done)
+      saving = (evaluating or every(config.checkpoint_every_steps, step) or
+                done or preemption.requested)
+      if saving:  # Never past a non-finite step ('stop').
+        nonfinite.check(history, step, manager)
       metrics = evaluate_fn(state) if evaluating else None
-      if (evaluating or every(config.checkpoint_every_steps, step) or done or
-          preemption.requested):
+      if saving:
         checkpoints.training.save(manager, state, config, metrics)
       if preemption.requested:
         break
   return state, last_loss, metrics
 
 
-def _write_train_metrics(writer, step, history, tick, batch_size, skipped
-                         ) -> float:
+def _write_train_metrics(writer, step, history, tick, batch_size, skipped,
+                         skipped_updates=0) -> float:
   history = jax.device_get(history)
-  means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+  # Dropped updates ('skip') would make the means NaN.
+  kept = [h for h in history if not h.get('nonfinite', False)] or history
+  means = {k: float(np.mean([h[k] for h in kept])) for k in history[0]}
   seconds = time.time() - tick
   writer.write_scalars(step, {
       'train/loss': means['loss'], 'train/accuracy': means['accuracy'],
       'train/learning_rate': means['learning_rate'],
       'train/steps_per_sec': len(history) / seconds,
       'train/examples_per_sec': len(history) * batch_size / seconds,
-      'train/skipped_videos': skipped})
+      'train/skipped_videos': skipped,
+      'train/skipped_updates': skipped_updates})
   return means['loss']

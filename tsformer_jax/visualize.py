@@ -27,8 +27,8 @@ from PIL import Image
 from tsformer_jax import attention
 from tsformer_jax import checkpoints
 from tsformer_jax import cli
+from tsformer_jax import clip_lib
 from tsformer_jax import evaluation
-from tsformer_jax import input_pipeline
 from tsformer_jax import model as model_lib
 from tsformer_jax import rollout
 from tsformer_jax.datasets import video_files
@@ -63,19 +63,19 @@ class Explanation:
   importance: np.ndarray
 
 
-def sample_clip(video: input_pipeline.Video, spec: input_pipeline.ClipSpec
+def sample_clip(video: clip_lib.Video, spec: clip_lib.ClipSpec
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The evaluation view of one centre clip and centre crop.
 
   Returns:
     `(indices [T], frames uint8 [T, H, W, 3], clip float32 [T, H, W, 3])`;
-    `clip` equals `input_pipeline.eval_views` with one clip and one crop.
+    `clip` equals `clip_lib.eval_views` with one clip and one crop.
   """
   spec = dataclasses.replace(spec, num_clips=1, num_crops=1)
-  indices = input_pipeline.temporal_indices(video.num_frames, video.fps,
-                                            spec, clip=0)
-  frames = input_pipeline.eval_crops(video.frames(indices), spec)[0]
-  return indices, frames, input_pipeline.normalize(frames, spec)
+  indices = clip_lib.temporal_indices(video.num_frames, video.fps,
+                                      spec, clip=0)
+  frames = clip_lib.eval_crops(video.frames(indices), spec)[0]
+  return indices, frames, clip_lib.normalize(frames, spec)
 
 
 def _analyse(model: model_lib.TimeSformer, params, clips: jax.Array):
@@ -90,11 +90,11 @@ def _analyse(model: model_lib.TimeSformer, params, clips: jax.Array):
   return outputs, heatmaps, rollout.temporal_importance(heatmaps)
 
 
-def explain(config, params, video: input_pipeline.Video) -> Explanation:
+def explain(config, params, video: clip_lib.Video) -> Explanation:
   """Samples the clip, classifies it and rolls its attention out."""
   model = model_lib.create_model(config)
   indices, frames, clip = sample_clip(video,
-                                      input_pipeline.clip_spec(config))
+                                      clip_lib.clip_spec(config))
   analyse = jax.jit(
       functools.partial(_analyse, model),
       compiler_options=model_lib.inference_compiler_options(config, 1))
@@ -184,7 +184,7 @@ def visualize(checkpoint: str, video_path: str, out_dir: str, *,
 
   Raises:
     FileNotFoundError: no checkpoint or no video at the path given.
-    input_pipeline.BadVideoError: the video cannot be decoded.
+    clip_lib.BadVideoError: the video cannot be decoded.
     ValueError: the checkpoint cannot be read.
   """
   if not os.path.exists(checkpoint):
@@ -196,7 +196,7 @@ def visualize(checkpoint: str, video_path: str, out_dir: str, *,
   # The video's header first: a bad file fails before the model loads.
   video = video_files.VideoFile(video_path)
   if video.num_frames < 1:
-    raise input_pipeline.BadVideoError(f'{video_path}: no frames.')
+    raise clip_lib.BadVideoError(f'{video_path}: no frames.')
   config, params = checkpoints.load_checkpoint(checkpoint)
   result = explain(config, params, video)
 
@@ -225,7 +225,7 @@ def main(argv):
   try:
     found = visualize(cli.CHECKPOINT.value, argv[1], cli.OUT.value,
                       alpha=_ALPHA.value, frame_ms=_FRAME_MS.value)
-  except input_pipeline.BadVideoError as e:
+  except clip_lib.BadVideoError as e:
     raise cli.Error(f'cannot decode the video: {e}', status=1) from e
   except (FileNotFoundError, ValueError) as e:
     raise cli.Error(str(e), status=1) from e

@@ -109,7 +109,8 @@ def read_checkpoint(path: str, format: str = 'auto', hint=None
 
 
 def _directory_format(path: str) -> str:
-  if orbax.find(path):
+  # A training run's checkpoints/ is orbax even when no step is whole.
+  if orbax.find(path) or orbax.step_directories(path):
     return 'orbax'
   config_file = os.path.join(path, 'config.json')
   if os.path.isfile(config_file):

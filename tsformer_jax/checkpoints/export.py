@@ -16,13 +16,10 @@ the `.pyth` layout only. The schemes without a PyTorch implementation
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import flax
@@ -213,7 +210,7 @@ def write_hf(out_dir: str, config, params,
       json.dump(hf, f, indent=2)
       f.write('\n')
 
-  return _write_atomically(out_dir, write, overwrite)
+  return tensor_io.write_atomically(out_dir, write, overwrite)
 
 
 def original_cfg(config) -> str:
@@ -271,7 +268,7 @@ def write_pyth(out_path: str, config, params, *, epoch: int = -1,
   state = to_original_state_dict(config, params)
   checkpoint = {'model_state': state, 'epoch': int(epoch),
                 'cfg': original_cfg(config)}
-  return _write_atomically(
+  return tensor_io.write_atomically(
       out_path, lambda staging: tensor_io.write_torch(staging, checkpoint),
       overwrite)
 
@@ -279,32 +276,3 @@ def write_pyth(out_path: str, config, params, *, epoch: int = -1,
 def _image_size(model_config) -> tuple[int, int]:
   size = model_config.image_size
   return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def _write_atomically(path: str, write: Callable[[str], None],
-                      overwrite: bool) -> str:
-  """`write(staging)` writes a file or directory at the path it is given,
-  beside `path`, then renamed to `path`; a failure leaves nothing there."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} exists; pass overwrite=True (--overwrite)'
-                          ' to replace it.')
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-',
-                             dir=parent)
-  try:
-    written = os.path.join(staging, 'out')
-    write(written)
-    replaced = os.path.join(staging, 'replaced')
-    if os.path.exists(path):
-      os.rename(path, replaced)
-    try:
-      os.rename(written, path)
-    except OSError:
-      if os.path.exists(replaced):
-        os.rename(replaced, path)
-      raise
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-  return path

@@ -1,7 +1,7 @@
 """Datasets: the generated demo and the paper's video datasets.
 
 `registry.py` describes each dataset; `get_source(config, split)` turns
-`config.data` into a random-access `input_pipeline.Source` of labelled
+`config.data` into a random-access `clip_lib.Source` of labelled
 videos. With `config.data.format = 'tfds'` it reads instead the TFDS
 dataset that `python -m tsformer_jax.datasets.prepare` wrote
 (`tfds_builders.py`): encoded frames in ArrayRecord, read by index.
@@ -16,7 +16,7 @@ dataset that `python -m tsformer_jax.datasets.prepare` wrote
 | folder | its class folders | `{train,val}/<class>/*`: your own videos |
 """
 
-from tsformer_jax import input_pipeline
+from tsformer_jax import clip_lib
 from tsformer_jax.datasets.registry import ALIASES
 from tsformer_jax.datasets.registry import DATASETS
 from tsformer_jax.datasets.registry import Dataset
@@ -31,7 +31,7 @@ __all__ = ['ALIASES', 'DATASETS', 'FORMATS', 'Dataset', 'class_names',
            'data_dir', 'file_source', 'get_dataset', 'get_source']
 
 
-def get_source(config, split: str) -> input_pipeline.Source:
+def get_source(config, split: str) -> clip_lib.Source:
   """The videos of `split` of `config.data.dataset`.
 
   `config.data.format` says where they are read: 'files' decodes the

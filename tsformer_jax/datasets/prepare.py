@@ -5,7 +5,7 @@ r"""Prepare a dataset as TFDS (ArrayRecord of encoded frames) for training.
   python -m tsformer_jax.datasets.prepare --config=configs/divided.py:demo
 
 writes the train and eval splits of the config's dataset to
-`OUT/encoded_videos/ssv2/1.0.0` (`OUT/synthetic_motion/1.0.0` for the demo);
+`OUT/encoded_videos/ssv2/2.0.0` (`OUT/synthetic_motion/2.0.0` for the demo);
 `--out`, the TFDS folder, defaults to `config.data.tfds_dir`, else
 `~/.cache/tsformer_jax/tfds`. Train on it with
 `--config.data.format=tfds --config.data.tfds_dir=OUT`.
@@ -23,12 +23,15 @@ _SPLITS = flags.DEFINE_list(
     'splits', None, 'Splits to write; default the config\'s train_split and '
     'eval_split.')
 _SHORT_SIDE = flags.DEFINE_integer(
-    'short_side', 320, 'Shrink frames to this short side (aspect kept) where '
-    'larger; 0 keeps their size.')
+    'short_side', tfds_builders.DEFAULT_SHORT_SIDE,
+    'Shrink frames to this short side (aspect kept) where larger; 0 keeps '
+    'their size.')
 _FPS = flags.DEFINE_float(
-    'fps', 0.0, 'Subsample frames to this rate where faster; 0 keeps all.')
-_JPEG_QUALITY = flags.DEFINE_integer('jpeg_quality', 90,
-                                     'JPEG quality, 1 to 95.')
+    'fps', tfds_builders.DEFAULT_FPS,
+    'Subsample frames to this rate where faster; 0 keeps all.')
+_JPEG_QUALITY = flags.DEFINE_integer(
+    'jpeg_quality', tfds_builders.DEFAULT_JPEG_QUALITY,
+    'JPEG quality, 1 to 95.')
 _LIMIT = flags.DEFINE_integer(
     'limit', None, 'At most this many videos per split (a quick trial).')
 _NUM_WORKERS = flags.DEFINE_integer(
@@ -39,11 +42,16 @@ def main(argv):
   if len(argv) > 1 or cli.CONFIG.value is None:
     raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and no other '
                     f'arguments (got {argv[1:]}); --help shows more.')
-  directory = tfds_builders.prepare(
-      cli.CONFIG.value, cli.OUT.value, splits=_SPLITS.value,
-      short_side=_SHORT_SIDE.value, fps=_FPS.value,
-      jpeg_quality=_JPEG_QUALITY.value, limit=_LIMIT.value,
-      num_workers=_NUM_WORKERS.value)
+  try:
+    directory = tfds_builders.prepare(
+        cli.CONFIG.value, cli.OUT.value, splits=_SPLITS.value,
+        short_side=_SHORT_SIDE.value, fps=_FPS.value,
+        jpeg_quality=_JPEG_QUALITY.value, limit=_LIMIT.value,
+        num_workers=_NUM_WORKERS.value)
+  except Exception as e:  # pylint: disable=broad-except
+    if cli.expected(e):  # Missing data, a bad config value: one line.
+      raise cli.Error(str(e)) from e
+    raise
   logging.info('Prepared %s in %s.', cli.CONFIG.value.data.dataset, directory)
 
 

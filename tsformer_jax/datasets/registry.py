@@ -17,7 +17,7 @@ import functools
 import importlib.resources
 import os
 
-from tsformer_jax import input_pipeline
+from tsformer_jax import clip_lib
 from tsformer_jax.datasets import diving48
 from tsformer_jax.datasets import folder
 from tsformer_jax.datasets import kinetics
@@ -54,7 +54,7 @@ class Dataset:
   name: str
   num_classes: int
   splits: dict[str, str]
-  load: Callable[[str, str], input_pipeline.Source]
+  load: Callable[[str, str], clip_lib.Source]
   on_disk: bool = True
   required: tuple[str, ...] = ()
   layout: str = ''
@@ -162,7 +162,7 @@ def data_dir(config) -> str:
 
 
 def file_source(config, split: str, num_classes: int | None = None
-                ) -> input_pipeline.Source:
+                ) -> clip_lib.Source:
   """The videos of `split` of `config.data.dataset`, from its own files.
 
   Args:

@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from tsformer_jax import input_pipeline
+from tsformer_jax import clip_lib
 
 CLASSES = ('red_then_blue', 'blue_then_red')
 _COLOURS = {'red': (230.0, 60.0, 60.0), 'blue': (60.0, 90.0, 230.0)}
@@ -73,7 +73,7 @@ def num_examples(split: str) -> int:
 
 
 class Source:
-  """The generated videos as a random-access `input_pipeline.Source`."""
+  """The generated videos as a random-access `clip_lib.Source`."""
 
   def __init__(self, split: str, spec: Spec = Spec(), fps: float = 30.0):
     if split not in SPLITS:
@@ -85,4 +85,4 @@ class Source:
 
   def __getitem__(self, index: int):
     frames, label = generate(self.split, index, self.spec)
-    return input_pipeline.ArrayVideo(frames, self.fps), label
+    return clip_lib.ArrayVideo(frames, self.fps), label

@@ -3,9 +3,15 @@
 Decoding a compressed video to reach a few frames costs far more than reading
 frames stored as images, so `prepare` writes `config.data.dataset` once as
 TFDS (`synthetic_motion` as PNG; other datasets as JPEG, shrunk and
-subsampled) and `load` reads it back as an `input_pipeline.Source`. Examples
-keep the split's order; videos that fail to decode are left out, and the
-metadata records them per split.
+subsampled) and `load` reads it back as an `clip_lib.Source`.
+
+Layout (version 2): one record per frame (`image`, `video`, `frame`), the
+frames of a video consecutive, so that a clip reads only the frames it
+uses; each split's videos (label, fps, frame count, first record, frame
+size, source path) are listed in the dataset's metadata. Version 1 held one
+record per video, all its frames in it; data prepared so is refused with
+the command that prepares it again. Examples keep the split's order; videos
+that fail to decode are left out, and the metadata records them per split.
 """
 
 from __future__ import annotations
@@ -28,15 +34,24 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from tsformer_jax import input_pipeline
+from tsformer_jax import clip_lib
 from tsformer_jax.datasets import registry
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import video_files
 
-DATA_VERSION = '1.0.0'
+DATA_VERSION = '2.0.0'
+# Earlier layouts, refused with the command that prepares the data again.
+OLD_VERSIONS = ('1.0.0',)
 SYNTHETIC = 'synthetic_motion'
 SYNTHETIC_FPS = 30.0  # As `synthetic_motion.Source`.
 FILE_FORMAT = 'array_record'
+# `prepare`'s defaults: 15 fps at JPEG quality 75 keeps a dataset of
+# Kinetics-like mp4s within 8x their size on disk (experiments/results/
+# input_cpu.md); the paper's sampling rates (2 and up at 30 fps) lose no
+# frame they use.
+DEFAULT_SHORT_SIDE = 320
+DEFAULT_FPS = 15.0
+DEFAULT_JPEG_QUALITY = 75
 
 
 def default_tfds_dir() -> str:
@@ -53,14 +68,15 @@ def tfds_dir(config) -> str:
                             default_tfds_dir())
 
 
-def builder_dir(config, root: str | None = None) -> str:
+def builder_dir(config, root: str | None = None,
+                version: str = DATA_VERSION) -> str:
   """The version folder of the prepared `config.data.dataset` under the TFDS
   folder `root` (None for `tfds_dir(config)`)."""
   name = registry.get_dataset(config.data.dataset).name
   root = tfds_dir(config) if root is None else root
   if name == SYNTHETIC:
-    return os.path.join(root, SyntheticMotion.name, DATA_VERSION)
-  return os.path.join(root, EncodedVideos.name, name, DATA_VERSION)
+    return os.path.join(root, SyntheticMotion.name, version)
+  return os.path.join(root, EncodedVideos.name, name, version)
 
 
 def splits_of(config) -> tuple[str, ...]:
@@ -98,9 +114,18 @@ def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
   return buffer.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-  """PNG or JPEG bytes -> uint8 `[H, W, 3]`."""
+def decode_image(data: bytes, min_size: tuple[int, int] | None = None
+                 ) -> np.ndarray:
+  """PNG or JPEG bytes -> uint8 `[H, W, 3]`.
+
+  Args:
+    min_size: `(height, width)`: a JPEG decodes at the smallest of its
+      reduced scales (1/2, 1/4, 1/8) that is at least this large (PIL's
+      `draft`), which costs a fraction of the full decode.
+  """
   with PIL.Image.open(io.BytesIO(data)) as image:
+    if min_size is not None and image.format == 'JPEG':
+      image.draft('RGB', (min_size[1], min_size[0]))
     return np.asarray(image.convert('RGB'))
 
 
@@ -120,10 +145,10 @@ def shrink(frame: np.ndarray, short_side: int) -> np.ndarray:
   """Resizes `[H, W, 3]` so that min(H, W) <= short_side; never enlarges."""
   if not short_side or min(frame.shape[:2]) <= short_side:
     return frame
-  return input_pipeline.resize_short_side(frame[None], short_side)[0]
+  return clip_lib.resize_short_side(frame[None], short_side)[0]
 
 
-def iter_frames(video: input_pipeline.Video, indices: np.ndarray
+def iter_frames(video: clip_lib.Video, indices: Sequence[int]
                 ) -> Iterator[np.ndarray]:
   """The frames at ascending `indices`, one at a time: uint8 `[H, W, 3]`.
 
@@ -131,32 +156,10 @@ def iter_frames(video: input_pipeline.Video, indices: np.ndarray
   one pass, never holding the whole full-size video in memory.
   """
   if not isinstance(video, video_files.VideoFile):
-    yield from video.frames(indices)
+    yield from video.frames(np.asarray(indices, np.int64))
     return
-  indices = np.asarray(indices, np.int64)
-  if video.end is not None:
-    indices = np.minimum(indices, video.end - video.start - 1)
-  yield from _decode_ascending(video.path, (indices + video.start).tolist())
-
-
-def _decode_ascending(path: str, wanted: list[int]) -> Iterator[np.ndarray]:
-  """`video_files.decode(path, wanted)` for ascending `wanted`, streamed:
-  indices past the last decodable frame give that frame."""
-  if not wanted:
-    return
-  position = 0
-  for i, frame in video_files.decoded_frames(path):
-    last = frame
-    if wanted[position] == i:
-      rgb = frame.to_ndarray(format='rgb24')
-      while position < len(wanted) and wanted[position] == i:
-        yield rgb
-        position += 1
-      if position == len(wanted):
-        return
-  rgb = last.to_ndarray(format='rgb24')
-  for _ in wanted[position:]:
-    yield rgb
+  for _, frame in video.iter_frames(list(indices)):
+    yield frame
 
 
 def ordered_map(fn: Callable, items: Iterable, num_workers: int
@@ -174,8 +177,8 @@ def ordered_map(fn: Callable, items: Iterable, num_workers: int
 
 
 class _KeepEncoded(tfds.decode.Decoder):
-  """Leaves a video's frames as encoded bytes, so that a clip decodes only
-  the frames it takes."""
+  """Leaves a frame as encoded bytes, so that it decodes when a clip asks
+  for it, and at the scale the clip needs."""
 
   def decode_example(self, serialized_example):
     return serialized_example
@@ -187,18 +190,44 @@ class _KeepEncoded(tfds.decode.Decoder):
     return serialized_example
 
 
-def _dataset_info(builder, description: str, video: tfds.features.Video,
-                  class_names: Sequence[str], metadata: dict,
-                  extra: dict) -> tfds.core.DatasetInfo:
-  """Features `video`, `label`, `fps` and `extra`, kept in their order;
-  `metadata` plus `splits`, filled in as each split is written."""
+def _dataset_info(builder, description: str, image: tfds.features.Image,
+                  class_names: Sequence[str], metadata: dict
+                  ) -> tfds.core.DatasetInfo:
+  """Records of one frame each: `image`, its `video` (position in the
+  split) and `frame` (index in the video); `metadata` plus `splits`, filled
+  in as each split is written, and the class names."""
   return tfds.core.DatasetInfo(
       builder=builder, description=description,
       features=tfds.features.FeaturesDict(dict(
-          video=video, label=tfds.features.ClassLabel(names=class_names),
-          fps=tfds.features.Scalar(np.float32), **extra)),
-      supervised_keys=('video', 'label'), disable_shuffling=True,
-      metadata=tfds.core.MetadataDict(metadata, splits={}))
+          image=image, video=tfds.features.Scalar(np.int64),
+          frame=tfds.features.Scalar(np.int64))),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(metadata, splits={},
+                                      class_names=list(class_names)))
+
+
+class _VideoList:
+  """The videos of a split as they are written: per-video lists for the
+  metadata, and the running record number."""
+
+  def __init__(self):
+    self.records = 0
+    self.count = 0
+    self.videos = collections.defaultdict(list)
+
+  def add(self, frames: Sequence[bytes], video: int, **fields
+          ) -> Iterator[tuple[int, dict]]:
+    """The frames' records, `(key, example)`; the video's `fields` (label,
+    fps, ...) join the list."""
+    height, width = decode_image(frames[0]).shape[:2]
+    fields.update(first=self.records, num_frames=len(frames),
+                  height=height, width=width)
+    for key, value in fields.items():
+      self.videos[key].append(value)
+    self.count += 1
+    for k, frame in enumerate(frames):
+      yield self.records, dict(image=frame, video=video, frame=k)
+      self.records += 1
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -215,12 +244,14 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class SyntheticMotion(_LocalBuilder, skip_registration=True):
   """`synthetic_motion` as TFDS: PNG frames, so exactly the generated ones.
 
-  Example `i` of a split is `synthetic_motion.generate(split, i)`, with
+  Video `i` of a split is `synthetic_motion.generate(split, i)`, with
   `id` '{split}/{i:05d}' and fps 30.
   """
   name = SYNTHETIC
   VERSION = tfds.core.Version(DATA_VERSION)
-  RELEASE_NOTES = {DATA_VERSION: 'Generated clips of 16 frames of 32 x 32.'}
+  RELEASE_NOTES = {
+      '1.0.0': 'Generated clips of 16 frames of 32 x 32.',
+      DATA_VERSION: 'One record per frame; the videos in the metadata.'}
 
   def __init__(self, *, limit: int | None = None, num_workers: int = 2,
                **kwargs):
@@ -237,10 +268,9 @@ class SyntheticMotion(_LocalBuilder, skip_registration=True):
     spec = synthetic_motion.Spec()
     return _dataset_info(
         self, synthetic_motion.__doc__,
-        tfds.features.Video((spec.num_frames, spec.size, spec.size, 3),
+        tfds.features.Image(shape=(spec.size, spec.size, 3),
                             encoding_format='png'),
-        synthetic_motion.CLASSES, dict(limit=self._limit),
-        dict(id=tfds.features.Text()))
+        synthetic_motion.CLASSES, dict(limit=self._limit))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
@@ -254,13 +284,16 @@ class SyntheticMotion(_LocalBuilder, skip_registration=True):
 
     def example(index):
       frames, label = synthetic_motion.generate(split, index)
-      return dict(video=[encode_png(f) for f in frames], label=label,
-                  fps=SYNTHETIC_FPS, id=f'{split}/{index:05d}')
+      return [encode_png(f) for f in frames], label
 
-    yield from enumerate(
-        ordered_map(example, range(count), self._num_workers))
+    videos = _VideoList()
+    for index, (frames, label) in enumerate(
+        ordered_map(example, range(count), self._num_workers)):
+      yield from videos.add(frames, index, label=label, fps=SYNTHETIC_FPS,
+                            id=f'{split}/{index:05d}')
     self.info.metadata['splits'][split] = dict(
-        skipped=0, errors=[], max_label=len(synthetic_motion.CLASSES) - 1)
+        skipped=0, errors=[], max_label=len(synthetic_motion.CLASSES) - 1,
+        videos=dict(videos.videos))
 
 
 @dataclasses.dataclass(eq=False)
@@ -277,9 +310,9 @@ class VideoConfig(tfds.core.BuilderConfig):
     data_dir: for a dataset that its folder alone names (`folder`), that
       folder, so that another is not taken for it; else ''.
   """
-  short_side: int = 320
-  fps: float = 0.0
-  jpeg_quality: int = 90
+  short_side: int = DEFAULT_SHORT_SIDE
+  fps: float = DEFAULT_FPS
+  jpeg_quality: int = DEFAULT_JPEG_QUALITY
   limit: int | None = None
   data_dir: str = ''
 
@@ -290,14 +323,17 @@ class VideoConfig(tfds.core.BuilderConfig):
 
 
 class EncodedVideos(_LocalBuilder, skip_registration=True):
-  """Any video dataset as TFDS: JPEG frames, label, fps, source path; the
-  `VideoConfig` names the dataset, `sources` gives its splits."""
+  """Any video dataset as TFDS: JPEG frames, one record each; the videos'
+  labels, frame rates and source paths in the metadata. The `VideoConfig`
+  names the dataset, `sources` gives its splits."""
   name = 'encoded_videos'
   VERSION = tfds.core.Version(DATA_VERSION)
-  RELEASE_NOTES = {DATA_VERSION: 'JPEG frames, label, fps, path, index.'}
+  RELEASE_NOTES = {
+      '1.0.0': 'JPEG frames, label, fps, path, index.',
+      DATA_VERSION: 'One record per frame; the videos in the metadata.'}
 
   def __init__(self, *, config: VideoConfig,
-               sources: Mapping[str, input_pipeline.Source],
+               sources: Mapping[str, clip_lib.Source],
                class_names: Sequence[str], num_workers: int = 4, **kwargs):
     """
     Args:
@@ -315,9 +351,8 @@ class EncodedVideos(_LocalBuilder, skip_registration=True):
     config = self.builder_config
     return _dataset_info(
         self, f'{config.name}: {config.description}',
-        tfds.features.Video((None, None, None, 3), encoding_format='jpeg'),
-        self._class_names, config.params(),
-        dict(path=tfds.features.Text(), index=tfds.features.Scalar(np.int64)))
+        tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+        self._class_names, config.params())
 
   def _split_generators(self, dl_manager):
     del dl_manager  # The videos are read where they lie.
@@ -336,7 +371,8 @@ class EncodedVideos(_LocalBuilder, skip_registration=True):
         # One bad file must not end hours of conversion.
         return e
 
-    errors, max_label = [], -1
+    errors, max_label, source_bytes = [], -1, 0
+    videos = _VideoList()
     for index, value in enumerate(
         ordered_map(example, range(count), self._num_workers)):
       if isinstance(value, Exception):
@@ -344,44 +380,52 @@ class EncodedVideos(_LocalBuilder, skip_registration=True):
         errors.append(f'{index}: {value}')
         continue
       max_label = max(max_label, value['label'])
-      yield index, value
+      source_bytes += value['bytes']
+      yield from videos.add(value['frames'], videos.count,
+                            label=value['label'], fps=value['fps'],
+                            path=value['path'], index=index)
     if count and len(errors) == count:
-      raise input_pipeline.BadVideoError(
+      raise clip_lib.BadVideoError(
           f'Every video of split {split!r} failed, e.g. {errors[0]}')
     if errors:
       logging.warning('%d of %d videos of %s skipped.', len(errors), count,
                       split)
     self.info.metadata['splits'][split] = dict(
-        skipped=len(errors), errors=errors, max_label=max_label)
+        skipped=len(errors), errors=errors, max_label=max_label,
+        source_bytes=source_bytes, videos=dict(videos.videos))
 
 
-def encode_video(source: input_pipeline.Source, index: int,
+def encode_video(source: clip_lib.Source, index: int,
                  config: VideoConfig) -> dict:
-  """Video `index` of `source` as an `EncodedVideos` example.
+  """Video `index` of `source`, encoded: its `frames` (JPEG bytes),
+  `label`, `fps`, `path` and the `bytes` of its file.
 
   Raises:
-    input_pipeline.BadVideoError: it cannot be decoded or has no frames.
+    clip_lib.BadVideoError: it cannot be decoded or has no frames.
   """
   video, label = source[index]
   if video.num_frames < 1:
-    raise input_pipeline.BadVideoError(f'video {index}: no frames.')
+    raise clip_lib.BadVideoError(f'video {index}: no frames.')
   indices, fps = subsample(video.num_frames, video.fps, config.fps)
   frames = [encode_jpeg(shrink(frame, config.short_side),
                         config.jpeg_quality)
             for frame in iter_frames(video, indices)]
-  return dict(video=frames, label=label, fps=fps,
-              path=getattr(video, 'path', ''), index=index)
+  path = getattr(video, 'path', '')
+  return dict(frames=frames, label=label, fps=fps, path=path,
+              bytes=os.path.getsize(path) if path else 0)
 
 
 def prepare(config, out_dir: str | None = None, *,
-            splits: Sequence[str] | None = None, short_side: int = 320,
-            fps: float = 0.0, jpeg_quality: int = 90,
+            splits: Sequence[str] | None = None,
+            short_side: int = DEFAULT_SHORT_SIDE, fps: float = DEFAULT_FPS,
+            jpeg_quality: int = DEFAULT_JPEG_QUALITY,
             limit: int | None = None, num_workers: int = 4) -> str:
   """Writes `config.data.dataset` as a TFDS dataset; returns its folder.
 
   `synthetic_motion` is generated as PNG (`short_side`, `fps` and
   `jpeg_quality` do not apply); others are read from `config.data.data_dir`
-  as JPEG. A dataset already prepared the same way is left as it is.
+  as JPEG. A dataset already prepared the same way is left as it is. The
+  size on disk against the source videos' is logged (`size_on_disk`).
 
   Args:
     out_dir: the TFDS folder; None for `tfds_dir(config)`.
@@ -438,7 +482,24 @@ def prepare(config, out_dir: str | None = None, *,
   with tempfile.TemporaryDirectory() as downloads:  # Nothing to download.
     builder.download_and_prepare(download_dir=downloads,
                                  file_format=FILE_FORMAT)
+  size = size_on_disk(directory)
+  if size['source_bytes']:
+    logging.info('%s: %.1f MB on disk, %.1fx the %.1f MB of its videos.',
+                 directory, size['prepared_bytes'] / 1e6, size['ratio'],
+                 size['source_bytes'] / 1e6)
   return directory
+
+
+def size_on_disk(directory: str) -> dict[str, float]:
+  """`prepared_bytes` (the dataset's files), `source_bytes` (the video
+  files it was prepared from) and their `ratio` (0 without sources)."""
+  prepared = sum(entry.stat().st_size for entry in os.scandir(directory)
+                 if entry.is_file())
+  info = tfds.builder_from_directory(directory).info
+  source = sum(split.get('source_bytes', 0)
+               for split in info.metadata.get('splits', {}).values())
+  return dict(prepared_bytes=prepared, source_bytes=source,
+              ratio=prepared / source if source else 0.0)
 
 
 def _check_prepared(directory: str, params: dict, splits: Sequence[str]):
@@ -457,12 +518,22 @@ def load(config, split: str) -> TfdsSource:
   'tfds').
 
   Raises:
-    FileNotFoundError: it has not been prepared, or not that split; the
-      message gives the command that prepares it.
+    FileNotFoundError: it has not been prepared, not that split, or only in
+      an old layout; the message gives the command that prepares it.
     ValueError: it has labels beyond `config.model.num_classes`.
   """
   directory = builder_dir(config)
   if not os.path.exists(os.path.join(directory, 'dataset_info.json')):
+    old = [v for v in OLD_VERSIONS if os.path.exists(os.path.join(
+        builder_dir(config, version=v), 'dataset_info.json'))]
+    if old:
+      raise FileNotFoundError(
+          f'{builder_dir(config, version=old[-1])!r} holds '
+          f'{config.data.dataset} prepared in the old layout {old[-1]} (one '
+          f'record per video); this version reads layout {DATA_VERSION} (one'
+          ' record per frame, so that a clip reads only its frames) from '
+          f'{directory!r}. Prepare it again with:\n  '
+          f'{prepare_command(config)}')
     raise FileNotFoundError(
         f'config.data.format is "tfds" but {directory!r} holds no '
         f'prepared {config.data.dataset} (no dataset_info.json); tfds_dir is '
@@ -485,15 +556,20 @@ def load(config, split: str) -> TfdsSource:
 
 
 class TfdsSource:
-  """A split of a prepared TFDS dataset as an `input_pipeline.Source`.
+  """A split of a prepared TFDS dataset as an `clip_lib.Source`.
 
-  `source[i]` is `(video, label)`; frames decode when a clip asks for them.
+  `source[i]` is `(video, label)` from the metadata alone; a clip then reads
+  and decodes the records of the frames it uses. Pickles as its folder and
+  split (a worker process opens it again).
 
   Attributes:
     directory: the dataset's version folder.
+    split: the split.
     class_names: the dataset's class names, by index.
     split_metadata: what `prepare` recorded of the split: `skipped` (the
-      videos left out), `errors` and `max_label`.
+      videos left out), `errors`, `max_label` and `videos` (per-video
+      lists: `label`, `fps`, `num_frames`, `first` record, `height`,
+      `width`, and `path` or `id`).
   """
 
   def __init__(self, directory: str, split: str,
@@ -514,39 +590,84 @@ class TfdsSource:
           f'{directory} holds splits {sorted(builder.info.splits)}, not '
           f'{split!r}.{hint}')
     self.directory, self.split = directory, split
-    self.class_names = list(builder.info.features['label'].names)
+    self.class_names = list(builder.info.metadata['class_names'])
     self.split_metadata = dict(
         builder.info.metadata.get('splits', {}).get(split, {}))
+    videos = self.split_metadata.get('videos', {})
+    self._labels = np.asarray(videos.get('label', []), np.int64)
+    self._fps = np.asarray(videos.get('fps', []), np.float64)
+    self._first = np.asarray(videos.get('first', []), np.int64)
+    self._num_frames = np.asarray(videos.get('num_frames', []), np.int64)
+    self._sizes = np.stack([videos.get('height', []),
+                            videos.get('width', [])], -1).astype(np.int64)
     self._records = builder.as_data_source(
-        split, decoders=dict(video=_KeepEncoded()))
+        split, decoders=dict(image=_KeepEncoded()))
     if self.split_metadata.get('skipped'):
       logging.info('%s %s: %d videos were skipped when it was prepared.',
                    directory, split, self.split_metadata['skipped'])
 
+  def __getstate__(self) -> dict:
+    return dict(directory=self.directory, split=self.split)
+
+  def __setstate__(self, state: dict):
+    self.__init__(state['directory'], state['split'])
+
   def __len__(self) -> int:
-    return len(self._records)
+    return len(self._labels)
 
   def __getitem__(self, index: int) -> tuple[EncodedVideo, int]:
-    example = self._records[index]
-    return (EncodedVideo(tuple(example['video']), float(example['fps'])),
-            int(example['label']))
+    if not -len(self) <= index < len(self):
+      raise IndexError(f'Video {index} of {len(self)}.')
+    return (EncodedVideo(self._records, int(self._first[index]),
+                         int(self._num_frames[index]),
+                         float(self._fps[index]),
+                         tuple(self._sizes[index].tolist())),
+            int(self._labels[index]))
+
+  @property
+  def labels(self) -> np.ndarray:
+    """int64 `[len(self)]`."""
+    return self._labels
 
 
 @dataclasses.dataclass(frozen=True)
 class EncodedVideo:
-  """A video of encoded frames (PNG or JPEG bytes), decoded on demand."""
-  encoded: tuple[bytes, ...]
+  """A video of encoded frames (PNG or JPEG), one record each, decoded on
+  demand: a clip reads and decodes only the frames it uses.
+
+  Attributes:
+    records: the split's records (`image` bytes each).
+    first: the record of frame 0.
+    num_frames: frames in the video.
+    fps: its frame rate.
+    frame_size: `(height, width)` of its frames.
+  """
+  records: Sequence[dict]
+  first: int
+  num_frames: int
   fps: float
+  frame_size: tuple[int, int]
+  # JPEG frames decode at reduced scales (`frames(..., min_size)`).
+  decodes_reduced = True
 
-  @property
-  def num_frames(self) -> int:
-    return len(self.encoded)
+  def encoded(self, indices: Sequence[int]) -> list[bytes]:
+    """The encoded frames at `indices`, read together."""
+    keys = [self.first + int(i) for i in indices]
+    return [r['image'] for r in self.records.__getitems__(keys)]
 
-  def frames(self, indices: np.ndarray) -> np.ndarray:
-    """uint8 `[len(indices), H, W, 3]`; each distinct frame decoded once."""
+  def frames(self, indices: np.ndarray,
+             min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 `[len(indices), H, W, 3]`; each distinct frame read and
+    decoded once, at a reduced scale no smaller than `min_size` where the
+    format allows (JPEG)."""
     indices = np.asarray(indices, np.int64).reshape(-1)
-    if not indices.size:
-      return decode_image(self.encoded[0])[None][:0]
-    decoded = {i: decode_image(self.encoded[i])
-               for i in dict.fromkeys(indices.tolist())}
+    if indices.size and (indices.min() < 0 or
+                         indices.max() >= self.num_frames):
+      raise IndexError(f'Frames {indices.min()}..{indices.max()} of '
+                       f'{self.num_frames}.')
+    distinct = list(dict.fromkeys(indices.tolist()))
+    if not distinct:
+      return decode_image(self.encoded([0])[0])[None][:0]
+    decoded = dict(zip(distinct, (decode_image(data, min_size) for data in
+                                  self.encoded(distinct)), strict=True))
     return np.stack([decoded[i] for i in indices.tolist()])

@@ -1,0 +1,488 @@
+"""A clip from a video: which frames, which crop, what size.
+
+Sampling and crops follow the original (PySlowFast); evaluation's clip
+positions are the paper's or the original code's (`CLIP_POSITIONS`). A
+clip's crop is planned before its frames are decoded: frames are cropped
+before they are resized, in uint8 with PIL's antialiased bilinear filter,
+and a video that can decode at a reduced scale (JPEG) does so where the
+crop allows it. Clips stay uint8 until the jitted steps normalise them on
+the device (`device_normalize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import contextlib
+import dataclasses
+import time
+from typing import Protocol
+
+import numpy as np
+import PIL.Image
+
+
+class Video(Protocol):
+  """A video whose frames are decoded on demand.
+
+  A video may also have `frame_size` (`(height, width)` known before
+  decoding), and `frames(indices, min_size=(h, w))` to decode at a reduced
+  scale no smaller than `min_size`; the pipeline uses them where present.
+  """
+  num_frames: int
+  fps: float
+
+  def frames(self, indices: np.ndarray) -> np.ndarray:
+    """uint8 `[len(indices), H, W, 3]`."""
+
+
+class Source(Protocol):
+  """A random-access list of labelled videos."""
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> tuple[Video, int]:
+    ...
+
+
+@dataclasses.dataclass
+class ArrayVideo:
+  """A video already in memory: uint8 `[F, H, W, 3]`."""
+  array: np.ndarray
+  fps: float = 30.0
+
+  @property
+  def num_frames(self) -> int:
+    return len(self.array)
+
+  @property
+  def frame_size(self) -> tuple[int, int]:
+    return self.array.shape[1:3]
+
+  def frames(self, indices: np.ndarray) -> np.ndarray:
+    return self.array[indices]
+
+
+class BadVideoError(Exception):
+  """A video that cannot be decoded, is empty, or has no frames."""
+
+
+class DecodeTimeoutError(BadVideoError):
+  """A video whose decoding outlasted the time bound."""
+
+
+class WorkerLostError(BadVideoError):
+  """The worker process decoding a video ended (a decoder's crash)."""
+
+
+# Seconds a video may take to load where a config sets none: far above a
+# clip's decoding (well under a second), so only a stall reaches it.
+DEFAULT_DECODE_TIMEOUT_S = 60.0
+
+
+def decode_timeout_error(seconds: float) -> DecodeTimeoutError:
+  return DecodeTimeoutError(
+      f'decoding stalled: no result within {seconds:g} s (the time bound; '
+      'raise config.data.decode_timeout_s, or predict --decode_timeout_s, '
+      'if the storage is merely slow).')
+
+
+
+# Where evaluation's temporal clips sit (`ClipSpec.clip_positions`).
+CLIP_POSITIONS = ('paper', 'original')
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+  """How clips are cut and processed (from `config.data`).
+
+  Attributes:
+    num_frames: frames per clip (T).
+    sampling_rate: take every `sampling_rate`-th frame at `target_fps`.
+    crop_size: (height, width) of the clip.
+    target_fps: the frame rate `sampling_rate` refers to; videos at another
+      rate are sampled at the same time span.
+    train_scales: (min, max) short side before the training crop.
+    flip: random horizontal flips in training.
+    mean: per-channel pixel mean, in [0, 1] units.
+    std: per-channel pixel standard deviation.
+    num_clips: temporal clips per video at test time.
+    num_crops: spatial crops per clip at test time (1: centre, 3: left,
+      centre, right).
+    sampling: 'rate' (a span of `num_frames * sampling_rate` frames) or
+      'segments' (one frame per equal segment of the whole video;
+      `sampling_rate` and `target_fps` unused).
+    clip_positions: where test clips start with 'rate' sampling: 'paper'
+      (one clip in the middle, as the paper says; `n` clips evenly from
+      the first frame to the last) or 'original' (the original code: clip
+      `k` of `n` at `slack * k / n`, so one clip starts at frame 0).
+    decode_timeout_s: seconds a video's loading may take before the video
+      counts as bad (`long_video`: each wait for its next clip, so that a
+      long video is not bad for being long); None: no bound.
+  """
+  num_frames: int
+  sampling_rate: int
+  crop_size: tuple[int, int]
+  target_fps: float = 30.0
+  train_scales: tuple[int, int] = (256, 320)
+  flip: bool = True
+  mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
+  std: tuple[float, float, float] = (0.225, 0.225, 0.225)
+  num_clips: int = 1
+  num_crops: int = 3
+  sampling: str = 'rate'
+  clip_positions: str = 'paper'
+  decode_timeout_s: float | None = None
+
+  @property
+  def num_views(self) -> int:
+    return self.num_clips * self.num_crops
+
+
+def clip_spec(config) -> ClipSpec:
+  """The `ClipSpec` of a full config (model sizes plus `config.data`)."""
+  d = config.data
+  return ClipSpec(
+      num_frames=config.model.num_frames, sampling_rate=d.sampling_rate,
+      crop_size=tuple(config.model.image_size), target_fps=d.target_fps,
+      train_scales=tuple(d.train_scales), flip=d.flip, mean=tuple(d.mean),
+      std=tuple(d.std), num_clips=d.test_num_clips,
+      num_crops=d.test_num_crops, sampling=d.get('sampling', 'rate'),
+      clip_positions=d.get('test_clip_positions', 'paper'),
+      decode_timeout_s=time_bound(d.get('decode_timeout_s',
+                                        DEFAULT_DECODE_TIMEOUT_S)))
+
+
+def time_bound(seconds: float | None) -> float | None:
+  """`config.data.decode_timeout_s` as a bound: None for 0 or less."""
+  return float(seconds) if seconds is not None and seconds > 0 else None
+
+
+def temporal_indices(video_frames: int, video_fps: float, spec: ClipSpec,
+                     clip: int | None = None,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+  """Frame indices of one clip: `[T]` ints in [0, video_frames).
+
+  Args:
+    clip: which of `spec.num_clips` test clips (placed as
+      `spec.clip_positions` says); None draws a random start with `rng`
+      (training).
+    rng: the training draw's generator.
+  """
+  if spec.sampling == 'segments':
+    return segment_indices(video_frames, spec, clip, rng)
+  if spec.sampling != 'rate':
+    raise ValueError(f'Unknown sampling {spec.sampling!r}; valid: '
+                     "['rate', 'segments'].")
+  span = spec.num_frames * spec.sampling_rate * video_fps / spec.target_fps
+  slack = max(video_frames - span, 0.0)
+  if clip is None:
+    start = rng.uniform(0.0, slack)
+  else:
+    start = test_clip_start(slack, clip, spec)
+  positions = np.linspace(start, start + span - 1, spec.num_frames)
+  # Truncated as the original's `.long()`; short videos repeat the last frame.
+  return np.clip(positions, 0, video_frames - 1).astype(np.int64)
+
+
+def test_clip_start(slack: float, clip: int, spec: ClipSpec) -> float:
+  """The first frame (fractional) of test clip `clip` of `spec.num_clips`,
+  `slack` being the frames a clip leaves over.
+
+  'paper': one clip sits in the middle (`slack / 2`), `n` clips at
+  `slack * k / (n - 1)`, the first at frame 0 and the last ending on the
+  last frame. 'original' (PySlowFast's `get_start_end_idx`):
+  `slack * k / n`, so a single clip starts at frame 0.
+  """
+  n = spec.num_clips
+  if spec.clip_positions == 'original':
+    return slack * clip / n
+  if spec.clip_positions != 'paper':
+    raise ValueError(f'Unknown test_clip_positions {spec.clip_positions!r}'
+                     f'; valid: {list(CLIP_POSITIONS)}.')
+  return slack * clip / (n - 1) if n > 1 else slack / 2
+
+
+def segment_indices(video_frames: int, spec: ClipSpec,
+                    clip: int | None = None,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+  """One frame per segment, as the original's SSv2 `get_seq_frames`:
+  `[T]` ints in [0, video_frames).
+
+  Segment `i` of `T` runs from `round(s * i)` to `round(s * (i + 1))`,
+  `s = (L - 1) / T`, both ends included (`np.round` rounds halves to even,
+  as the original's). Training (`clip` None) draws a frame of each
+  uniformly with `rng`; the one test clip takes `(start + end) // 2`, and
+  test clip `k` of `n` the point `(2k + 1) / 2n` of the way through.
+  """
+  size = (video_frames - 1) / spec.num_frames
+  bounds = np.round(size * np.arange(spec.num_frames + 1)).astype(np.int64)
+  starts, ends = bounds[:-1], bounds[1:]
+  if clip is None:
+    indices = rng.integers(starts, ends + 1)
+  else:
+    # Clip k of n at (2k + 1) / 2n of each segment: one clip is the middle.
+    n = spec.num_clips
+    indices = starts + (ends - starts) * (2 * clip + 1) // (2 * n)
+  return np.clip(indices, 0, max(video_frames - 1, 0)).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Crop:
+  """A crop of frames resized as a whole to `resized`.
+
+  Attributes:
+    resized: `(height, width)` the whole frame is resized to.
+    y: the crop's first row in the resized frame.
+    x: its first column.
+    size: its `(height, width)`.
+    flip: whether it is mirrored left to right.
+  """
+  resized: tuple[int, int]
+  y: int
+  x: int
+  size: tuple[int, int]
+  flip: bool = False
+
+
+def short_side_size(frame_size: tuple[int, int], short: int,
+                    at_least: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+  """`(height, width)` with min(H, W) == short and the aspect kept, then
+  grown where smaller than `at_least`."""
+  h, w = frame_size
+  if min(h, w) != short:
+    scale = short / min(h, w)
+    h, w = max(short, round(h * scale)), max(short, round(w * scale))
+  return max(h, at_least[0]), max(w, at_least[1])
+
+
+def train_crop(frame_size: tuple[int, int], spec: ClipSpec,
+               rng: np.random.Generator) -> Crop:
+  """Short-side scale jitter, a random crop and a random flip, drawn from
+  `rng` in the original's order."""
+  lo, hi = spec.train_scales
+  resized = short_side_size(frame_size, int(rng.integers(lo, hi + 1)),
+                            spec.crop_size)
+  y = int(rng.integers(0, resized[0] - spec.crop_size[0] + 1))
+  x = int(rng.integers(0, resized[1] - spec.crop_size[1] + 1))
+  flip = bool(spec.flip and rng.random() < 0.5)
+  return Crop(resized, y, x, tuple(spec.crop_size), flip)
+
+
+def eval_crop_list(frame_size: tuple[int, int], spec: ClipSpec
+                   ) -> list[Crop]:
+  """`spec.num_crops` crops after resizing the short side to the crop size.
+
+  One is the centre; three are the start, centre and end of the long side,
+  as the original tests.
+  """
+  resized = short_side_size(frame_size, min(spec.crop_size), spec.crop_size)
+  dy, dx = resized[0] - spec.crop_size[0], resized[1] - spec.crop_size[1]
+  if spec.num_crops == 1:
+    offsets = [(dy // 2, dx // 2)]
+  elif spec.num_crops == 3:
+    along_width = resized[1] >= resized[0]
+    offsets = [(dy // 2, dx * i // 2) if along_width else (dy * i // 2,
+                                                           dx // 2)
+               for i in range(3)]
+  else:
+    raise ValueError(f'test_num_crops must be 1 or 3, got {spec.num_crops}.')
+  return [Crop(resized, y, x, tuple(spec.crop_size)) for y, x in offsets]
+
+
+def resize(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+  """uint8 `[N, H, W, 3]` -> `[N, *shape, 3]`, antialiased bilinear
+  (`resize_frame`)."""
+  if tuple(frames.shape[1:3]) == tuple(shape):
+    return frames
+  return np.stack([resize_frame(f, shape) for f in frames])
+
+
+def resize_frame(frame: np.ndarray, shape: tuple[int, int],
+                 box: tuple[float, float, float, float] | None = None,
+                 flip: bool = False) -> np.ndarray:
+  """uint8 `[H, W, 3]` -> `[*shape, 3]`: PIL's antialiased bilinear filter
+  over `box` (left, top, right, bottom; None for the whole frame), then
+  mirrored if `flip`.
+
+  Each channel is filtered in float32 (PIL's mode 'F') and rounded once,
+  as TensorFlow's `resize(antialias=True)` is: the clips of the earlier
+  TensorFlow pipeline, within float rounding. (PIL's uint8 RGB filter,
+  which rounds between its two passes, costs 40% less but differs by up to
+  two levels, enough to change where a run from scratch ends.)
+  """
+  out = np.empty(tuple(shape) + (3,), np.uint8)
+  for c in range(3):
+    channel = PIL.Image.fromarray(np.ascontiguousarray(frame[..., c]))
+    channel = channel.convert('F').resize(
+        (shape[1], shape[0]), PIL.Image.Resampling.BILINEAR, box=box)
+    if flip:  # In PIL: a strided copy in numpy costs more.
+      channel = channel.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+    np.clip(np.round(np.asarray(channel)), 0, 255, out=out[..., c],
+            casting='unsafe')
+  return out
+
+
+def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear resize so that min(H, W) == size; uint8 in, uint8 out."""
+  return resize(frames, short_side_size(frames.shape[1:3], size))
+
+
+def apply_crops(frames: np.ndarray, crops: Sequence[Crop]
+                ) -> list[np.ndarray]:
+  """Each crop of `frames` (uint8 `[N, h, w, 3]`): uint8 `[N, *size, 3]`.
+
+  A single crop is resized alone, from its box in `frames` (pixels outside
+  it still weigh in at its edges, so it equals resizing the whole frame
+  and cropping); several share one resize of the whole frame. `frames` may
+  be smaller than the frame the crops were planned for (decoded at a
+  reduced scale): the boxes scale with it.
+  """
+  if not crops:
+    return []
+  resized = crops[0].resized
+  if len(crops) > 1 or tuple(frames.shape[1:3]) == tuple(resized):
+    whole = resize(frames, resized)
+    cut = [whole[:, c.y:c.y + c.size[0], c.x:c.x + c.size[1]]
+           for c in crops]
+    return [x[:, :, ::-1] if c.flip else x
+            for x, c in zip(cut, crops, strict=True)]
+  c = crops[0]
+  h, w = frames.shape[1:3]
+  sy, sx = h / resized[0], w / resized[1]
+  # Clamped: rounding must not put the box past the frame (PIL refuses).
+  box = (c.x * sx, c.y * sy, min((c.x + c.size[1]) * sx, w),
+         min((c.y + c.size[0]) * sy, h))
+  return [np.stack([resize_frame(f, c.size, box, c.flip) for f in frames])]
+
+
+def crop(frames: np.ndarray, size: tuple[int, int], y: int, x: int
+         ) -> np.ndarray:
+  return frames[:, y:y + size[0], x:x + size[1]]
+
+
+def frame_size(video: Video) -> tuple[int, int] | None:
+  """`(height, width)` of `video`'s frames if known before decoding."""
+  size = getattr(video, 'frame_size', None)
+  return tuple(size) if size is not None else None
+
+
+def decode_frames(video: Video, indices: np.ndarray,
+                  min_size: tuple[int, int] | None = None) -> np.ndarray:
+  """`video.frames(indices)`, at a reduced scale no smaller than
+  `min_size` where the video can decode so."""
+  if min_size is not None and getattr(video, 'decodes_reduced', False):
+    return video.frames(indices, min_size=min_size)
+  return video.frames(indices)
+
+
+@contextlib.contextmanager
+def _timed(timer: dict[str, float] | None, stage: str):
+  """Adds the CPU seconds of this process in the block to `timer[stage]`
+  (if a timer; for one clip at a time): what a stage costs, FFmpeg's
+  threads included, whatever else the machine runs."""
+  if timer is None:
+    yield
+    return
+  tick = time.process_time()
+  try:
+    yield
+  finally:
+    timer[stage] = timer.get(stage, 0.0) + time.process_time() - tick
+
+
+def train_transform(frames: np.ndarray, spec: ClipSpec,
+                    rng: np.random.Generator) -> np.ndarray:
+  """Short-side scale jitter, random crop, random flip: uint8 `[T, h, w, 3]`."""
+  frames, = apply_crops(frames, [train_crop(frames.shape[1:3], spec, rng)])
+  return frames
+
+
+def train_clip(video: Video, spec: ClipSpec, rng: np.random.Generator,
+               timer: dict[str, float] | None = None) -> np.ndarray:
+  """One training clip: uint8 `[T, H, W, 3]`.
+
+  The crop is planned from the frame size before decoding where the video
+  knows it; the draws from `rng` are the same either way.
+
+  Args:
+    timer: if given, the CPU seconds spent are added to its 'read',
+      'decode' and 'transform' entries.
+  """
+  with _timed(timer, 'read'):
+    num_frames, fps, size = video.num_frames, video.fps, frame_size(video)
+  indices = temporal_indices(num_frames, fps, spec, rng=rng)
+  if size is None:
+    with _timed(timer, 'decode'):
+      frames = decode_frames(video, indices)
+    with _timed(timer, 'transform'):
+      return train_transform(frames, spec, rng)
+  plan = train_crop(size, spec, rng)
+  with _timed(timer, 'decode'):
+    frames = decode_frames(video, indices, plan.resized)
+  with _timed(timer, 'transform'):
+    return apply_crops(frames, [plan])[0]
+
+
+def eval_crops(frames: np.ndarray, spec: ClipSpec) -> list[np.ndarray]:
+  """`spec.num_crops` crops after resizing the short side to the crop size.
+
+  One is the centre; three are the start, centre and end of the long side,
+  as the original tests.
+  """
+  return apply_crops(frames, eval_crop_list(frames.shape[1:3], spec))
+
+
+def eval_clips(video: Video, spec: ClipSpec,
+               timer: dict[str, float] | None = None) -> np.ndarray:
+  """All test views, clip-major: uint8 `[clips * crops, T, H, W, 3]`.
+
+  The frames of every clip are decoded in one pass.
+  """
+  with _timed(timer, 'read'):
+    num_frames, fps, size = video.num_frames, video.fps, frame_size(video)
+  indices = np.stack([temporal_indices(num_frames, fps, spec, clip=k)
+                      for k in range(spec.num_clips)])
+  crops = eval_crop_list(size, spec) if size is not None else None
+  with _timed(timer, 'decode'):
+    frames = decode_frames(video, indices.reshape(-1),
+                           crops[0].resized if crops else None)
+  frames = frames.reshape(indices.shape + frames.shape[1:])
+  views = []
+  with _timed(timer, 'transform'):
+    for clip_frames in frames:
+      views.extend(apply_crops(clip_frames, crops) if crops else
+                   eval_crops(clip_frames, spec))
+    return np.stack(views)
+
+
+def normalize(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
+  """uint8 -> float32 `(x / 255 - mean) / std`, on the host."""
+  frames = frames.astype(np.float32) / 255.0
+  return (frames - np.float32(spec.mean)) / np.float32(spec.std)
+
+
+def device_normalize(clips, mean: Sequence[float], std: Sequence[float]):
+  """Inside a jitted step: uint8 clips `[..., 3]` -> float32
+  `(x / 255 - mean) / std`, as `normalize`; float clips are taken as
+  already normalised and pass unchanged."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if clips.dtype != jnp.uint8:
+    return clips
+  clips = clips.astype(jnp.float32) / 255.0
+  return (clips - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std,
+                                                                jnp.float32)
+
+
+def train_example(video: Video, spec: ClipSpec, rng: np.random.Generator
+                  ) -> np.ndarray:
+  """One training clip, normalised on the host: float32 `[T, H, W, 3]`."""
+  return normalize(train_clip(video, spec, rng), spec)
+
+
+def eval_views(video: Video, spec: ClipSpec) -> np.ndarray:
+  """All test views, clip-major, normalised on the host: float32
+  `[clips * crops, T, H, W, 3]` (`eval_clips`, normalised)."""
+  return normalize(eval_clips(video, spec), spec)
+
+

@@ -3,11 +3,11 @@
 Sampling and crops follow the original (PySlowFast); evaluation's clip
 positions are the paper's or the original code's (`CLIP_POSITIONS`). A
 clip's crop is planned before its frames are decoded: frames are cropped
-before they are resized, in uint8 with PIL's antialiased bilinear filter,
-and a video that can decode at a reduced scale (JPEG) does so where the
-crop allows it. Clips stay uint8 until the jitted steps normalise them on
-the device (`device_normalize`).
-"""
+before they are resized by PIL's antialiased bilinear filter (uint8 in and
+out, each channel filtered in float32 and rounded once), and a video that
+can decode at a reduced scale (JPEG) does so where the crop allows it.
+Clips stay uint8 until the jitted steps normalise them on the device
+(`device_normalize`)."""
 
 from __future__ import annotations
 

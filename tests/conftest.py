@@ -225,3 +225,21 @@ def write_csv_split(root, split, good, bad_at=(), fps=None,
     entries.append(video_files.Entry(str(path), relabel(label, index)))
   kinetics.write_csv(str(root / f'{split}.csv'), entries, str(root))
   return entries
+
+
+def read_both_loaders(source, spec, batch_size, steps, num_workers,
+                      worker_type):
+  """`steps` training batches and every evaluation batch of `source`, and
+  the two skip counts: `(batches, train_skipped, eval_skipped)`."""
+  from tsformer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  skipped = input_pipeline.SkipCounter()
+  batches = input_pipeline.train_batches(
+      source, spec, batch_size, seed=0, skipped=skipped,
+      num_workers=num_workers, worker_type=worker_type)
+  read = [next(batches) for _ in range(steps)]
+  batches.close()
+  eval_skipped = input_pipeline.SkipCounter()
+  read += list(input_pipeline.eval_batches(
+      source, spec, batch_size, skipped=eval_skipped,
+      num_workers=num_workers, worker_type=worker_type))
+  return read, len(skipped), len(eval_skipped)

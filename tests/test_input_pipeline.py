@@ -13,6 +13,8 @@ from tsformer_jax import clip_lib
 from tsformer_jax import input_pipeline as ip
 from tsformer_jax.datasets import synthetic_motion
 
+from conftest import read_both_loaders
+
 SPEC = clip_lib.ClipSpec(num_frames=4, sampling_rate=2, crop_size=(16, 16),
                          train_scales=(16, 20), num_clips=3, num_crops=3)
 
@@ -334,23 +336,14 @@ def test_process_workers_give_the_thread_workers_batches():
   and skip the same videos as threads; batch s stays a function of s."""
   source = _Flaky(12, bad={1, 5, 7})
   spec = clip_lib.ClipSpec(2, 1, (16, 16), train_scales=(16, 20), num_crops=1)
-  runs = {}
-  for worker_type in ('thread', 'process'):
-    skipped = ip.SkipCounter()
-    batches = ip.train_batches(source, spec, 4, seed=0, skipped=skipped,
-                               num_workers=2, worker_type=worker_type)
-    train = [next(batches) for _ in range(5)]
-    batches.close()
-    eval_skipped = ip.SkipCounter()
-    evals = list(ip.eval_batches(source, spec, 4, skipped=eval_skipped,
-                                 num_workers=2, worker_type=worker_type))
-    runs[worker_type] = train, evals, len(skipped), len(eval_skipped)
-  (train, evals, skips, eval_skips), other = runs['thread'], runs['process']
-  assert (skips, eval_skips) == (other[2], other[3]) == (3, 3)
-  for a, b in zip(train + evals, other[0] + other[1], strict=True):
+  runs = {worker_type: read_both_loaders(source, spec, 4, 5, 2, worker_type)
+          for worker_type in ('thread', 'process')}
+  assert runs['thread'][1:] == runs['process'][1:] == (3, 3)
+  for a, b in zip(runs['thread'][0], runs['process'][0], strict=True):
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+  train = runs['thread'][0]
   resumed = next(ip.train_batches(source, spec, 4, seed=0, start_step=3,
                                   num_workers=2, worker_type='process'))
   np.testing.assert_array_equal(resumed['clips'], train[3]['clips'])

@@ -35,6 +35,7 @@ from tsformer_jax.datasets import kinetics
 from tsformer_jax.datasets import video_files
 
 from conftest import predicted_metrics
+from conftest import read_both_loaders
 
 SPEC = clip_lib.ClipSpec(num_frames=4, sampling_rate=2, crop_size=(16, 16),
                          train_scales=(16, 20), num_crops=1,
@@ -485,15 +486,7 @@ def test_a_stalled_worker_process_is_killed_and_replaced(
   caplog.set_level(logging.WARNING)
   runs = {}
   for worker_type in ('process', 'thread'):
-    skipped = ip.SkipCounter()
-    batches = ip.train_batches(source, spec, 2, seed=0, skipped=skipped,
-                               num_workers=1, worker_type=worker_type)
-    read = [next(batches) for _ in range(3)]
-    batches.close()
-    eval_skipped = ip.SkipCounter()
-    read += list(ip.eval_batches(source, spec, 2, skipped=eval_skipped,
-                                 num_workers=1, worker_type=worker_type))
-    runs[worker_type] = read, len(skipped), len(eval_skipped)
+    runs[worker_type] = read_both_loaders(source, spec, 2, 3, 1, worker_type)
     _unblock(stalling_file)  # Frees the thread left stalled.
   assert runs['process'][1:] == runs['thread'][1:] == (1, 1)
   for a, b in zip(runs['process'][0], runs['thread'][0], strict=True):

@@ -101,8 +101,8 @@ def test_cpu_attention_gives_the_einsum_gradients(scheme, monkeypatch):
     np.testing.assert_allclose(a, b, atol=5e-5 * np.abs(b).max())
 
 
-@pytest.mark.parametrize('scheme', DIVIDED_FIRST[:1] + [
-    pytest.param('space_only', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('scheme', ['divided', 'space_only'])
 def test_remat_policies_give_the_same_gradients(scheme):
   grads = {}
   for remat in ('none', 'full', 'dots', 'dots_no_batch'):
@@ -122,7 +122,7 @@ def test_remat_policies_give_the_same_gradients(scheme):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('scheme', SCHEMES)
+@pytest.mark.parametrize('scheme', DIVIDED_FIRST)
 def test_attention_weights_on_request_from_the_same_forward(scheme):
   config = tiny_config(scheme, image_size=(40, 24))
   params = _randomize(tiny_params(scheme, image_size=(40, 24)))
@@ -238,6 +238,7 @@ def test_drop_path_drops_whole_clips():
   np.testing.assert_allclose(da[kept_a], 2.0)
 
 
+@pytest.mark.slow
 def test_space_only_frames_are_independent_until_the_average():
   """Changing one frame moves space_only logits exactly like the original:
   each frame is its own image model and the class tokens are averaged."""

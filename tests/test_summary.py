@@ -18,7 +18,9 @@ ROOT = pathlib.Path(__file__).parent.parent
 PAPER_TFLOPS = {'base': 0.59, 'hr': 5.11, 'l': 7.14}
 
 
-@pytest.mark.parametrize('variant', sorted(PAPER_TFLOPS))
+@pytest.mark.parametrize('variant', [
+    v if v == 'base' else pytest.param(v, marks=pytest.mark.slow)
+    for v in sorted(PAPER_TFLOPS)])
 def test_flops_match_the_paper(variant):
   result = summary.summarize(config_lib.get_config('divided', variant))
   paper_convention = 3 * result['flops_per_clip'] / 2 / 1e12

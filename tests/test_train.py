@@ -74,8 +74,8 @@ def test_gradient_accumulation_equals_the_full_batch():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    'name', ['sgd', pytest.param('adamw', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['sgd', 'adamw'])
 def test_bfloat16_optimizer_state_halves_it_and_follows_float32(name):
   config = config_lib.get_config('divided', 'tiny')
   config.model.drop_path = 0.0

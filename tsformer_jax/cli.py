@@ -12,7 +12,9 @@ Only entry points import this module.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
+import contextlib
 import functools
 import logging
 import os
@@ -95,6 +97,18 @@ def expected(error: BaseException) -> bool:
   frames = traceback.extract_tb(trace)
   return bool(frames) and frames[-1].filename.startswith(_PACKAGE) and (
       frames[-1].line or '').startswith('raise ')
+
+
+@contextlib.contextmanager
+def expected_as_error() -> Iterator[None]:
+  """Turns an expected problem raised inside (see `expected`) into an
+  `Error` (one line, exit status 2); a bug keeps its traceback."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if expected(e):
+      raise Error(str(e)) from e
+    raise
 
 
 def run(main: Main):

@@ -52,15 +52,11 @@ def main(argv):
   # Imported here: loader worker processes import this module again, and
   # train's clu writers would load TensorFlow into each of them.
   from tsformer_jax import train  # pylint: disable=g-import-not-at-top
-  try:
+  # Missing data, a bad config value, an unreadable checkpoint, a loss gone
+  # NaN: one line. Anything else is a bug and keeps its traceback.
+  with cli.expected_as_error():
     results = train.train_and_evaluate(cli.CONFIG.value, _WORKDIR.value,
                                        cli.MODE.value or 'train_and_eval')
-  except Exception as e:  # pylint: disable=broad-except
-    # Missing data, a bad config value, an unreadable checkpoint, a loss
-    # gone NaN: one line. Anything else is a bug and keeps its traceback.
-    if cli.expected(e):
-      raise cli.Error(str(e)) from e
-    raise
   logging.info('Results: %s', results)
 
 

@@ -140,12 +140,8 @@ def main(argv):
     raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and nothing '
                     'else (--help shows more).')
   config = cli.CONFIG.value
-  try:
+  with cli.expected_as_error():  # A bad config value: one line.
     summary = summarize(config)
-  except Exception as e:  # pylint: disable=broad-except
-    if cli.expected(e):  # A bad config value: one line.
-      raise cli.Error(str(e)) from e
-    raise
   print(json.dumps(summary) if cli.JSON.value
         else format_table(config, summary))
 

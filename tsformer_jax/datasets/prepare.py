@@ -42,16 +42,12 @@ def main(argv):
   if len(argv) > 1 or cli.CONFIG.value is None:
     raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and no other '
                     f'arguments (got {argv[1:]}); --help shows more.')
-  try:
+  with cli.expected_as_error():  # Missing data, a bad config value.
     directory = tfds_builders.prepare(
         cli.CONFIG.value, cli.OUT.value, splits=_SPLITS.value,
         short_side=_SHORT_SIDE.value, fps=_FPS.value,
         jpeg_quality=_JPEG_QUALITY.value, limit=_LIMIT.value,
         num_workers=_NUM_WORKERS.value)
-  except Exception as e:  # pylint: disable=broad-except
-    if cli.expected(e):  # Missing data, a bad config value: one line.
-      raise cli.Error(str(e)) from e
-    raise
   logging.info('Prepared %s in %s.', cli.CONFIG.value.data.dataset, directory)
 
 

@@ -72,6 +72,12 @@ def epoch_order(seed: int, epoch: int, num_videos: int) -> np.ndarray:
 
 # A failed video: (its index, the error as text), reported to a SkipCounter.
 Failure = tuple[int, str]
+Example = tuple[np.ndarray | None, int, list[Failure]]
+
+
+def _failed(index: int, error: Exception) -> Example:
+  """The example of video `index`, which failed with `error`."""
+  return None, -1, [(index, f'{type(error).__name__}: {error}')]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +98,7 @@ class _Job:
     return int(order[(position + attempt) % len(order)])
 
   def train_example(self, epoch: int, position: int, attempt: int = 0
-                    ) -> tuple[np.ndarray | None, int, list[Failure]]:
+                    ) -> Example:
     """Training example `position` of `epoch` from its `attempt`-th
     candidate video: `(uint8 clip, label, [])`, or `(None, -1, [failure])`.
 
@@ -103,29 +109,26 @@ class _Job:
     loaded = _load(self.source, index,
                    lambda v: clip_lib.train_clip(v, self.spec, rng))
     if isinstance(loaded, Exception):
-      return None, -1, [(index, f'{type(loaded).__name__}: {loaded}')]
+      return _failed(index, loaded)
     return loaded[0], loaded[1], []
 
-  def eval_example(self, index: int
-                   ) -> tuple[np.ndarray | None, int, list[Failure]]:
+  def eval_example(self, index: int) -> Example:
     """Every test view of video `index`: `(uint8 [V, T, H, W, 3] or None,
     label, failures)`."""
     loaded = _load(self.source, index,
                    lambda v: clip_lib.eval_clips(v, self.spec))
     if isinstance(loaded, Exception):
-      return None, -1, [(index, f'{type(loaded).__name__}: {loaded}')]
+      return _failed(index, loaded)
     return loaded[0], loaded[1], []
 
 
-
-def _given_up(future: concurrent.futures.Future, index: int
-              ) -> tuple[np.ndarray | None, int, list[Failure]]:
+def _given_up(future: concurrent.futures.Future, index: int) -> Example:
   """A call's result; a video its worker gave up on (the time bound, a
   crashed worker) is a failure, as a decoding error is."""
   try:
     return future.result()
   except BadVideoError as e:
-    return None, -1, [(index, f'{type(e).__name__}: {e}')]
+    return _failed(index, e)
 
 
 def _first_loaded(job: _Job, submit, epoch: int, position: int

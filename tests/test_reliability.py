@@ -643,6 +643,8 @@ def test_the_console_shows_progress_and_hides_library_chatter(tmp_path):
   # Orbax's INFO lines (a hundred or more in a run) stay hidden...
   assert not [line for line in lines if 'orbax' in line.lower() or
               'checkpoint_manager.py' in line], lines
+  # TensorFlow's (clu writes through it) neither.
+  assert not [line for line in lines if 'oneDNN' in line], lines
   assert len(lines) < 40, lines
   # ... unless asked for.
   verbose = _main_process(*run, '--mode=eval', '--verbosity=1')

@@ -29,9 +29,12 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-# TensorFlow's C++ INFO lines (oneDNN notices), in this process and every
-# loader worker it starts; set before anything imports TensorFlow.
+# TensorFlow's C++ INFO lines, in this process and every loader worker it
+# starts; set before anything imports TensorFlow. Its oneDNN notice is
+# printed before the level applies, and only while oneDNN's ops are on:
+# TensorFlow only writes summaries and reads records here, none of its math.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The job config: a file of configs/ and its arg, e.g. '

@@ -22,6 +22,7 @@ from tsformer_jax import input_pipeline as ip
 from tsformer_jax import train
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import tfds_builders
+from tsformer_jax.datasets import tfds_source
 from tsformer_jax.datasets import video_files
 
 from conftest import counting_frames
@@ -325,8 +326,8 @@ def test_jpeg_frames_decode_at_a_reduced_scale_where_the_crop_allows():
   assert tfds_builders.decode_image(data, (64, 80)).shape == (64, 80, 3)
   assert tfds_builders.decode_image(data, (65, 80)).shape == (128, 160, 3)
   records = [dict(image=data)] * 4
-  video = tfds_builders.EncodedVideo(_Records(records), 0, 4, 30.0,
-                                     (256, 320))
+  video = tfds_source.EncodedVideo(_Records(records), 0, 4, 30.0,
+                                   (256, 320))
   full = clip_lib.ArrayVideo(np.stack([tfds_builders.decode_image(data)] * 4))
   spec = clip_lib.ClipSpec(num_frames=4, sampling_rate=1, crop_size=(48, 48),
                            train_scales=(64, 64), num_clips=1, num_crops=3)

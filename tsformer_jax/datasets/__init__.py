@@ -4,7 +4,8 @@
 `config.data` into a random-access `clip_lib.Source` of labelled
 videos. With `config.data.format = 'tfds'` it reads instead the TFDS
 dataset that `python -m tsformer_jax.datasets.prepare` wrote
-(`tfds_builders.py`): encoded frames in ArrayRecord, read by index.
+(`tfds_builders.py`): encoded frames in ArrayRecord, read by index
+(`tfds_source.py`).
 
 | name | classes | data_dir holds |
 |---|---|---|
@@ -36,7 +37,7 @@ def get_source(config, split: str) -> clip_lib.Source:
 
   `config.data.format` says where they are read: 'files' decodes the
   dataset's own files in `data_dir` (`registry.file_source`); 'tfds' reads
-  the TFDS dataset prepared in `tfds_dir` (`tfds_builders.load`).
+  the TFDS dataset prepared in `tfds_dir` (`tfds_source.load`).
 
   Raises:
     ValueError: an unknown dataset, split or format, or labels beyond
@@ -51,6 +52,6 @@ def get_source(config, split: str) -> clip_lib.Source:
   if data_format == 'tfds':
     # Imported here: TFDS loads TensorFlow, which reading files does not
     # need.
-    from tsformer_jax.datasets import tfds_builders
-    return tfds_builders.load(config, split)
+    from tsformer_jax.datasets import tfds_source
+    return tfds_source.load(config, split)
   return file_source(config, split)

@@ -221,21 +221,6 @@ def orient(frame: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
   return np.ascontiguousarray(frame)
 
 
-def probe(path: str) -> Header:
-  """Reads the header of `path`'s first video stream (decoding its first
-  frame only).
-
-  Raises:
-    clip_lib.BadVideoError: the file cannot be opened or holds no
-      video stream.
-  """
-  with open_video(path) as container:
-    try:
-      return read_header(container)
-    except _ERRORS as e:
-      raise clip_lib.BadVideoError(f'{path}: {_why(e)}') from e
-
-
 def decode(path: str, indices: Sequence[int] | np.ndarray, threads: int = 1
            ) -> np.ndarray:
   """The frames of `path` at `indices`: uint8 `[len(indices), H, W, 3]`.

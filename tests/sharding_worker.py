@@ -21,6 +21,7 @@ os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=' +
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
+from tsformer_jax import clip_lib  # noqa: E402
 from tsformer_jax import config_lib  # noqa: E402
 from tsformer_jax import sharding  # noqa: E402
 from tsformer_jax import train  # noqa: E402
@@ -28,6 +29,9 @@ from tsformer_jax import train  # noqa: E402
 FSDP = sharding.FSDP_AXIS
 MESHES = {'single': (1, 1), 'data': (8, 1), 'fsdp': (2, 4)}
 STEPS = 3
+# The job's bad videos (indices in the demo's train split): in seed 0's
+# order, two in process 0's share of the first batches, one in process 1's.
+BAD = (667, 570, 350)
 
 
 def tiny_config():
@@ -73,9 +77,26 @@ def run_steps(name: str) -> dict[str, np.ndarray]:
   return out
 
 
+class _WithBadVideos:
+  """A source whose videos `BAD` fail to load, as corrupt files do."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if index in BAD:
+      raise clip_lib.BadVideoError(f'video {index} is corrupt')
+    return self._source[index]
+
+
 def run_job(workdir: str, process_id: int | None, port: int | None):
   if process_id is not None:
     sharding.initialize_distributed(f'127.0.0.1:{port}', 2, process_id)
+  get_source = train.datasets.get_source
+  train.datasets.get_source = lambda *args: _WithBadVideos(get_source(*args))
   config = config_lib.get_config('divided', 'demo')
   config.num_train_steps = 4
   config.batch_size = 16

@@ -1,5 +1,6 @@
 """Fitting weights to a config: resampling, inflation, new heads."""
 
+import logging
 import math
 
 import jax
@@ -151,6 +152,33 @@ def test_vit_loads_into_every_scheme(vit_files, fmt, scheme):
     assert params['time_embedding'].shape == (1, 4, 64)
     assert not np.any(params['time_embedding'])
   checkpoints.check_params(params, loaded)
+
+
+@pytest.mark.parametrize('scheme', SCHEMES)
+def test_inflating_warns_where_the_image_model_is_not_kept(vit_files, scheme,
+                                                            caplog):
+  """Only divided and space_only start as the image model (equality: see
+  test_checkpoint_formats' test_vit_init_is_the_image_model_frame_by_frame);
+  the others' last step does not attend over one frame."""
+  _, files = vit_files
+  # Its own handler: convert's runs stop the package's records at its logger.
+  logger = logging.getLogger('tsformer_jax.checkpoints.adapt')
+  logger.addHandler(caplog.handler)
+  try:
+    tsformer_jax.load_checkpoint(files['vit_npz'], tiny_config(scheme))
+  finally:
+    logger.removeHandler(caplog.handler)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+  if scheme in checkpoints.IMAGE_MODEL_SCHEMES:
+    assert not warnings
+  else:
+    last = attention.get_scheme(scheme).steps[-1].grouping
+    assert warnings == [
+        f"{files['vit_npz']}: inflated into {scheme}, the model does not "
+        f'start as the image model: its last step ({last} attention) does '
+        'not attend over exactly one frame. Only divided and space_only '
+        'start as the image model.']
 
 
 def test_init_params_from_config(vit_files, monkeypatch):

@@ -18,6 +18,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import torch
+from transformers import TimesformerConfig
+from transformers import TimesformerModel
 
 import tsformer_jax
 from tsformer_jax import checkpoints
@@ -99,6 +101,37 @@ def test_hf_timesformer_through_cli_matches_pytorch(
   print(f'max |logit difference| {attention_type} {frames}x{image}: '
         f'{np.abs(ours - want).max():.2e}')
   np.testing.assert_allclose(ours, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize('attention_type', ['divided_space_time',
+                                            'joint_space_time'])
+def test_hf_backbone_loads_as_features(tmp_path, attention_type):
+  """A `TimesformerModel` (no head, no 'timesformer.' prefix): 0 classes,
+  our features its class token, from a directory or its weights alone."""
+  hf = randomize(TimesformerModel(TimesformerConfig(
+      attention_type=attention_type, num_frames=3, image_size=32,
+      patch_size=8, hidden_size=48, num_hidden_layers=2,
+      num_attention_heads=4, intermediate_size=96)), 1)
+  hf.save_pretrained(tmp_path / 'hf')
+  config, params = tsformer_jax.load_checkpoint(tmp_path / 'hf')
+  assert (config.model.num_classes, config.data.class_names) == (0, ())
+  assert config.model.num_heads == 4 and 'head' not in params
+  clips = random_clips(config, seed=3)
+  pixels = torch.from_numpy(clips).permute(0, 1, 4, 2, 3)
+  with torch.no_grad():
+    want = hf(pixels).last_hidden_state[:, 0].numpy()
+  ours = apply(tsformer_jax.create_model(config), params, clips)
+  assert ours.shape == want.shape == (2, 48)
+  np.testing.assert_allclose(ours, want, atol=ATOL, rtol=0)
+  # The weights file alone, its sizes given by a config of 0 classes.
+  alone = tmp_path / 'alone.safetensors'
+  alone.write_bytes((tmp_path / 'hf' / 'model.safetensors').read_bytes())
+  assert checkpoints.detect_format(alone) == 'hf_timesformer'
+  _, again = tsformer_jax.load_checkpoint(alone, config, fit=False)
+  again = dict(_items(again))
+  assert sorted(again) == sorted(dict(_items(params)))
+  for path, value in _items(params):
+    np.testing.assert_array_equal(again[path], value)
 
 
 # ----------------------------------------------------------------------------

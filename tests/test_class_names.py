@@ -21,6 +21,7 @@ from checkpoint_sources import hf_timesformer
 from checkpoint_sources import original_pyth
 from checkpoint_sources import run_convert
 from checkpoint_sources import save_hf
+from conftest import tiny_params
 
 TINY_HF = dict(num_frames=4, image_size=32, patch_size=8, hidden_size=64,
                num_hidden_layers=1, num_attention_heads=4,
@@ -69,6 +70,31 @@ def test_a_new_head_drops_the_checkpoints_names(tmp_path):
       r'names: give the checkpoint its names \(python -m tsformer_jax.'
       r'convert SRC OUT --class_names=FILE, one name per line\).$')):
     evaluation.label_names(config)
+
+
+def test_predict_without_names_or_their_dataset_shows_class_indices(
+    tmp_path, capsys):
+  # Trained on a folder that is gone: a warning, then indices as labels.
+  config = config_lib.get_config('divided', 'tiny,folder')
+  config.model.num_classes = 3
+  config.data.data_dir = str(tmp_path / 'moved_away')
+  checkpoint = str(tmp_path / 'ckpt')
+  checkpoints.save_checkpoint(checkpoint, config,
+                              tiny_params('divided', num_classes=3))
+  video = tmp_path / 'clip.mp4'
+  video_files.write_mp4(str(video), synthetic_motion.generate('test', 0)[0])
+  capsys.readouterr()
+  assert cli.call(predict.main, ['predict', f'--checkpoint={checkpoint}',
+                                 str(video), '--json']) == 0
+  captured = capsys.readouterr()
+  assert captured.err.strip().splitlines() == [
+      f"predict: warning: {checkpoint} carries no class names and its "
+      f"dataset's (folder, {tmp_path}/moved_away) cannot be read: showing "
+      "class indices. To name them: python -m tsformer_jax.convert "
+      f"{checkpoint} OUT --class_names=FILE."]
+  top = json.loads(captured.out)['videos'][0]['top_k']
+  assert len(top) == 3
+  assert [t['label'] for t in top] == [str(t['index']) for t in top]
 
 
 def test_a_pyth_takes_a_names_file(tmp_path):

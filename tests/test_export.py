@@ -23,12 +23,15 @@ from transformers import TimesformerForVideoClassification
 import tsformer_jax
 from tsformer_jax import checkpoints
 from tsformer_jax import cli
+from tsformer_jax import config_lib
 from tsformer_jax import export
 from tsformer_jax import tensor_io
 from tsformer_jax.checkpoints import export as export_lib
+from tsformer_jax.checkpoints.formats import original
 
 from checkpoint_sources import ROOT
 from checkpoint_sources import OriginalModel
+from checkpoint_sources import config_file
 from checkpoint_sources import hf_timesformer
 from conftest import apply
 from conftest import hf_logits
@@ -210,10 +213,10 @@ def test_pyth_export_reads_back_and_matches_the_original(tmp_path, scheme):
   params = _params(config, seed=1)
   path = export_lib.write_pyth(tmp_path / 'model.pyth', config, params)
   assert checkpoints.detect_format(path) == 'original'
-  # The file records no head count: with the config it reads back exactly.
-  got_config, got = tsformer_jax.load_checkpoint(path, config)
-  _assert_params_equal(got, params)
-  assert got_config.model.to_dict() == config.model.to_dict()
+  for hint in (config, None):  # The cfg records the head count.
+    got_config, got = tsformer_jax.load_checkpoint(path, hint)
+    _assert_params_equal(got, params)
+    assert got_config.model.to_dict() == config.model.to_dict()
   # torch loads it without running code, and the original's model takes it.
   checkpoint = torch.load(path, weights_only=True)
   assert checkpoint['epoch'] == -1
@@ -240,6 +243,30 @@ def test_pyth_reads_back_without_a_config_at_a_vit_width(tmp_path):
   for key in ('attention', 'num_frames', 'image_size', 'patch_size',
               'hidden_size', 'depth', 'num_heads', 'mlp_dim', 'num_classes'):
     assert got_config.model[key] == config.model[key], key
+
+
+def test_pyth_records_heads_and_dataset_as_the_original_names_them(
+    tmp_path):
+  # 4 heads at ViT-Ti's width (which has 3): only the cfg can tell.
+  config = config_lib.get_config('divided', 'tiny,ssv2')
+  config.model.update(hidden_size=192, num_heads=4, mlp_dim=384, depth=1)
+  params = _params(config)
+  path = export_lib.write_pyth(tmp_path / 'ssv2.pyth', config, params)
+  cfg = torch.load(path, weights_only=True)['cfg']
+  assert 'TRAIN:\n  DATASET: ssv2\n' in cfg
+  assert 'TIMESFORMER:\n  ATTENTION_TYPE: divided_space_time\n' \
+      '  NUM_HEADS: 4\n' in cfg
+  got_config, got = tsformer_jax.load_checkpoint(path)
+  _assert_params_equal(got, params)
+  assert got_config.model.to_dict() == config.model.to_dict()
+  assert got_config.data.dataset == 'ssv2'
+  # The original's yacs refuses keys it lacks: none in a cfg it can run.
+  for dataset in ('kinetics400', 'kinetics600', 'diving48'):
+    base = config_lib.get_config('divided', f'base,{dataset}')
+    cfg = export_lib.original_cfg(base)
+    assert 'NUM_HEADS' not in cfg and 'MODEL_NAME: vit_base' in cfg
+    assert original.config_from_cfg(cfg, 'divided',
+                                    'cfg').data.dataset == dataset
 
 
 def test_pyth_refuses_schemes_pytorch_lacks(tmp_path):
@@ -338,6 +365,32 @@ def test_cli_exports_both_formats(tmp_path, capsys):
                      '--overwrite') == 0
 
 
+def test_cli_changes_nothing_unasked_as_convert(tmp_path, capsys):
+  # Tiny's config: 4 frames and 10 classes, where the checkpoint has 2 and 5.
+  config = tiny_config('divided', num_frames=2, num_classes=len(NAMES))
+  config.data.class_names = NAMES
+  src = checkpoints.save_checkpoint(tmp_path / 'ours', config,
+                                    _params(config))
+  args = [src, tmp_path / 'hf', config_file('divided')]
+  assert _run_export(*args) == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f'export: error: {src} does not fit that config as it is; fitting it '
+      'would change: resampled time_embedding from 2 to 4 frames (nearest). '
+      'new head for 10 classes (checkpoint: 5). Pass --adapt '
+      '(load_checkpoint(..., fit=True)) to change them.')
+  assert not (tmp_path / 'hf').exists()
+  assert _run_export(*args, '--adapt') == 0
+  err = capsys.readouterr().err
+  assert 'export: ' + (f'{src}: resampled time_embedding from 2 to 4 frames '
+                       '(nearest).') in err
+  assert f'export: {src}: new head for 10 classes (checkpoint: 5).' in err
+  hf = _load_hf(tmp_path / 'hf')
+  assert (hf.config.num_frames, hf.config.num_labels) == (4, 10)
+  # A headless export is what --num_classes=0 asks for.
+  assert _run_export(src, tmp_path / 'features', '--num_classes=0') == 0
+  assert _load_hf(tmp_path / 'features').config.num_labels == 0
+
+
 @pytest.mark.parametrize('args,status,error', [
     (['--format=hf'], 1, "Hugging Face's space_only TimeSformer classifies "
      'each frame alone'),
@@ -367,6 +420,7 @@ class Blocked(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Blocked())
 from tsformer_jax import cli
+from tsformer_jax import config_lib
 from tsformer_jax import export
 src, out = sys.argv[1:]
 for fmt in ('hf', 'pyth'):

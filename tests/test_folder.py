@@ -83,6 +83,21 @@ def test_labels_come_from_the_sorted_class_folders(tmp_path):
         (['apple', 'w.mp4'], 0), (['mango', 'v.webm'], 1)]
 
 
+def test_linked_folders_are_read_once_under_their_own_class(tmp_path):
+  data = tmp_path / 'data'
+  _write(data, ['train/alpha/a.mp4', 'train/beta/b.mp4'])
+  _write(tmp_path, ['elsewhere/c.mp4'])
+  beta = data / 'train' / 'beta'
+  (beta / 'loop').symlink_to('..')  # Back up to train/: a loop.
+  (beta / 'also_alpha').symlink_to('../alpha')  # Another class.
+  (beta / 'linked').symlink_to(tmp_path / 'elsewhere')  # Linked in: read.
+  source = datasets.get_source(_config(data, 2), 'train')
+  assert [(e.path, e.label) for e in source.entries] == [
+      (str(data / p), label) for p, label in [
+          ('train/alpha/a.mp4', 0), ('train/beta/b.mp4', 1),
+          ('train/beta/linked/c.mp4', 1)]]
+
+
 def test_layout_errors_name_the_layout(tmp_path):
   layout = (f'{{data_dir}}/train/{{class}}/* and {{data_dir}}/val/{{class}}/*.'
             f' {folder.HOW_TO}')
@@ -144,6 +159,12 @@ def test_a_folder_prepares_as_tfds_without_a_class_count(tmp_path):
   assert [label for _, label in (train_source[i] for i in range(3))] == [
       0, 1, 2]
   assert [train_source[i][0].num_frames for i in range(3)] == [5, 4, 6]
+  # A job on the prepared data needs no data_dir: its checkpoints take the
+  # names that were prepared with it.
+  no_dir = config.copy_and_resolve_references()
+  no_dir.data.data_dir = ''
+  assert train._with_class_names(no_dir, train_source).data.class_names == (
+      'a', 'b', 'c')
   video, label = datasets.get_source(config, 'test')[0]
   assert (label, video.num_frames) == (2, 7)
   # Another folder is not taken for the one prepared there.

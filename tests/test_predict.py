@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from tsformer_jax.datasets import video_files
 
 from conftest import apply
 
+ROOT = pathlib.Path(__file__).parent.parent
 # The demo's clips: 8 frames at rate 2 span 16 frames at 30 fps.
 SPAN = 16
 
@@ -254,6 +256,45 @@ def test_cli_writes_json_and_features(demo, demo_workdir, files, tmp_path,
   assert lines[0] == f'{files[0]} (2 views)' and len(lines) == 6
   assert {line.split()[-1] for line in lines[1:3]} == set(
       synthetic_motion.CLASSES)
+
+
+_TAKES = '(it takes: --checkpoint, --json, --overwrite, and those predict ' \
+    '--help lists).'
+
+
+@pytest.mark.parametrize('flags, message', [
+    # Shared flags that predict would ignore: --features_out was meant.
+    (['--out={tmp}/guess.npz'], f'--out is not a flag of predict {_TAKES}'),
+    (['--format=hf', '--mode=eval'],
+     f'--format, --mode are not flags of predict {_TAKES}'),
+    ([f'--config={ROOT}/configs/divided.py:tiny', '--config.model.depth=2'],
+     f'--config is not a flag of predict {_TAKES}'),
+    (['--clip_stride=0'], 'flag --clip_stride=0.0: must be above 0 seconds.'),
+    (['--clip_stride=-2'],
+     'flag --clip_stride=-2.0: must be above 0 seconds.'),
+    (['--features_out={tmp}/feats'], '--features_out={tmp}/feats: name an '
+     '.npz file, e.g. --features_out={tmp}/feats.npz.'),
+    (['--features_out={tmp}/no/feats.npz'], '--features_out={tmp}/no/'
+     'feats.npz: there is no folder {tmp}/no; create it first.'),
+    (['--features_out={tmp}/old.npz'], '--features_out={tmp}/old.npz '
+     'exists: pass --overwrite to replace it.'),
+    # Accepted: the checkpoint, read next, is what fails.
+    (['--features_out={tmp}/old.npz', '--overwrite'],
+     '{tmp}/none: no such file or directory.'),
+])
+def test_cli_refuses_flags_it_cannot_honour_before_any_compute(
+    tmp_path, capsys, flags, message):
+  (tmp_path / 'old.npz').write_bytes(b'kept')
+  flags = [flag.format(tmp=tmp_path) for flag in flags]
+  status = cli.call(predict.main, [
+      'predict', f'--checkpoint={tmp_path}/none', f'{tmp_path}/a.mp4',
+      *flags])
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert status == (1 if '--overwrite' in flags else 2)
+  assert len(lines) == 1 and lines[0].startswith(
+      'predict: error: ' + message.format(tmp=tmp_path)), lines
+  assert (tmp_path / 'old.npz').read_bytes() == b'kept'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['old.npz']
 
 
 def test_clips_and_crops_are_evaluations_views():

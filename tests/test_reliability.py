@@ -139,6 +139,17 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _assert_dropped(new, old):
+  """`new`'s params and optimizer moments are `old`'s; its optimizer step
+  counts (the schedule's) are `new.step`, not `old.step`."""
+  floats = lambda s: [x for x in jax.tree.leaves((s.params, s.opt_state))
+                      if np.issubdtype(x.dtype, np.floating)]
+  _assert_same(floats(new), floats(old))
+  counts = [x for x in jax.tree.leaves(new.opt_state)
+            if np.issubdtype(x.dtype, np.integer)]
+  assert counts and all(int(c) == int(new.step) for c in counts), counts
+
+
 # ----------------------------------------------------------------------------
 # 1. A damaged checkpoint
 
@@ -361,8 +372,8 @@ def test_the_step_flags_a_nonfinite_update_and_skip_drops_it(
   bad, metrics = step(good, batch, jax.random.key(1))
   assert bool(metrics['nonfinite']) and np.isnan(float(metrics['loss']))
   assert int(bad.step) == 8  # The step advances either way.
-  if policy == 'skip':  # Dropped: params and optimizer state unchanged.
-    _assert_same((bad.params, bad.opt_state), (good.params, good.opt_state))
+  if policy == 'skip':  # Dropped: params and moments unchanged.
+    _assert_dropped(bad, good)  # The schedule's count is 8, as the step.
   else:
     assert np.isnan(np.asarray(bad.params['cls'])).all()
 
@@ -457,15 +468,42 @@ def test_skip_drops_a_nan_update_and_counts_it(tmp_path, monkeypatch):
   assert json.loads((tmp_path / 'results.json').read_text()) == results
   assert writer.scalars['train/skipped_updates'] == {2: 0, 4: 1}
   assert np.isfinite(writer.scalars['train/loss'][4])  # Step 4's alone.
-  # Step 3 dropped its update: params and optimizer state as at step 2.
+  # Step 3 dropped its update: params and moments as at step 2.
   manager = checkpoints.training.checkpoint_manager(tmp_path, config)
   template = train.create_train_state(config, jax.random.key(0), 10)
   saved = {s: checkpoints.training.restore(manager, template, s)
            for s in (2, 3, 4)}
-  _assert_same((saved[3].params, saved[3].opt_state),
-               (saved[2].params, saved[2].opt_state))
+  _assert_dropped(saved[3], saved[2])
   assert not np.array_equal(saved[4].params['cls'], saved[3].params['cls'])
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved[4]))
+
+
+@pytest.mark.slow
+def test_a_failing_evaluation_loses_no_training(tmp_path, monkeypatch):
+  config = _demo_config(num_train_steps=2, checkpoint_every_steps=100,
+                        log_every_steps=1)
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError('RESOURCE_EXHAUSTED while evaluating')
+
+  with monkeypatch.context() as patch:
+    patch.setattr(train, 'evaluate', out_of_memory)
+    with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
+      train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints') == ['2']  # Saved regardless.
+  # The same command resumes at the end and evaluates, training no step.
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == 2 and results['train_loss'] is None
+  assert 0 <= results['eval_top1'] <= 1
+
+
+def test_an_evaluation_that_cannot_run_fails_before_training(tmp_path):
+  config = _demo_config(num_train_steps=2)
+  config.data.sampling = 'segments'
+  config.data.test_clip_stride = 1.0
+  with pytest.raises(ValueError, match='A clip stride needs sampling="rate"'):
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert not (tmp_path / 'work').exists()
 
 
 # ----------------------------------------------------------------------------
@@ -545,6 +583,10 @@ def _main(tmp_path, capsys, *flags):
     ([f'--config={ROOT}/configs/divided.py:demo',
       '--config.model.attention=nope'],
      r"Unknown attention scheme 'nope'; valid: \["),
+    # Evaluating a workdir that holds no run would score random weights.
+    ([f'--config={ROOT}/configs/divided.py:demo', '--mode=eval'],
+     r'--mode=eval found no checkpoint in \S+/checkpoints and config\.'
+     r'init_from\.path is empty, so it would evaluate random weights: '),
 ])
 def test_main_ends_an_expected_problem_in_one_line(tmp_path, capsys, flags,
                                                    message):

@@ -26,6 +26,7 @@ import pytest
 import tsformer_jax
 from tsformer_jax import attention
 from tsformer_jax import checkpoints
+from tsformer_jax import cli
 from tsformer_jax import clip_lib
 from tsformer_jax import model as model_lib
 from tsformer_jax import rollout
@@ -283,6 +284,37 @@ def test_visualize_errors_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint at .*nothing'):
     visualize.visualize(str(tmp_path / 'nothing'), str(garbage), out)
   assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--out={tmp}/out', '--json'], '--json is not a flag of visualize (it '
+     'takes: --checkpoint, --out, --overwrite, and those visualize --help '
+     'lists).'),
+    (['--out={tmp}/out', '--alpha=1.5'],
+     'flag --alpha=1.5: 1.5 is not a number in the range [0.0, 1.0]'),
+    (['--out={tmp}/out', '--frame_ms=-1'],
+     'flag --frame_ms=-1: -1 is not a non-negative integer'),
+    # Images of an earlier run are kept unless --overwrite.
+    (['--out={tmp}/old'], '{tmp}/old already holds rollout.gif: pass '
+     '--overwrite to replace them, or name another --out.'),
+    (['--out={tmp}/old', '--overwrite'], 'No checkpoint at {tmp}/none'),
+    (['--out={tmp}/old/rollout.gif', '--overwrite'],
+     '{tmp}/old/rollout.gif is a file: the images go in a folder; name '
+     'another.'),
+])
+def test_visualize_cli_refuses_flags_it_cannot_honour_before_any_compute(
+    tmp_path, capsys, flags, message):
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / visualize.GIF).write_bytes(b'kept')
+  status = cli.call(visualize.main, [
+      'visualize', f'--checkpoint={tmp_path}/none', f'{tmp_path}/a.mp4',
+      *[flag.format(tmp=tmp_path) for flag in flags]])
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert status == (1 if '--overwrite' in flags else 2)
+  assert len(lines) == 1 and lines[0].startswith(
+      'visualize: error: ' + message.format(tmp=tmp_path)), lines
+  assert (tmp_path / 'old' / visualize.GIF).read_bytes() == b'kept'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['old']
 
 
 def test_sample_clip_is_the_evaluation_view():

@@ -91,6 +91,9 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores(
   results = [json.loads((tmp_path / run / 'results.json').read_text())
              for run in ('single', 'pair')]
   assert results[0]['step'] == results[1]['step'] == 4
+  # Each process skips the bad videos of its own share; process 0 reports
+  # them all.
+  assert results[0]['skipped_videos'] == results[1]['skipped_videos'] == 3
   np.testing.assert_allclose(results[1]['train_loss'],
                              results[0]['train_loss'], atol=1e-6)
   # Restored here, in one process with one device.

@@ -1,6 +1,7 @@
 """Tensor files: every tensor rebuilt, nothing pickled ever run."""
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -86,3 +87,58 @@ def test_torch_reader_rebuilds_every_tensor(tmp_path):
   np.testing.assert_array_equal(np.asarray(got['bf16'], np.float32),
                                 tensors['bf16'].float().numpy())
   np.testing.assert_array_equal(np.asarray(got['plain']), base.numpy())
+
+
+def test_a_rewritten_storage_type_spoils_no_later_file(tmp_path):
+  """BUILD on an allowed global: it must not change that global for every
+  file read after it in this process."""
+  legit = tmp_path / 'legit.pth'
+  tensor_io.write_torch(legit, {'w': np.arange(4, dtype=np.float32)})
+  evil = tmp_path / 'evil.pth'  # torch.FloatStorage.__dict__['dtype'] = ...
+  evil.write_bytes(
+      pickle.PROTO + b'\x02' + pickle.GLOBAL + b'torch\nFloatStorage\n' +
+      pickle.EMPTY_DICT + pickle.MARK + pickle.BINUNICODE +
+      (5).to_bytes(4, 'little') + b'dtype' + pickle.GLOBAL +
+      b'torch\nBoolStorage\n' + pickle.SETITEMS + pickle.BUILD + pickle.STOP)
+  with pytest.raises(ValueError, match=r'evil\.pth: not a torch\.save file'):
+    tensor_io.read_torch(evil)
+  got = tensor_io.read_torch(legit)['w']
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(got), np.arange(4))
+
+
+def test_damaged_files_name_themselves(tmp_path, capsys):
+  hf = hf_timesformer(0, num_frames=2, image_size=16, patch_size=8,
+                      hidden_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=32,
+                      num_labels=3)
+  src = save_hf(hf, tmp_path / 'hf', 'safetensors')
+  weights = src / 'model.safetensors'
+  size = weights.stat().st_size
+  weights.write_bytes(weights.read_bytes()[:size // 2])
+  assert cli.call(convert.main, ['convert', str(src),
+                                 str(tmp_path / 'out')]) == 1
+  assert re.fullmatch(
+      f'convert: error: {re.escape(str(weights))}: truncated or corrupt: '
+      rf"tensor '\S+' ends at byte \d+ of a {size // 2}-byte file\.",
+      capsys.readouterr().err.strip().splitlines()[-1])
+  (src / 'config.json').write_text('{"model_type": "timesformer",')
+  with pytest.raises(ValueError, match=r'config\.json: not readable JSON'):
+    tsformer_jax.load_checkpoint(src)
+
+  np.savez(tmp_path / 'x.npz', a=np.zeros((100, 100), np.float32))
+  data = (tmp_path / 'x.npz').read_bytes()
+  (tmp_path / 'cut.npz').write_bytes(data[:len(data) // 2])
+  (tmp_path / 'junk.npz').write_bytes(b'not an archive' * 10)
+  np.savez(tmp_path / 'objects.npz', a=np.array([{}], dtype=object))
+  for name, reason in (('cut', r' \(truncated or corrupt\): File is not a '
+                                r'zip file\.'),
+                       ('junk', ': no zip of arrays, or arrays of pickled '
+                                r'objects \(never loaded\)\.'),
+                       ('objects', ': no zip of arrays')):
+    path = tmp_path / f'{name}.npz'
+    with pytest.raises(ValueError) as error:
+      tsformer_jax.load_checkpoint(path)
+    assert re.match(rf'{re.escape(str(path))}: not a readable \.npz{reason}',
+                    str(error.value))
+    assert 'allow_pickle' not in str(error.value)

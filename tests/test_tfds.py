@@ -15,11 +15,13 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
+from tsformer_jax import cli
 from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline as ip
 from tsformer_jax import train
+from tsformer_jax.datasets import prepare
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import tfds_builders
 from tsformer_jax.datasets import tfds_source
@@ -149,6 +151,27 @@ def test_missing_tfds_data_names_the_folder_and_the_command(tmp_path):
   config.data.format = 'tfrecord'
   with pytest.raises(ValueError, match=r"'tfrecord'.*\['files', 'tfds'\]"):
     datasets.get_source(config, 'train')
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--fps=-1', '-1.0 is not a non-negative number'),  # 0 keeps all.
+    ('--short_side=-1', '-1 is not a non-negative integer'),  # 0 keeps all.
+    ('--num_workers=0', '0 is not a positive integer'),
+    ('--limit=0', '0 is not a positive integer'),  # None: no limit.
+    ('--jpeg_quality=96', '96 is not an integer in the range [1, 95]'),
+    ('--mode=eval', '--mode is not a flag of prepare (it takes: --config, '
+     '--out, and those prepare --help lists).'),
+])
+def test_prepare_refuses_a_bad_flag_in_one_line(tmp_path, capsys, flag,
+                                                message):
+  status = cli.call(prepare.main, [
+      'prepare', f'--config={ROOT}/configs/divided.py:demo',
+      f'--out={tmp_path}', flag])
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert status == 2
+  assert len(lines) == 1 and lines[0].startswith('prepare: error: ')
+  assert lines[0].endswith(message), lines
+  assert not list(tmp_path.iterdir())
 
 
 def test_subsample_keeps_at_most_the_target_rate():

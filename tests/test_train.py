@@ -146,6 +146,21 @@ def test_multi_view_scores_are_averaged_softmaxes():
   assert float(sums['top1']) == 0 and float(sums['top5']) == 1
 
 
+def test_ties_and_nan_scores_are_no_hits():
+  """Uniform scores (a collapsed model, bf16 ties) and NaN ones count as
+  wrong, not right; a lone top score still counts."""
+  scores = jnp.array([[0.25] * 4,                      # a 4-way tie
+                      [jnp.nan] * 4,                   # a NaN model
+                      [0.1, 0.6, 0.2, 0.1],            # right
+                      [0.4, 0.4, 0.1, 0.1]])           # tied with class 0
+  sums = train.video_metrics(scores, jnp.array([0, 0, 1, 1]),
+                             jnp.ones(4, bool))
+  assert float(sums['count']) == 4
+  assert float(sums['top1']) == 1  # Video 2 only.
+  # Top-5 of 4 classes: every finite video.
+  assert float(sums['top5']) == 3
+
+
 def _main(workdir, *flags, **popen):
   cmd = [sys.executable, '-m', 'tsformer_jax.main',
          '--config=configs/divided.py:demo', f'--workdir={workdir}',

@@ -7,6 +7,7 @@ encodes their index) and written with PyAV: mp4 (H.264) and webm (VP9).
 import fractions
 import json
 import os
+import re
 
 import av
 import numpy as np
@@ -227,6 +228,28 @@ def test_csv_lines_paths_and_labels_are_checked(tmp_path):
   (tmp_path / 'test.csv').write_text('elsewhere/v.mp4 0\n')
   with pytest.raises(FileNotFoundError, match='None of the first 1 videos'):
     datasets.get_source(_config('k400', tmp_path), 'test')
+
+
+def test_a_dataset_overridden_without_its_recipe_is_refused(tmp_path):
+  """`--config.data.dataset=ssv2` on a Kinetics config keeps 400 classes
+  (and flips, rate sampling): refused, naming the config arg."""
+  config = _config('kinetics400', tmp_path)
+  config.model.num_classes = 400
+  config.data.dataset = 'ssv2'
+  with pytest.raises(ValueError, match=re.escape(
+      'config.data.dataset ssv2 has 174 classes, but config.model.'
+      'num_classes is 400. Select the dataset with the config arg, which '
+      'sets its recipe too (e.g. --config=configs/divided.py:base,ssv2), or'
+      ' set --config.model.num_classes=174.')):
+    datasets.get_source(config, 'train')
+  config.data.dataset = 'kinetics400'  # Beyond its classes: refused too.
+  config.model.num_classes = 401
+  with pytest.raises(ValueError, match='kinetics400 has 400 classes'):
+    datasets.get_source(config, 'train')
+  # A Kinetics subset (Mini-Kinetics' 200 classes) goes on to the files.
+  config.model.num_classes = 200
+  with pytest.raises(FileNotFoundError, match='train.csv'):
+    datasets.get_source(config, 'train')
 
 
 def test_missing_datasets_name_the_files_expected(tmp_path):

@@ -2,10 +2,12 @@
 
 Every entry point is an absl program. absl keeps flags in one registry in
 which two modules may not define the same name, so the flags that several
-entry points take are defined here, once. `run` ends an expected failure
-(`Error`: a missing file, a bad value) with one line on stderr instead of a
-traceback, and `expected` tells such a failure from a bug; `call` runs an
-entry point within this process, as the shell would (tests, notebooks).
+entry points take are defined here, once; each entry point declares those
+it reads (`takes`), and the others are refused rather than ignored. `run`
+ends an expected failure (`Error`: a missing file, a bad value) with one
+line on stderr instead of a traceback, and `expected` tells such a failure
+from a bug; `call` runs an entry point within this process, as the shell
+would (tests, notebooks).
 Only entry points import this module.
 """
 
@@ -60,7 +62,22 @@ MODE = flags.DEFINE_enum('mode', None, ['train', 'eval', 'train_and_eval'],
                          'default; datasets.benchmark times the train '
                          '(default) or eval loader.')
 
+SHARED = (CONFIG, CHECKPOINT, OUT, JSON, FORMAT, OVERWRITE, MODE)
+
 Main = Callable[[list[str]], int | None]
+
+
+def takes(*shared: flags.FlagHolder) -> Callable[[Main], Main]:
+  """Declares the flags of `SHARED` that an entry point's `main` reads.
+
+  `run` and `call` refuse any other of them given on the command line: the
+  registry is shared, so the tool would otherwise accept and ignore it
+  (`predict --out=x.npz`, where `--features_out` was meant).
+  """
+  def declare(main: Main) -> Main:
+    main.shared_flags = tuple(holder.name for holder in shared)
+    return main
+  return declare
 
 
 class Error(Exception):
@@ -193,11 +210,29 @@ def _reporting_errors(main: Main) -> Main:
   @functools.wraps(main)
   def wrapped(argv):
     try:
+      _refuse_shared_flags_not_taken(main, argv)
       return main(argv)
     except Error as e:
       print(f'{_program(argv)}: error: {e}', file=sys.stderr)
       sys.exit(e.status)
   return wrapped
+
+
+def _refuse_shared_flags_not_taken(main: Main, argv: Sequence[str]):
+  """Raises an `Error` naming the flags of `SHARED` given on the command
+  line that `main` does not take (see `takes`)."""
+  taken = getattr(main, 'shared_flags', ())
+  # An override such as --config.model.depth=2 is a flag of its own.
+  given = {name.split('.')[0] for name in flags.FLAGS
+           if flags.FLAGS[name].present}
+  refused = [f'--{holder.name}' for holder in SHARED
+             if holder.name in given and holder.name not in taken]
+  if refused:
+    program = _program(argv)
+    verb = 'is not a flag' if len(refused) == 1 else 'are not flags'
+    listed = ''.join(f'--{name}, ' for name in taken)
+    raise Error(f'{", ".join(refused)} {verb} of {program} (it takes: '
+                f'{listed}and those {program} --help lists).')
 
 
 def describe(config, params) -> str:

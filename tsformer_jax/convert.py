@@ -43,20 +43,14 @@ _CLASS_NAMES = flags.DEFINE_string(
     '.pyth).')
 
 
+@cli.takes(cli.CONFIG, cli.FORMAT, cli.OVERWRITE)
 def main(argv) -> int:
   if len(argv) != 3:
     raise cli.Error('Pass SRC and OUT: python -m tsformer_jax.convert SRC '
                     'OUT [--config=...] (--help shows more).')
   src, out = argv[1:]
-  _log_adaptations()
   try:
-    config, params = checkpoints.load_checkpoint(
-        src, cli.CONFIG.value, format=cli.FORMAT.value or 'auto',
-        num_classes=_NUM_CLASSES.value, pos_resize=_POS_RESIZE.value,
-        fit=_ADAPT.value)
-    if _CLASS_NAMES.value:
-      config = config_lib.with_class_names(
-          config, _read_names(_CLASS_NAMES.value))
+    config, params = load(src, 'convert', cli.FORMAT.value or 'auto')
     path = checkpoints.save_checkpoint(out, config, params,
                                        overwrite=cli.OVERWRITE.value)
   except (ValueError, OSError, pickle.UnpicklingError) as e:
@@ -65,12 +59,31 @@ def main(argv) -> int:
   return 0
 
 
+def load(src: str, program: str, format: str = 'auto'):
+  """`(config, params)` of SRC as the flags ask, each change printed as
+  'PROGRAM: ...': fitted to --config (where a video checkpoint differs,
+  only with --adapt), --num_classes, --pos_resize, --class_names. `export`
+  loads through this as well.
+
+  Raises:
+    ValueError: SRC does not fit --config without changes --adapt allows.
+  """
+  _log_adaptations(program)
+  config, params = checkpoints.load_checkpoint(
+      src, cli.CONFIG.value, format=format, num_classes=_NUM_CLASSES.value,
+      pos_resize=_POS_RESIZE.value, fit=_ADAPT.value)
+  if _CLASS_NAMES.value:
+    config = config_lib.with_class_names(config,
+                                         _read_names(_CLASS_NAMES.value))
+  return config, params
+
+
 def _read_names(path: str) -> list[str]:
   with open(path, encoding='utf-8') as f:
     return [line.strip() for line in f if line.strip()]
 
 
-def _log_adaptations():
+def _log_adaptations(program: str):
   """Prints what checkpoints.py changes in the weights (not orbax's logs)."""
   logger = logging.getLogger('tsformer_jax')
   handler = next((h for h in logger.handlers if h.get_name() == 'convert'),
@@ -78,9 +91,9 @@ def _log_adaptations():
   if handler is None:
     handler = logging.StreamHandler()
     handler.set_name('convert')
-    handler.setFormatter(logging.Formatter('convert: %(message)s'))
     logger.addHandler(handler)
     logger.propagate = False
+  handler.setFormatter(logging.Formatter(f'{program}: %(message)s'))
   # The current stderr (an in-process run may have swapped it); the last
   # one may be closed, so no flush as setStream would.
   handler.stream = sys.stderr

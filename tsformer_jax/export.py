@@ -1,10 +1,13 @@
 r"""Exports a checkpoint for PyTorch: Hugging Face or the original's `.pyth`.
 
   python -m tsformer_jax.export CHECKPOINT OUT [--format=hf|pyth]
-      [--config=configs/divided.py:base] [--overwrite]
+      [--config=configs/divided.py:base --adapt] [--num_classes=N]
+      [--class_names=FILE] [--overwrite]
 
-CHECKPOINT: anything `tsformer_jax.load_checkpoint` reads (with `--config`,
-fitted to that config first, as `convert` does).
+CHECKPOINT: anything `tsformer_jax.load_checkpoint` reads, loaded by
+`convert.load` with `convert`'s flags: with `--config`, a video checkpoint
+that does not fit it is refused, naming what would change, unless `--adapt`
+asks for the change; every change is printed.
 
 `--format=hf` (default): OUT is a directory (`config.json`,
 `model.safetensors`) that `transformers.TimesformerForVideoClassification.
@@ -20,13 +23,19 @@ from __future__ import annotations
 
 import pickle
 
-from tsformer_jax import checkpoints
+from absl import flags
+
 from tsformer_jax import cli
+from tsformer_jax import convert
 from tsformer_jax.checkpoints import export
+
+# CHECKPOINT is read as convert reads SRC, with its flags (in --help too).
+flags.adopt_module_key_flags(convert)
 
 WRITERS = {'hf': export.write_hf, 'pyth': export.write_pyth}
 
 
+@cli.takes(cli.CONFIG, cli.FORMAT, cli.OVERWRITE)
 def main(argv) -> int:
   if len(argv) != 3:
     raise cli.Error('Pass CHECKPOINT and OUT: python -m tsformer_jax.export '
@@ -36,7 +45,7 @@ def main(argv) -> int:
   if fmt not in WRITERS:
     raise cli.Error(f'--format={fmt}: export writes {" or ".join(WRITERS)}.')
   try:
-    config, params = checkpoints.load_checkpoint(src, cli.CONFIG.value)
+    config, params = convert.load(src, 'export')
     path = WRITERS[fmt](out, config, params, overwrite=cli.OVERWRITE.value)
   except (ValueError, OSError, pickle.UnpicklingError) as e:
     raise cli.Error(str(e), status=1) from e

@@ -51,6 +51,11 @@ class SkipCounter:
     with self._lock:
       return len(self._bad)
 
+  def indices(self) -> list[int]:
+    """The failed videos' indices, ascending."""
+    with self._lock:
+      return sorted(self._bad)
+
 
 def _load(source: Source, index: int, fn: Callable):
   """`(fn(video), label)` of video `index`, or the error that stopped it."""

@@ -42,6 +42,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'find the cluster (Cloud TPU pods, SLURM).')
 
 
+@cli.takes(cli.CONFIG, cli.MODE)
 def main(argv):
   if len(argv) > 1 or cli.CONFIG.value is None or not _WORKDIR.value:
     raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and '

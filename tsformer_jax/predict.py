@@ -2,7 +2,8 @@ r"""Classifies video files and extracts their features with a checkpoint.
 
   python -m tsformer_jax.predict --checkpoint=CKPT VIDEO [VIDEO ...]
       [--top_k=5] [--json] [--clips=N | --clip_stride=SECONDS] [--crops=C]
-      [--batch_size=B] [--features_out=FILE.npz] [--decode_timeout_s=S]
+      [--batch_size=B] [--features_out=FILE.npz [--overwrite]]
+      [--decode_timeout_s=S]
 
 CKPT: any checkpoint `tsformer_jax.load_checkpoint` reads, e.g. a training
 workdir's `checkpoints/` (its latest step). Clips are cut, cropped and
@@ -19,7 +20,9 @@ video was read), `video_features` [V, D] (class-token features averaged per
 video; NaN for a failed video), `clip_features` [N, D] with `clip_video`,
 `clip_index`, `clip_crop` and `clip_start` [N] (video, clip, crop and first
 frame of each view), and, with a classification head, `video_scores`
-[V, C] and `clip_scores` [N, C].
+[V, C] and `clip_scores` [N, C]. Its name must end in .npz and its folder
+exist; an existing file is replaced only with `--overwrite`. These are
+checked before the checkpoint loads.
 
 A video that cannot be read gets one line on stderr, `predict: error:
 PATH: why.` (empty, a directory, no permission, audio only, not a video,
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import json
+import os
 import sys
 
 from absl import flags
@@ -55,8 +59,11 @@ _CLIPS = flags.DEFINE_integer('clips', None, 'Clips evenly spaced over each '
                               'whole video (default: evaluation\'s views).',
                               lower_bound=1)
 _CLIP_STRIDE = flags.DEFINE_float('clip_stride', None, 'A clip every this '
-                                  'many seconds, from the first frame to '
-                                  'the last.')
+                                  'many seconds (above 0), from the first '
+                                  'frame to the last.')
+# lower_bound admits 0, which would never move on to the next clip.
+flags.register_validator(_CLIP_STRIDE, lambda s: s is None or s > 0,
+                         'must be above 0 seconds.')
 _CROPS = flags.DEFINE_enum('crops', None, ['1', '3'], 'Crops per clip with '
                            '--clips or --clip_stride (default 1, the '
                            'centre).')
@@ -64,7 +71,8 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Views per forward '
                                    'pass (default config.eval_batch_size).',
                                    lower_bound=1)
 _FEATURES_OUT = flags.DEFINE_string('features_out', None, 'Write the '
-                                    'class-token features to this .npz.')
+                                    'class-token features to this .npz (an '
+                                    'existing one only with --overwrite).')
 _DECODE_TIMEOUT_S = flags.DEFINE_float(
     'decode_timeout_s', None, 'Seconds a clip may take to decode before its '
     'video counts as bad (0: no bound; default: the checkpoint\'s '
@@ -152,12 +160,50 @@ def _coverage() -> long_video.Coverage | None:
                              num_crops=int(_CROPS.value or 1))
 
 
+def _check_features_out(path: str):
+  """Fails now, not after all the compute, where `path` cannot be written."""
+  if not path.endswith('.npz'):
+    # numpy would add the suffix, writing another file than the one named.
+    raise cli.Error(f'--features_out={path}: name an .npz file, e.g. '
+                    f'--features_out={path}.npz.')
+  folder = os.path.dirname(path) or '.'
+  if not os.path.isdir(folder):
+    raise cli.Error(f'--features_out={path}: there is no folder {folder}; '
+                    'create it first.')
+  if os.path.isdir(path):
+    raise cli.Error(f'--features_out={path} is a folder: name an .npz file.')
+  if os.path.exists(path) and not cli.OVERWRITE.value:
+    raise cli.Error(f'--features_out={path} exists: pass --overwrite to '
+                    'replace it.')
+
+
+def _names(config, checkpoint: str) -> list[str]:
+  """`evaluation.label_names`, else the class indices ('0', '1', ...)
+  where the checkpoint has no names and its dataset's folder cannot be read
+  (predicting elsewhere than where it trained), with one line saying so."""
+  try:
+    return evaluation.label_names(config)
+  except OSError:
+    where = config.data.data_dir or 'no config.data.data_dir'
+    print(f'predict: warning: {checkpoint} carries no class names and its '
+          f'dataset\'s ({config.data.dataset}, {where}) cannot be read: '
+          'showing class indices. To name them: python -m tsformer_jax.'
+          f'convert {checkpoint} OUT --class_names=FILE.', file=sys.stderr)
+    return [str(i) for i in range(config.model.num_classes)]
+  except ValueError as e:
+    raise cli.Error(str(e)) from e
+
+
+@cli.takes(cli.CHECKPOINT, cli.JSON, cli.OVERWRITE)
 def main(argv: Sequence[str]) -> int:
   paths = list(argv[1:])
   if not paths or not cli.CHECKPOINT.value:
     raise cli.Error('Pass --checkpoint=CKPT and at least one VIDEO '
                     '(--help shows more).')
   coverage = _coverage()
+  features_out = _FEATURES_OUT.value
+  if features_out:
+    _check_features_out(features_out)
   checkpoint = cli.CHECKPOINT.value
   try:
     config, params = checkpoints.load_checkpoint(checkpoint)
@@ -166,16 +212,11 @@ def main(argv: Sequence[str]) -> int:
   if _DECODE_TIMEOUT_S.value is not None:
     with config.unlocked():
       config.data.decode_timeout_s = _DECODE_TIMEOUT_S.value
-  features_out = _FEATURES_OUT.value
   if not config.model.num_classes and not features_out:
     raise cli.Error(f'{checkpoint} has no classification head '
                     '(model.num_classes = 0): pass --features_out to write '
                     'its features.')
-  try:
-    names = (evaluation.label_names(config) if config.model.num_classes
-             else [])
-  except ValueError as e:
-    raise cli.Error(str(e)) from e
+  names = _names(config, checkpoint) if config.model.num_classes else []
   try:
     predictions = evaluation.predict_videos(
         config, params, paths, coverage=coverage,

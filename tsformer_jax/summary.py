@@ -135,6 +135,7 @@ def format_table(config, summary: dict[str, Any]) -> str:
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
 
 
+@cli.takes(cli.CONFIG, cli.JSON)
 def main(argv):
   if len(argv) > 1 or cli.CONFIG.value is None:
     raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and nothing '

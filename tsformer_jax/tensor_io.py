@@ -70,8 +70,16 @@ def read_tensors(path: str) -> dict[str, Any]:
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as npz:
-    return {name: npz[name] for name in npz.files}
+  """The arrays of a `.npz`; never its pickles (object arrays)."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return {name: npz[name] for name in npz.files}
+  except (zipfile.BadZipFile, EOFError, zlib.error, ValueError) as e:
+    if 'allow_pickle' in str(e):  # numpy advises unpickling: never here.
+      raise ValueError(f'{path}: not a readable .npz: no zip of arrays, or '
+                       'arrays of pickled objects (never loaded).') from e
+    raise ValueError(f'{path}: not a readable .npz (truncated or corrupt): '
+                     f'{e}.') from e
 
 
 # ----------------------------------------------------------------------------
@@ -99,7 +107,7 @@ def read_safetensors(path: str) -> dict[str, LazyArray]:
       header = json.loads(f.read(length))
     except ValueError as e:
       raise ValueError(f'{path}: not a safetensors file ({e}).') from e
-  start = 8 + length
+  start, size = 8 + length, os.path.getsize(path)
   tensors = {}
   for name, info in header.items():
     if name == '__metadata__':
@@ -113,6 +121,9 @@ def read_safetensors(path: str) -> dict[str, LazyArray]:
     if end - begin != int(np.prod(shape)) * dtype.itemsize:
       raise ValueError(f'{path}: tensor {name!r} of shape {list(shape)} '
                        f'has {end - begin} bytes.')
+    if end > size:  # Checked here: the data is read only later.
+      raise ValueError(f'{path}: truncated or corrupt: tensor {name!r} ends '
+                       f'at byte {end} of a {size}-byte file.')
     tensors[name] = LazyArray(shape, dtype,
                               _file_reader(path, begin, shape, dtype))
   return tensors
@@ -219,8 +230,10 @@ _ALLOWED_GLOBALS = {
     ('__builtin__', 'frozenset'): frozenset,
     ('_codecs', 'encode'): _latin1_encode,
 }
-_ALLOWED_GLOBALS.update({('torch', name): _StorageType(np.dtype(dtype))
-                         for name, dtype in _STORAGE_DTYPES.items()})
+# Storage types are made afresh for each pickle that names one (see
+# `find_class`).
+_STORAGE_TYPES = {('torch', name): np.dtype(dtype)
+                  for name, dtype in _STORAGE_DTYPES.items()}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -233,6 +246,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self._load_storage = persistent_load
 
   def find_class(self, module: str, name: str):
+    if (module, name) in _STORAGE_TYPES:
+      # A new instance: a pickle's BUILD may rewrite what it gets (a frozen
+      # dataclass too), and must not rewrite it for later files.
+      return _StorageType(_STORAGE_TYPES[(module, name)])
     if (module, name) in _ALLOWED_GLOBALS:
       return _ALLOWED_GLOBALS[(module, name)]
     raise UnsafePickleError(
@@ -273,7 +290,8 @@ def read_torch(path: str) -> Any:
 
 def _storage_args(pid, path) -> tuple[np.dtype, str, int]:
   if (not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != 'storage' or
-      not isinstance(pid[1], _StorageType)):
+      not isinstance(pid[1], _StorageType) or
+      not isinstance(pid[1].dtype, np.dtype)):  # Rewritten by BUILD.
     raise UnsafePickleError(f'{path}: unexpected persistent id {pid!r}.')
   return pid[1].dtype, str(pid[2]), int(pid[4])
 

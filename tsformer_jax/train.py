@@ -27,6 +27,7 @@ from clu import metric_writers
 from clu import periodic_actions
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -225,14 +226,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   # The host reads this flag only with the metrics, so no sync per step.
   finite = _all_finite((loss, grads, new_state.params, new_state.opt_state))
   if nonfinite_policy(config) == 'skip':
-    keep = lambda new, old: jnp.where(finite, new, old)
     new_state = new_state.replace(
-        params=jax.tree.map(keep, new_state.params, state.params),
-        opt_state=jax.tree.map(keep, new_state.opt_state, state.opt_state))
+        params=_unless(finite, new_state.params, state.params),
+        opt_state=_unless(finite, new_state.opt_state, state.opt_state))
   return new_state, dict(loss=loss / micro,
                          accuracy=correct / clips.shape[0],
                          learning_rate=schedule(state.step),
                          nonfinite=jnp.logical_not(finite))
+
+
+def _unless(finite: jax.Array, new, old):
+  """`new` where `finite`, else `old`, leaf by leaf; integer leaves (optax's
+  step counts) take `new` always, so that the learning-rate schedule keeps
+  pace with `state.step` over a dropped update."""
+  return jax.tree.map(
+      lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer)
+      else jnp.where(finite, n, o), new, old)
 
 
 def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable,
@@ -263,12 +272,19 @@ def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable,
 
 def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array
                   ) -> dict[str, jax.Array]:
-  """Sums of top-1 / top-5 hits and of the loss over unmasked videos."""
-  rank = jnp.sum(scores > jnp.take_along_axis(scores, labels[:, None], 1), -1)
-  nll = -jnp.log(jnp.take_along_axis(scores, labels[:, None], 1)[:, 0] + 1e-9)
+  """Sums of top-1 / top-5 hits and of the loss over unmasked videos.
+
+  A class scoring as high as the label's ranks before it, and a video with
+  a NaN score is never a hit: uniform or NaN scores give no accuracy.
+  """
+  label_scores = jnp.take_along_axis(scores, labels[:, None], 1)  # [B, 1]
+  rank = jnp.sum(scores >= label_scores, -1) - 1
   mask = mask.astype(jnp.float32)
-  return dict(count=mask.sum(), top1=jnp.sum((rank < 1) * mask),
-              top5=jnp.sum((rank < 5) * mask), loss=jnp.sum(nll * mask))
+  valid = jnp.all(jnp.isfinite(scores), -1)
+  hits = lambda k: jnp.sum(((rank < k) & valid) * mask)
+  nll = -jnp.log(label_scores[:, 0] + 1e-9)
+  return dict(count=mask.sum(), top1=hits(1), top5=hits(5),
+              loss=jnp.sum(nll * mask))
 
 
 def evaluate(config, params, apply_fn: Callable,
@@ -308,6 +324,23 @@ def evaluate(config, params, apply_fn: Callable,
               loss=float(totals['loss']) / count, videos=count)
 
 
+def long_video_coverage(config) -> long_video.Coverage:
+  """The clips of the long-video protocol (`config.data.test_clip_stride`
+  seconds apart), checked against the rest of the config.
+
+  Raises:
+    ValueError: several processes, or a sampling that takes no stride.
+  """
+  if jax.process_count() > 1:
+    raise ValueError('Long-video evaluation (data.test_clip_stride > 0) '
+                     'runs in one process; run --mode=eval without '
+                     '--num_processes.')
+  coverage = long_video.Coverage(stride_seconds=config.data.test_clip_stride,
+                                 num_crops=config.data.test_num_crops)
+  long_video.check_coverage(clip_lib.clip_spec(config), coverage)
+  return coverage
+
+
 def evaluate_long_videos(config, params, source: clip_lib.Source,
                          skipped: input_pipeline.SkipCounter
                          ) -> dict[str, float]:
@@ -318,10 +351,7 @@ def evaluate_long_videos(config, params, source: clip_lib.Source,
   Videos hold different numbers of clips, so this runs the clips of all
   videos through `evaluation.predict_videos` in one process.
   """
-  if jax.process_count() > 1:
-    raise ValueError('Long-video evaluation (data.test_clip_stride > 0) '
-                     'runs in one process; run --mode=eval without '
-                     '--num_processes.')
+  coverage = long_video_coverage(config)
   videos, labels, indices = [], [], []
   for index in range(len(source)):
     try:
@@ -332,8 +362,6 @@ def evaluate_long_videos(config, params, source: clip_lib.Source,
     videos.append(video)
     labels.append(label)
     indices.append(index)
-  coverage = long_video.Coverage(stride_seconds=config.data.test_clip_stride,
-                                 num_crops=config.data.test_num_crops)
   predictions = evaluation.predict_videos(config, params, videos,
                                           coverage=coverage)
   scores, good = [], []
@@ -439,14 +467,17 @@ class _NonFiniteSteps:
         'drop such updates.')
 
 
-def _with_class_names(config: ml_collections.ConfigDict
-                      ) -> ml_collections.ConfigDict:
+def _with_class_names(config: ml_collections.ConfigDict,
+                      source: clip_lib.Source) -> ml_collections.ConfigDict:
   """`config`, naming its classes, so that its checkpoints carry the names:
-  `config.data.class_names`, else the dataset's where they fit the head."""
+  `config.data.class_names`, else those of `source` (the training split)
+  where it has them (prepared TFDS data), else the dataset's; where they fit
+  the head."""
   if config.data.get('class_names') or not config.model.num_classes:
     return config
+  names = getattr(source, 'class_names', None)
   try:
-    names = datasets.class_names(config)
+    names = names or datasets.class_names(config)
   except (ValueError, OSError) as e:
     logging.warning('Checkpoints will carry no class names: %s', e)
     return config
@@ -465,13 +496,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"Unknown mode {mode!r}; valid: ['eval', 'train', "
                      "'train_and_eval'].")
   nonfinite = _NonFiniteSteps(nonfinite_policy(config))
+  if mode != 'train' and config.data.get('test_clip_stride', 0.0) > 0:
+    long_video_coverage(config)  # Fails now, not after training.
   os.makedirs(workdir, exist_ok=True)
-  config = _with_class_names(config)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   train_source = datasets.get_source(config, config.data.train_split)
   # Both splits are opened first, so that a missing one fails at start.
   eval_source = datasets.get_source(config, config.data.eval_split)
+  config = _with_class_names(config, train_source)
   steps_per_epoch = len(train_source) // config.batch_size
   num_steps = total_steps(config, steps_per_epoch)
   mesh = sharding.create_mesh(config)
@@ -487,6 +520,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                config.keep_checkpoints, manager.directory, workdir)
   # The newest step that restores; damaged newer ones are moved aside.
   state = checkpoints.training.restore_latest(manager, state)
+  if (mode == 'eval' and manager.latest_step() is None and
+      not config.init_from.path):
+    raise FileNotFoundError(
+        f'--mode=eval found no checkpoint in {manager.directory} and '
+        'config.init_from.path is empty, so it would evaluate random '
+        'weights: point --workdir at a trained run, or set '
+        '--config.init_from.path to the weights to evaluate.')
   # Per split: the counters know videos by their index in the split.
   skipped = input_pipeline.SkipCounter()
   eval_skipped = input_pipeline.SkipCounter()
@@ -516,7 +556,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    eval_loss=metrics['loss'])
   manager.wait_until_finished()
   results.update(step=int(state.step),
-                 skipped_videos=len(skipped) + len(eval_skipped),
+                 skipped_videos=(skipped_everywhere(skipped) +
+                                 skipped_everywhere(eval_skipped)),
                  skipped_updates=len(nonfinite.steps))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
@@ -564,7 +605,8 @@ def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
       if every(config.log_every_steps, step) or done:
         nonfinite.check(history, step, manager)
         last_loss = _write_train_metrics(writer, step, history, tick,
-                                         config.batch_size, len(skipped),
+                                         config.batch_size,
+                                         skipped_everywhere(skipped),
                                          len(nonfinite.steps))
         history, tick = [], time.time()
       evaluating = evaluate_fn and (every(config.eval_every_steps, step) or
@@ -573,12 +615,35 @@ def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
                 done or preemption.requested)
       if saving:  # Never past a non-finite step ('stop').
         nonfinite.check(history, step, manager)
-      metrics = evaluate_fn(state) if evaluating else None
+      try:
+        metrics = evaluate_fn(state) if evaluating else None
+      except BaseException:
+        # The evaluation failed (out of memory, say): the step is saved all
+        # the same, so that the same command resumes here and evaluates
+        # again rather than training again.
+        if saving:
+          checkpoints.training.save(manager, state, config)
+          manager.wait_until_finished()
+        raise
       if saving:
         checkpoints.training.save(manager, state, config, metrics)
       if preemption.requested:
         break
   return state, last_loss, metrics
+
+
+def skipped_everywhere(skipped: input_pipeline.SkipCounter) -> int:
+  """The distinct videos that failed in any process: each process counts
+  only those it read. A collective: every process calls it in turn."""
+  local = np.asarray(skipped.indices(), np.int32)
+  if jax.process_count() == 1:
+    return local.size
+  longest = int(np.max(multihost_utils.process_allgather(
+      np.int32(local.size))))
+  padded = np.full(longest, -1, np.int32)
+  padded[:local.size] = local
+  everywhere = multihost_utils.process_allgather(padded)
+  return int(np.sum(np.unique(everywhere) >= 0))
 
 
 def _write_train_metrics(writer, step, history, tick, batch_size, skipped,

@@ -1,9 +1,11 @@
 r"""Where a model looks: attention rollout of one video, drawn.
 
   python -m tsformer_jax.visualize --checkpoint=CKPT VIDEO --out=DIR
+      [--alpha=0.5] [--frame_ms=250] [--overwrite]
 
 Classifies the centre clip and crop of VIDEO, taken as evaluation does, and
-rolls its attention out (`rollout.py`). DIR receives:
+rolls its attention out (`rollout.py`). DIR (made if missing; images already
+there are replaced only with `--overwrite`) receives:
 
   rollout_frames.png      the frames with the class token's heatmap overlaid
   rollout.gif             the same, animated
@@ -33,8 +35,10 @@ from tsformer_jax import model as model_lib
 from tsformer_jax import rollout
 from tsformer_jax.datasets import video_files
 
-_ALPHA = flags.DEFINE_float('alpha', 0.5, 'Opacity of the heatmap overlay.')
-_FRAME_MS = flags.DEFINE_integer('frame_ms', 250, 'GIF frame duration (ms).')
+_ALPHA = flags.DEFINE_float('alpha', 0.5, 'Opacity of the heatmap overlay.',
+                            lower_bound=0.0, upper_bound=1.0)
+_FRAME_MS = flags.DEFINE_integer('frame_ms', 250, 'GIF frame duration (ms).',
+                                 lower_bound=0)
 
 FRAMES_PNG = 'rollout_frames.png'
 GIF = 'rollout.gif'
@@ -174,6 +178,12 @@ def write_importance_png(path: str, importance: np.ndarray,
   fig.savefig(path, dpi=100)
 
 
+def output_files(out_dir: str) -> list[str]:
+  """The paths `visualize` writes in `out_dir`."""
+  return [os.path.join(out_dir, name)
+          for name in (FRAMES_PNG, GIF, IMPORTANCE_PNG)]
+
+
 def visualize(checkpoint: str, video_path: str, out_dir: str, *,
               alpha: float = 0.5, frame_ms: int = 250) -> dict:
   """Writes the three images for one video; returns what it found.
@@ -184,9 +194,13 @@ def visualize(checkpoint: str, video_path: str, out_dir: str, *,
 
   Raises:
     FileNotFoundError: no checkpoint or no video at the path given.
+    NotADirectoryError: `out_dir` is a file.
     clip_lib.BadVideoError: the video cannot be decoded.
     ValueError: the checkpoint cannot be read.
   """
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise NotADirectoryError(f'{out_dir} is a file: the images go in a '
+                             'folder; name another.')
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f'No checkpoint at {checkpoint}: pass a '
                             'checkpoint file or directory (a training '
@@ -210,24 +224,30 @@ def visualize(checkpoint: str, video_path: str, out_dir: str, *,
   heat = pixel_heatmaps(result.heatmaps, result.frames.shape[1:3])
   images = overlay(result.frames, heat, alpha)
   os.makedirs(out_dir, exist_ok=True)
-  files = [os.path.join(out_dir, name)
-           for name in (FRAMES_PNG, GIF, IMPORTANCE_PNG)]
+  files = output_files(out_dir)
   write_frames_png(files[0], images, result.indices, title)
   write_gif(files[1], images, frame_ms)
   write_importance_png(files[2], result.importance, result.indices, title)
   return dict(label=label, probability=probability, files=files)
 
 
+@cli.takes(cli.CHECKPOINT, cli.OUT, cli.OVERWRITE)
 def main(argv):
   if len(argv) != 2 or not cli.CHECKPOINT.value or not cli.OUT.value:
     raise cli.Error('Pass --checkpoint=CKPT, --out=DIR and exactly one '
                     'VIDEO (--help shows more).')
+  out = cli.OUT.value
+  existing = [os.path.basename(path) for path in output_files(out)
+              if os.path.exists(path)]
+  if existing and not cli.OVERWRITE.value:
+    raise cli.Error(f'{out} already holds {", ".join(existing)}: pass '
+                    '--overwrite to replace them, or name another --out.')
   try:
-    found = visualize(cli.CHECKPOINT.value, argv[1], cli.OUT.value,
+    found = visualize(cli.CHECKPOINT.value, argv[1], out,
                       alpha=_ALPHA.value, frame_ms=_FRAME_MS.value)
   except clip_lib.BadVideoError as e:
     raise cli.Error(f'cannot decode the video: {e}', status=1) from e
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, NotADirectoryError, ValueError) as e:
     raise cli.Error(str(e), status=1) from e
   if found['label'] is None:
     print('predicted: (no classification head)')

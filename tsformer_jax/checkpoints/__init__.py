@@ -24,6 +24,7 @@ code; nothing here needs torch.
 
 from tsformer_jax.checkpoints import hub
 from tsformer_jax.checkpoints import training
+from tsformer_jax.checkpoints.adapt import IMAGE_MODEL_SCHEMES
 from tsformer_jax.checkpoints.adapt import POS_RESIZE_MODES
 from tsformer_jax.checkpoints.adapt import adapt_params
 from tsformer_jax.checkpoints.adapt import nearest_indices
@@ -61,13 +62,13 @@ from tsformer_jax.checkpoints.spec import config_to_json
 
 __all__ = [
     'CONFIG_ITEM', 'FORMATS', 'HF_ATTENTION_TYPES', 'HF_PARAMETER_NAMES',
-    'IMAGE_FORMATS', 'PARAMS_ITEM', 'POS_RESIZE_MODES', 'STATE_ITEM',
-    'TORCH_NAMES', 'TORCH_SCHEMES', 'adapt_params', 'check_params',
-    'config_from_hf', 'config_from_json', 'config_to_json', 'detect_format',
-    'hf_module_names', 'hub', 'init_params_from', 'load_checkpoint',
-    'nearest_indices', 'params_from_hf_state_dict',
+    'IMAGE_FORMATS', 'IMAGE_MODEL_SCHEMES', 'PARAMS_ITEM', 'POS_RESIZE_MODES',
+    'STATE_ITEM', 'TORCH_NAMES', 'TORCH_SCHEMES', 'adapt_params',
+    'check_params', 'config_from_hf', 'config_from_json', 'config_to_json',
+    'detect_format', 'hf_module_names', 'hub', 'init_params_from',
+    'load_checkpoint', 'nearest_indices', 'params_from_hf_state_dict',
     'params_from_original_state_dict', 'params_from_state_dict',
-    'params_from_torch_state_dict', 'read_checkpoint', 'resample_pos_embedding',
-    'resample_time_embedding', 'save_args', 'save_checkpoint', 'torch_names',
-    'training',
+    'params_from_torch_state_dict', 'read_checkpoint',
+    'resample_pos_embedding', 'resample_time_embedding', 'save_args',
+    'save_checkpoint', 'torch_names', 'training',
 ]

@@ -3,8 +3,13 @@
 Embeddings are resampled with nearest neighbours, as the original does. A
 single-step scheme (ViT, `space_only`, `joint`) inflates into any other: each
 attention step starts as a copy of the image attention and every step's
-output layer (`fc`) at zero, so the inflated model begins as the image model.
-The original inflates this way into divided attention only.
+output layer (`fc`) at zero. Image weights so inflated start as the image
+model in `IMAGE_MODEL_SCHEMES` only: `space_only` (frame by frame) and
+`divided` (on a still clip). The last step of `joint` (the whole clip),
+`axial` (a column) and `sparse_local_global` (every second patch) does not
+attend over exactly one frame, so these start near the image model, not at
+it, and a warning says so. The original inflates into divided attention
+only.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from tsformer_jax.checkpoints import spec
 _LOG = logging.getLogger(__name__)
 
 POS_RESIZE_MODES = ('2d', '1d')
+# The schemes that image weights, inflated, start as the image model in.
+IMAGE_MODEL_SCHEMES = ('divided', 'space_only')
 _TRUNC_NORMAL = nn.initializers.truncated_normal(stddev=0.02)  # The model's.
 
 
@@ -115,6 +122,14 @@ def adapt_params(params, src_config, config, *, rng: jax.Array | None = None,
     note('scheme', 'inflated %s into %s: steps %s start as copies of its '
          'attention, their output layers at zero.', src.attention,
          dst.attention, [s.grouping for s in dst_scheme.steps])
+    if dst.attention not in IMAGE_MODEL_SCHEMES and (
+        allowed is None or 'scheme' in allowed):
+      _LOG.warning(
+          '%s: inflated into %s, the model does not start as the image '
+          'model: its last step (%s attention) does not attend over exactly '
+          'one frame. Only %s start as the image model.', source,
+          dst.attention, dst_scheme.steps[-1].grouping,
+          ' and '.join(IMAGE_MODEL_SCHEMES))
 
   old, new = spec.patch_grid(src), spec.patch_grid(dst)
   pos = flat.get('pos_embedding')

@@ -127,7 +127,10 @@ def _directory_format(path: str) -> str:
 
 def _format_from_keys(state: Mapping[str, Any], path: str) -> str:
   keys = list(state)
-  if any(k.startswith('timesformer.') for k in keys):
+  # HF TimeSformer fuses q, k, v (HF ViT does not); a `TimesformerModel`'s
+  # names have no 'timesformer.' prefix.
+  if any(k.startswith('timesformer.') or
+         k.endswith('attention.attention.qkv.weight') for k in keys):
     return 'hf_timesformer'
   if any(k.endswith('attention.attention.query.weight') for k in keys):
     return 'vit_hf'

@@ -29,6 +29,7 @@ import numpy as np
 from tsformer_jax import datasets
 from tsformer_jax import tensor_io
 from tsformer_jax.checkpoints import spec
+from tsformer_jax.checkpoints.formats import original
 from tsformer_jax.checkpoints.formats import state_dicts
 from tsformer_jax.checkpoints.formats.state_dicts import HF_ATTENTION_TYPES
 
@@ -217,7 +218,10 @@ def original_cfg(config) -> str:
   """The `cfg` of a `.pyth`: the original's YAML keys that `config` fixes.
 
   The original never reads it back; a comment records the sizes that its
-  model name would otherwise fix (the number of heads is in no tensor).
+  model name would otherwise fix. The number of heads, in no tensor, is
+  `TIMESFORMER.NUM_HEADS` (`formats.original.HEADS_KEY`) where the model is
+  not the original's `vit_base_patch16_224`: a key the original lacks, in a
+  cfg the original could not run anyway.
   """
   m, data = config.model, config.get('data') or {}
   height, width = _image_size(m)
@@ -234,9 +238,13 @@ def original_cfg(config) -> str:
   for key in ('mean', 'std'):
     if key in data:
       lines.append(f'  {key.upper()}: {[float(x) for x in data[key]]}')
+  if data.get('dataset') in original.DATASETS:
+    lines += ['TRAIN:', f'  DATASET: {original.DATASETS[data.dataset]}']
   lines += ['TIMESFORMER:', '  ATTENTION_TYPE: ' + {
-      v: k for k, v in HF_ATTENTION_TYPES.items()}[m.attention], 'MODEL:',
-            '  ARCH: vit']
+      v: k for k, v in HF_ATTENTION_TYPES.items()}[m.attention]]
+  if sizes != _VIT_BASE:
+    lines.append(f'  NUM_HEADS: {m.num_heads}')  # original.HEADS_KEY
+  lines += ['MODEL:', '  ARCH: vit']
   if sizes == _VIT_BASE:
     lines.append('  MODEL_NAME: vit_base_patch16_224')
   lines.append(f'  NUM_CLASSES: {m.num_classes}')
@@ -254,12 +262,10 @@ def write_pyth(out_path: str, config, params, *, epoch: int = -1,
   `torch.load(path, weights_only=True)` loads it and the original's
   `load_checkpoint` takes its `model_state`. Its default epoch, -1, is what
   that function reports for a file without one, so the original trains from
-  it from the first epoch rather than resuming. The file does not record
-  the number of heads: `load_checkpoint(path, config)` reads it back exactly
-  (without a config, the reader infers the heads from the width of the ViT
-  sizes, and fails for others). Written beside
-  `out_path` and renamed into place when complete; returns the absolute
-  path.
+  it from the first epoch rather than resuming. `load_checkpoint(path)`
+  reads it back exactly, the head count from its cfg (see `original_cfg`).
+  Written beside `out_path` and renamed into place when complete; returns
+  the absolute path.
 
   Raises:
     ValueError: PyTorch TimeSformers have no such scheme.

@@ -40,7 +40,8 @@ def get_source(config, split: str) -> clip_lib.Source:
   the TFDS dataset prepared in `tfds_dir` (`tfds_source.load`).
 
   Raises:
-    ValueError: an unknown dataset, split or format, or labels beyond
+    ValueError: an unknown dataset, split or format, a model whose class
+      count is not the dataset's, or labels beyond
       `config.model.num_classes`.
     FileNotFoundError: the dataset's files are missing; the message names
       the files expected, where, and how to prepare them.
@@ -49,9 +50,27 @@ def get_source(config, split: str) -> clip_lib.Source:
   if data_format not in FORMATS:
     raise ValueError(f'Unknown config.data.format {data_format!r}; '
                      f'valid: {list(FORMATS)}.')
+  _check_classes(config)
   if data_format == 'tfds':
     # Imported here: TFDS loads TensorFlow, which reading files does not
     # need.
     from tsformer_jax.datasets import tfds_source
     return tfds_source.load(config, split)
   return file_source(config, split)
+
+
+def _check_classes(config):
+  """A dataset of fixed classes needs a head of as many: a different count
+  most often means `config.data.dataset` was overridden alone, without the
+  recipe (classes, flips, sampling) that its config arg sets."""
+  dataset = get_dataset(config.data.dataset)
+  num_classes, want = config.model.num_classes, dataset.num_classes
+  if not want or not num_classes or num_classes == want or (
+      dataset.subsets and num_classes < want):
+    return
+  raise ValueError(
+      f'config.data.dataset {dataset.name} has {want} classes, but '
+      f'config.model.num_classes is {num_classes}. Select the dataset with '
+      'the config arg, which sets its recipe too (e.g. --config=configs/'
+      f'{config.model.attention}.py:base,{dataset.name}), or set '
+      f'--config.model.num_classes={want}.')

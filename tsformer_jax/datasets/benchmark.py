@@ -210,6 +210,7 @@ def table(result: dict) -> str:
   return '\n'.join(lines)
 
 
+@cli.takes(cli.CONFIG, cli.MODE, cli.JSON)
 def main(argv):
   if len(argv) > 1 or cli.CONFIG.value is None:
     raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and no other '

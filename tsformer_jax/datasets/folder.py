@@ -7,9 +7,10 @@ Any container PyAV reads (mp4, webm, mkv, avi, ...). The classes are the
 subfolders of `train/`, numbered in sorted order; `val/` may lack some of
 them but has no others. The 'test' split reads `val/`, so the default
 evaluation split works. The files of a class folder are read in sorted
-order, its subfolders included; files directly in `train/` or `val/` belong
-to no class and hidden ones (a leading '.') are left out. A file that is no
-video is skipped and counted, as any unreadable video is.
+order, its subfolders included (linked ones too, but no folder twice);
+files directly in `train/` or `val/` belong to no class and hidden ones (a
+leading '.') are left out. A file that is no video is skipped and counted,
+as any unreadable video is.
 """
 
 from __future__ import annotations
@@ -64,9 +65,14 @@ def load(data_dir: str, split_dir: str) -> video_files.FileSource:
         f'{root} has class folders that {os.path.join(data_dir, "train")} '
         f'lacks: {unknown}. The classes are the folders of train/; add '
         'those there, or remove them here.')
+  # Links are followed (datasets are often linked in), but no folder twice:
+  # a link back up (train/beta/loop -> ..) or into another class would
+  # repeat videos under the wrong label, or loop until the path is too long.
+  seen = {_identity(path) for path in [data_dir, root] + [
+      os.path.join(root, name) for name in folders]}
   return video_files.FileSource([
       video_files.Entry(path, labels[name]) for name in folders
-      for path in _files(os.path.join(root, name))])
+      for path in _files(os.path.join(root, name), seen)])
 
 
 def _folders(directory: str) -> list[str]:
@@ -75,10 +81,25 @@ def _folders(directory: str) -> list[str]:
                 if e.is_dir() and not e.name.startswith('.'))
 
 
-def _files(directory: str) -> list[str]:
-  """The visible files under `directory`, subfolders included, sorted."""
+def _identity(directory: str) -> tuple[int, int]:
+  """`(st_dev, st_ino)` of `directory`, links followed: the same for every
+  path to it."""
+  stat = os.stat(directory)
+  return stat.st_dev, stat.st_ino
+
+
+def _files(directory: str, seen: set[tuple[int, int]]) -> list[str]:
+  """The visible files under `directory`, subfolders included, sorted;
+  a subfolder whose `_identity` is in `seen` is left out, and the others are
+  added to it."""
   paths = []
   for parent, dirs, files in os.walk(directory, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    visible = sorted(d for d in dirs if not d.startswith('.'))
+    dirs[:] = []
+    for d in visible:
+      identity = _identity(os.path.join(parent, d))
+      if identity not in seen:
+        seen.add(identity)
+        dirs.append(d)
     paths += [os.path.join(parent, f) for f in files if not f.startswith('.')]
   return sorted(paths)

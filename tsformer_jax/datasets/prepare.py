@@ -25,19 +25,23 @@ _SPLITS = flags.DEFINE_list(
 _SHORT_SIDE = flags.DEFINE_integer(
     'short_side', tfds_builders.DEFAULT_SHORT_SIDE,
     'Shrink frames to this short side (aspect kept) where larger; 0 keeps '
-    'their size.')
+    'their size.', lower_bound=0)
 _FPS = flags.DEFINE_float(
     'fps', tfds_builders.DEFAULT_FPS,
-    'Subsample frames to this rate where faster; 0 keeps all.')
+    'Subsample frames to this rate where faster; 0 keeps all.',
+    lower_bound=0.0)
 _JPEG_QUALITY = flags.DEFINE_integer(
     'jpeg_quality', tfds_builders.DEFAULT_JPEG_QUALITY,
-    'JPEG quality, 1 to 95.')
+    'JPEG quality, 1 to 95.', lower_bound=1, upper_bound=95)
 _LIMIT = flags.DEFINE_integer(
-    'limit', None, 'At most this many videos per split (a quick trial).')
+    'limit', None, 'At most this many videos per split (a quick trial).',
+    lower_bound=1)
 _NUM_WORKERS = flags.DEFINE_integer(
-    'num_workers', os.cpu_count() or 1, 'Threads decoding and encoding.')
+    'num_workers', os.cpu_count() or 1, 'Threads decoding and encoding.',
+    lower_bound=1)
 
 
+@cli.takes(cli.CONFIG, cli.OUT)
 def main(argv):
   if len(argv) > 1 or cli.CONFIG.value is None:
     raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and no other '

@@ -50,6 +50,9 @@ class Dataset:
       data that is missing.
     default_dir: the `data_dir` used when `config.data.data_dir` is
       empty; None means it must be set.
+    subsets: whether a model may have fewer classes than `num_classes`
+      (Kinetics: the CSVs list any labels, e.g. Mini-Kinetics' 200);
+      otherwise it must have exactly as many.
   """
   name: str
   num_classes: int
@@ -63,6 +66,7 @@ class Dataset:
   labels_file: str | None = None
   prepare: Callable[[str, str], object] | None = None
   default_dir: Callable[[], str] | None = None
+  subsets: bool = False
 
 
 def _kinetics(num_classes: int) -> Dataset:
@@ -75,7 +79,8 @@ def _kinetics(num_classes: int) -> Dataset:
       names=None if num_classes == 400 else functools.partial(
           kinetics.class_names_from_csv, split_file='train.csv',
           num_classes=num_classes),
-      labels_file='kinetics400.txt' if num_classes == 400 else None)
+      labels_file='kinetics400.txt' if num_classes == 400 else None,
+      subsets=True)
 
 
 _SSV2_LISTS = {'train': 'something-something-v2-train.json',

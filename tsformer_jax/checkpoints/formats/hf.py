@@ -1,5 +1,6 @@
 """Hugging Face TimeSformer: `config.json` and `model.safetensors` (or
-`pytorch_model.bin`, or shards of either)."""
+`pytorch_model.bin`, or shards of either), of a
+`TimesformerForVideoClassification` or of a `TimesformerModel` (no head)."""
 
 from __future__ import annotations
 
@@ -78,21 +79,26 @@ HF_PARAMETER_NAMES = state_dicts.torch_names(
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], config,
-                              source: str = 'state dict') -> dict:
+                              source: str = 'state dict',
+                              prefix: str = 'timesformer.') -> dict:
   """Our params from a Hugging Face `TimesformerForVideoClassification`.
 
   `state_dict` holds anything `np.asarray` takes (CPU torch tensors too);
-  `config_from_hf` makes the config.
+  `config_from_hf` makes the config. `prefix=''` reads a `TimesformerModel`
+  (the backbone alone, for `config.model.num_classes=0`).
   """
-  modules, parameters = state_dicts.torch_names(config.model, 'hf',
-                                                'timesformer.', '')
+  modules, parameters = state_dicts.torch_names(config.model, 'hf', prefix,
+                                                '')
   return state_dicts.params_from_torch_state_dict(state_dict, config, modules,
                                                   parameters, source)
 
 
 def read_json(path: str) -> dict:
   with open(path, encoding='utf-8') as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except ValueError as e:  # Malformed JSON, or not UTF-8.
+      raise ValueError(f'{path}: not readable JSON ({e}).') from e
 
 
 def read_weights(path: str) -> dict[str, Any]:
@@ -115,12 +121,20 @@ def read_weights(path: str) -> dict[str, Any]:
 
 
 def read(state, hf_config, hint, source):
-  """`(config, params)`; the config from `config.json`, or the shapes."""
+  """`(config, params)`; the config from `config.json`, or the shapes.
+
+  A `TimesformerModel` (names without 'timesformer.', no classifier) reads
+  as a model of 0 classes: its features.
+  """
+  prefix = state_dicts.prefix_of(
+      state, 'embeddings.patch_embeddings.projection.weight', source)
   if hf_config is not None:
     config = config_from_hf(hf_config)
+    if 'classifier.weight' not in state:  # Its config.json counts 2 labels.
+      config.model.num_classes, config.data.class_names = 0, ()
   else:
     scheme = state_dicts.torch_scheme(state, 'temporal_attention.',
                                       'time_embeddings')
-    config = state_dicts.torch_layout_config(state, 'hf', 'timesformer.', '',
+    config = state_dicts.torch_layout_config(state, 'hf', prefix, '',
                                              scheme, hint, source)
-  return config, params_from_hf_state_dict(state, config, source)
+  return config, params_from_hf_state_dict(state, config, source, prefix)

@@ -12,8 +12,14 @@ import yaml
 from tsformer_jax import config_lib
 from tsformer_jax.checkpoints.formats import state_dicts
 
-# The original's `TRAIN.DATASET` -> ours (Kinetics by its class count).
-_DATASETS = {'ssv2': 'ssv2', 'diving48': 'diving48'}
+# Ours -> the original's `TRAIN.DATASET`, which names Kinetics without its
+# class count.
+DATASETS = {'kinetics400': 'kinetics', 'kinetics600': 'kinetics',
+            'ssv2': 'ssv2', 'diving48': 'diving48'}
+# Where a `.pyth` of ours records a head count that no model name fixes. The
+# original has no such key, and yacs refuses unknown keys in a cfg it
+# merges, so it is written only for models the original cannot build.
+HEADS_KEY = ('TIMESFORMER', 'NUM_HEADS')
 
 
 def params_from_original_state_dict(state_dict: Mapping[str, Any], config,
@@ -30,27 +36,32 @@ def params_from_original_state_dict(state_dict: Mapping[str, Any], config,
                                                   parameters, source)
 
 
-def config_from_cfg(text: str, scheme: str, source: str
-                    ) -> ml_collections.ConfigDict:
-  """Our config of `scheme` as the original's `cfg` describes the job:
-  frames, crop size, classes, dataset, sampling and test views."""
+def _cfg_values(text: str, source: str):
+  """`get(section, key)` of the original's `cfg` (YAML), None if absent."""
   try:
     cfg = yaml.safe_load(text)
   except yaml.YAMLError as e:
     raise ValueError(f'{source}: its cfg is not readable YAML ({e}).'
                      ) from e
   cfg = cfg if isinstance(cfg, Mapping) else {}
-  get = lambda section, key: (cfg.get(section) or {}).get(key)
+  return lambda section, key: (cfg.get(section) or {}).get(key)
+
+
+def config_from_cfg(text: str, scheme: str, source: str
+                    ) -> ml_collections.ConfigDict:
+  """Our config of `scheme` as the original's `cfg` describes the job:
+  frames, crop size, classes, dataset, sampling and test views."""
+  get = _cfg_values(text, source)
   attention_type = get('TIMESFORMER', 'ATTENTION_TYPE')
   named = state_dicts.HF_ATTENTION_TYPES.get(attention_type, scheme)
   if named != scheme:
     raise ValueError(f'{source}: its cfg says {attention_type!r} but its '
                      f'weights are {scheme!r} attention.')
   classes = get('MODEL', 'NUM_CLASSES')
-  dataset = str(get('TRAIN', 'DATASET') or '').lower()
-  dataset = _DATASETS.get(dataset) or (
-      f'kinetics{classes}' if dataset == 'kinetics' and classes in (400, 600)
-      else '')
+  theirs = str(get('TRAIN', 'DATASET') or '').lower()
+  dataset = f'kinetics{classes}' if theirs == 'kinetics' else theirs
+  if DATASETS.get(dataset) != theirs:
+    dataset = ''  # None of ours: the recipe's default.
   config = config_lib.get_config(scheme, f'dataset={dataset}' if dataset
                                  else None)
   size = get('DATA', 'TRAIN_CROP_SIZE')
@@ -69,16 +80,22 @@ def config_from_cfg(text: str, scheme: str, source: str
 
 
 def read(state, cfg, hint, source):
-  """`(config, params)`: sizes from the weights, the rest from `cfg` (the
-  file's training config, if it has one) or else `hint`."""
+  """`(config, params)`: sizes from the weights, the head count and the rest
+  from `cfg` (the file's training config, if it has one) or else `hint`."""
   prefix = state_dicts.prefix_of(state, 'patch_embed.proj.weight', source)
   state = state_dicts.conv_kernel_from_linear(
       state, prefix + 'patch_embed.proj.weight')
   scheme = state_dicts.torch_scheme(state, 'temporal_attn.', 'time_embed')
-  recipe = (config_from_cfg(cfg, scheme, source) if isinstance(cfg, str)
-            else None)
-  config = state_dicts.torch_layout_config(state, 'original', prefix, prefix,
-                                           scheme, hint or recipe, source)
+  recipe, heads = None, None
+  if isinstance(cfg, str):
+    recipe = config_from_cfg(cfg, scheme, source)
+    heads = _cfg_values(cfg, source)(*HEADS_KEY)
+    if heads is not None and (not isinstance(heads, int) or heads < 1):
+      raise ValueError(f'{source}: its cfg gives {".".join(HEADS_KEY)} '
+                       f'{heads!r}; it must be a positive integer.')
+  config = state_dicts.torch_layout_config(
+      state, 'original', prefix, prefix, scheme, hint or recipe, source,
+      heads=heads)
   if recipe is not None:
     recipe.model.update(config.model)
     config = recipe

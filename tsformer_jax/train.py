@@ -392,8 +392,10 @@ def jit_eval_step(config, params, apply_fn: Callable,
                  in_shardings=(sharding.state_shardings(params, mesh, config),
                                sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh),
+                 # Per device: every view of each video in the batch.
                  compiler_options=model_lib.inference_compiler_options(
-                     config, config.eval_batch_size // mesh.size))
+                     config, config.eval_batch_size *
+                     clip_lib.clip_spec(config).num_views // mesh.size))
 
 
 def jit_train_step(config, state: TrainState, schedule: optax.Schedule,

@@ -72,6 +72,7 @@ def test_a_new_head_drops_the_checkpoints_names(tmp_path):
     evaluation.label_names(config)
 
 
+@pytest.mark.slow
 def test_predict_without_names_or_their_dataset_shows_class_indices(
     tmp_path, capsys):
   # Trained on a folder that is gone: a warning, then indices as labels.

@@ -352,7 +352,8 @@ def _poison_at(monkeypatch, k):
   monkeypatch.setattr(train, 'train_step', poisoned)
 
 
-@pytest.mark.parametrize('policy', ['stop', 'skip'])
+@pytest.mark.parametrize('policy', [
+    pytest.param('stop', marks=pytest.mark.slow), 'skip'])  # Fast tier: 1.
 def test_the_step_flags_a_nonfinite_update_and_skip_drops_it(
     monkeypatch, state, policy):
   config = _tiny_config()
@@ -596,6 +597,7 @@ def test_main_ends_an_expected_problem_in_one_line(tmp_path, capsys, flags,
   assert re.match(f'main: error: {message}', lines[0]), lines[0]
 
 
+@pytest.mark.slow  # 10 s; test_clis_on_a_damaged_checkpoint_end_in_one_line.
 def test_main_on_damaged_checkpoints_ends_in_one_line(tmp_path, capsys):
   config = _demo_config()
   state = jax.tree.map(jnp.asarray, train.create_train_state(

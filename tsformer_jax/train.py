@@ -514,14 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                mesh.size, jax.process_count())
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  state = create_train_state(config, init_rng, steps_per_epoch, mesh)
   manager = checkpoints.training.checkpoint_manager(workdir, config)
-  logging.info('%d steps (%d per epoch); checkpoints every %d steps, the '
-               'last %d kept, in %s; summaries in %s (TensorBoard).',
-               num_steps, steps_per_epoch, config.checkpoint_every_steps,
-               config.keep_checkpoints, manager.directory, workdir)
-  # The newest step that restores; damaged newer ones are moved aside.
-  state = checkpoints.training.restore_latest(manager, state)
   if (mode == 'eval' and manager.latest_step() is None and
       not config.init_from.path):
     raise FileNotFoundError(
@@ -529,6 +522,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         'config.init_from.path is empty, so it would evaluate random '
         'weights: point --workdir at a trained run, or set '
         '--config.init_from.path to the weights to evaluate.')
+  state = create_train_state(config, init_rng, steps_per_epoch, mesh)
+  logging.info('%d steps (%d per epoch); checkpoints every %d steps, the '
+               'last %d kept, in %s; summaries in %s (TensorBoard).',
+               num_steps, steps_per_epoch, config.checkpoint_every_steps,
+               config.keep_checkpoints, manager.directory, workdir)
+  # The newest step that restores; damaged newer ones are moved aside.
+  state = checkpoints.training.restore_latest(manager, state)
   # Per split: the counters know videos by their index in the split.
   skipped = input_pipeline.SkipCounter()
   eval_skipped = input_pipeline.SkipCounter()
@@ -642,6 +642,8 @@ def skipped_everywhere(skipped: input_pipeline.SkipCounter) -> int:
     return local.size
   longest = int(np.max(multihost_utils.process_allgather(
       np.int32(local.size))))
+  if not longest:  # The same in every process.
+    return 0
   padded = np.full(longest, -1, np.int32)
   padded[:local.size] = local
   everywhere = multihost_utils.process_allgather(padded)

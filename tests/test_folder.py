@@ -137,7 +137,7 @@ def test_layout_errors_name_the_layout(tmp_path):
     datasets.get_source(config, 'train')
 
 
-def test_a_folder_prepares_as_tfds_without_a_class_count(tmp_path):
+def test_a_folder_prepares_as_tfds_without_a_class_count(tmp_path, caplog):
   data = tmp_path / 'videos'
   _write(data, ['train/b/1.mp4', 'train/a/2.webm', 'train/c/3.mp4',
                 'val/c/4.mp4'])
@@ -165,6 +165,20 @@ def test_a_folder_prepares_as_tfds_without_a_class_count(tmp_path):
   no_dir.data.data_dir = ''
   assert train._with_class_names(no_dir, train_source).data.class_names == (
       'a', 'b', 'c')
+  # Stored at the default short side, 320: HR's scales would enlarge the
+  # frames, so HR's default is its largest scale, and reading says so.
+  assert not [r for r in caplog.records if 'enlarged' in r.getMessage()]
+  hr = config.copy_and_resolve_references()
+  hr.data.train_scales = config_lib.get_config(
+      'divided', 'hr').data.train_scales
+  assert tfds_builders.default_short_side(hr) == 512
+  datasets.get_source(hr, 'train')
+  assert [r.getMessage() for r in caplog.records
+          if 'enlarged' in r.getMessage()] == [
+              f'{directory} was prepared with frames of short side 320 at '
+              "most, below this config's training scales (448, 512): its "
+              'frames are enlarged. Prepare it again with --short_side=512, '
+              'into another --out.']
   video, label = datasets.get_source(config, 'test')[0]
   assert (label, video.num_frames) == (2, 7)
   # Another folder is not taken for the one prepared there.

@@ -1,5 +1,7 @@
 """Clip sampling, augmentation, batching, and bad videos."""
 
+import dataclasses
+import math
 import signal
 import subprocess
 import sys
@@ -58,6 +60,32 @@ def test_three_crops_are_left_centre_right_and_normalised():
   clip = clip_lib.normalize(crops[1], clip_lib.ClipSpec(4, 1, (20, 20)))
   np.testing.assert_allclose(clip[0, 0, 0, 0], (10 / 255 - 0.45) / 0.225,
                              rtol=1e-6)
+
+
+def test_crops_are_the_originals_to_the_pixel():
+  """PySlowFast's sizes and offsets: the long side floored, centres rounded
+  up, one test crop after resizing to the smallest training scale (its
+  Kinetics loader; its SSv2 loader resizes to the crop)."""
+  spec = clip_lib.ClipSpec(8, 32, (224, 224), train_scales=(256, 320),
+                           num_crops=3)
+  plan = lambda **fields: [(c.resized, c.y, c.x) for c in clip_lib.
+                           eval_crop_list((240, 320), dataclasses.replace(
+                               spec, **fields))]
+  assert plan() == [((224, 298), 0, 0), ((224, 298), 0, 37),
+                    ((224, 298), 0, 74)]
+  assert plan(num_crops=1) == [((256, 341), 16, 59)]
+  assert plan(num_crops=1, sampling='segments') == [((224, 298), 0, 37)]
+  # Portrait, along the height: 401 = floor(224 * 335 / 187), 89 = ceil(
+  # 177 / 2).
+  assert [(c.resized[0], c.y) for c in clip_lib.eval_crop_list(
+      (335, 187), spec)] == [(401, 0), (401, 89), (401, 177)]
+  # Scale jitter: round(uniform(lo, hi)), its two ends half as likely.
+  rng = np.random.default_rng(0)
+  scales = [clip_lib.train_crop((240, 320), dataclasses.replace(
+      spec, train_scales=(256, 260)), rng).resized[0] for _ in range(4000)]
+  counts = np.bincount(scales, minlength=261)[256:]
+  np.testing.assert_allclose(counts / 4000, [1 / 8, 1 / 4, 1 / 4, 1 / 4,
+                                             1 / 8], atol=0.02)
 
 
 def test_train_transform_crops_and_flips():
@@ -159,6 +187,16 @@ def test_each_process_evaluates_its_own_share():
   assert [b['mask'].sum() for b in whole] == [3, 4, 2]  # 10 videos, 1 bad.
 
 
+def test_a_batch_that_the_processes_cannot_share_is_refused():
+  spec = clip_lib.ClipSpec(2, 1, (16, 16), num_crops=1)
+  for batches in (ip.eval_batches(_Flaky(10), spec, 10, process_count=4),
+                  ip.train_batches(_Flaky(10), spec, 10, seed=0,
+                                   process_count=4)):
+    with pytest.raises(ValueError, match='batch_size 10 is not divisible by '
+                       'the 4 processes'):
+      next(batches)
+
+
 def test_every_video_failing_is_an_error():
   spec = clip_lib.ClipSpec(2, 1, (16, 16), train_scales=(16, 16))
   with pytest.raises(clip_lib.BadVideoError):
@@ -202,12 +240,14 @@ def _tf_resize(frames, shape):
 
 
 def _tf_short_side(frames, size):
+  """The original's sizes (`random_short_side_scale_jitter`): the long side
+  floored."""
   h, w = frames.shape[1:3]
   if min(h, w) == size:
     return frames
-  scale = size / min(h, w)
-  return _tf_resize(frames, (max(size, round(h * scale)),
-                             max(size, round(w * scale))))
+  if w < h:
+    return _tf_resize(frames, (int(math.floor(float(h) / w * size)), size))
+  return _tf_resize(frames, (size, int(math.floor(float(w) / h * size))))
 
 
 def _old_train_clip(video, spec, rng):
@@ -217,7 +257,7 @@ def _old_train_clip(video, spec, rng):
                                       rng=rng)
   lo, hi = spec.train_scales
   frames = _tf_short_side(video.frames(indices),
-                          int(rng.integers(lo, hi + 1)))
+                          int(round(rng.uniform(lo, hi))))
   h, w = frames.shape[1:3]
   y = int(rng.integers(0, h - spec.crop_size[0] + 1))
   x = int(rng.integers(0, w - spec.crop_size[1] + 1))
@@ -230,15 +270,20 @@ def _old_eval_views(video, spec):
   for k in range(spec.num_clips):
     indices = clip_lib.temporal_indices(video.num_frames, video.fps, spec,
                                         clip=k)
-    frames = _tf_short_side(video.frames(indices), min(spec.crop_size))
+    # The original's test crops (`uniform_crop`): centres rounded up; one
+    # crop after Kinetics' resize to the smallest training scale.
+    short = (spec.train_scales[0] if spec.num_crops == 1
+             else min(spec.crop_size))
+    frames = _tf_short_side(video.frames(indices), short)
     h, w = frames.shape[1:3]
     dy, dx = h - spec.crop_size[0], w - spec.crop_size[1]
+    cy, cx = math.ceil(dy / 2), math.ceil(dx / 2)
     if spec.num_crops == 1:
-      offsets = [(dy // 2, dx // 2)]
+      offsets = [(cy, cx)]
     elif w >= h:  # Along the long side.
-      offsets = [(dy // 2, dx * i // 2) for i in range(3)]
+      offsets = [(cy, 0), (cy, cx), (cy, dx)]
     else:
-      offsets = [(dy * i // 2, dx // 2) for i in range(3)]
+      offsets = [(0, cx), (cy, cx), (dy, cx)]
     views.extend(clip_lib.crop(frames, spec.crop_size, y, x)
                  for y, x in offsets)
   return np.stack(views)
@@ -264,10 +309,12 @@ def test_clips_equal_the_earlier_pipelines_within_one_level(shape):
     difference = np.abs(new.astype(int) - old)
     assert new.dtype == np.uint8 and new.shape == (4, 32, 32, 3)
     assert difference.max() <= 1 and difference.mean() <= 0.05
-  new, old = clip_lib.eval_clips(video, spec), _old_eval_views(video, spec)
-  assert new.shape == old.shape == (6, 4, 32, 32, 3)
-  difference = np.abs(new.astype(int) - old)
-  assert difference.max() <= 1 and difference.mean() <= 0.05
+  for crops in (3, 1):
+    spec = dataclasses.replace(spec, num_crops=crops)
+    new, old = clip_lib.eval_clips(video, spec), _old_eval_views(video, spec)
+    assert new.shape == old.shape == (2 * crops, 4, 32, 32, 3)
+    difference = np.abs(new.astype(int) - old)
+    assert difference.max() <= 1 and difference.mean() <= 0.05
   np.testing.assert_array_equal(clip_lib.eval_views(video, spec),
                                 clip_lib.normalize(new, spec))
 

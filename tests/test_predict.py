@@ -122,10 +122,13 @@ def test_stride_clips_cover_the_video_end_to_end():
     assert indices[0, 0] == 0 and indices[-1, -1] == frames - 1
     assert (np.diff(indices[:, 0]) <= span).all()  # No frame left out.
     assert (np.diff(indices, axis=1) >= 0).all()
-  # A number of clips: evaluation's placement, first frame to last.
-  indices = long_video.clip_indices(70, 30.0, spec,
-                                    long_video.Coverage(num_clips=3))
-  assert indices[:, 0].tolist() == [0, 27, 54] and indices[-1, -1] == 69
+  # A number of clips: the paper's placement, first frame to last, also
+  # where evaluation places its clips as the original code does.
+  for positions in ('paper', 'original'):
+    indices = long_video.clip_indices(
+        70, 30.0, dataclasses.replace(spec, clip_positions=positions),
+        long_video.Coverage(num_clips=3))
+    assert indices[:, 0].tolist() == [0, 27, 54] and indices[-1, -1] == 69
   segments = dataclasses.replace(spec, sampling='segments')
   with pytest.raises(ValueError, match='number of clips'):
     long_video.clip_indices(70, 30.0, segments,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import contextlib
 import dataclasses
+import math
 import time
 from typing import Protocol
 
@@ -247,21 +248,29 @@ class Crop:
 
 def short_side_size(frame_size: tuple[int, int], short: int,
                     at_least: tuple[int, int] = (0, 0)) -> tuple[int, int]:
-  """`(height, width)` with min(H, W) == short and the aspect kept, then
-  grown where smaller than `at_least`."""
+  """`(height, width)` with min(H, W) == short and the long side scaled
+  alike, rounded down as the original rounds it, then grown where smaller
+  than `at_least`."""
   h, w = frame_size
   if min(h, w) != short:
-    scale = short / min(h, w)
-    h, w = max(short, round(h * scale)), max(short, round(w * scale))
+    if w < h:
+      h, w = math.floor(h / w * short), short
+    else:
+      h, w = short, math.floor(w / h * short)
   return max(h, at_least[0]), max(w, at_least[1])
 
 
 def train_crop(frame_size: tuple[int, int], spec: ClipSpec,
                rng: np.random.Generator) -> Crop:
   """Short-side scale jitter, a random crop and a random flip, drawn from
-  `rng` in the original's order."""
+  `rng` in the original's order.
+
+  The scale is the original's `round(uniform(lo, hi))` (its two ends half
+  as likely as the others); the crop may also take the last offset, which
+  the original's `randint(0, H - size)` never draws.
+  """
   lo, hi = spec.train_scales
-  resized = short_side_size(frame_size, int(rng.integers(lo, hi + 1)),
+  resized = short_side_size(frame_size, round(rng.uniform(lo, hi)),
                             spec.crop_size)
   y = int(rng.integers(0, resized[0] - spec.crop_size[0] + 1))
   x = int(rng.integers(0, resized[1] - spec.crop_size[1] + 1))
@@ -271,20 +280,26 @@ def train_crop(frame_size: tuple[int, int], spec: ClipSpec,
 
 def eval_crop_list(frame_size: tuple[int, int], spec: ClipSpec
                    ) -> list[Crop]:
-  """`spec.num_crops` crops after resizing the short side to the crop size.
+  """`spec.num_crops` test crops, as the original's test loaders take them.
 
-  One is the centre; three are the start, centre and end of the long side,
-  as the original tests.
+  Three are the start, centre and end of the long side after resizing the
+  short side to the crop size. One is the centre crop after resizing the
+  short side to the smallest training scale (Kinetics' loader: 256, then
+  224), or to the crop size with segment sampling (SSv2's loader). Centres
+  round up, as the original's.
   """
-  resized = short_side_size(frame_size, min(spec.crop_size), spec.crop_size)
+  short = min(spec.crop_size)
+  if spec.num_crops == 1 and spec.sampling == 'rate':
+    short = max(short, spec.train_scales[0])
+  resized = short_side_size(frame_size, short, spec.crop_size)
   dy, dx = resized[0] - spec.crop_size[0], resized[1] - spec.crop_size[1]
+  cy, cx = -(-dy // 2), -(-dx // 2)
   if spec.num_crops == 1:
-    offsets = [(dy // 2, dx // 2)]
+    offsets = [(cy, cx)]
   elif spec.num_crops == 3:
     along_width = resized[1] >= resized[0]
-    offsets = [(dy // 2, dx * i // 2) if along_width else (dy * i // 2,
-                                                           dx // 2)
-               for i in range(3)]
+    offsets = ([(cy, x) for x in (0, cx, dx)] if along_width else
+               [(y, cx) for y in (0, cy, dy)])
   else:
     raise ValueError(f'test_num_crops must be 1 or 3, got {spec.num_crops}.')
   return [Crop(resized, y, x, tuple(spec.crop_size)) for y, x in offsets]

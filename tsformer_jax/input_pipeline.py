@@ -171,6 +171,14 @@ def _first_loaded(job: _Job, submit, epoch: int, position: int
   return result
 
 
+def _share(batch_size: int, process_count: int) -> int:
+  """Each process's share of a global batch."""
+  if batch_size % process_count:
+    raise ValueError(f'batch_size {batch_size} is not divisible by the '
+                     f'{process_count} processes.')
+  return batch_size // process_count
+
+
 def train_batches(source: Source, spec: ClipSpec, batch_size: int, seed: int,
                   start_step: int = 0, num_workers: int = 4,
                   skipped: SkipCounter | None = None,
@@ -188,16 +196,13 @@ def train_batches(source: Source, spec: ClipSpec, batch_size: int, seed: int,
     worker_type: 'process' or 'thread' (see the module doc).
     ahead: batches being loaded while one is consumed.
   """
-  if batch_size % process_count:
-    raise ValueError(f'batch_size {batch_size} is not divisible by the '
-                     f'{process_count} processes.')
+  local = _share(batch_size, process_count)
   n = len(source)
   steps_per_epoch = n // batch_size
   if not steps_per_epoch:
     raise ValueError(f'The dataset has {n} videos, fewer than one batch of '
                      f'{batch_size}.')
   skipped = skipped if skipped is not None else SkipCounter()
-  local = batch_size // process_count
   job = _Job(source, spec, seed)
 
   def submit_batch(step: int, submit) -> list[concurrent.futures.Future]:
@@ -245,7 +250,7 @@ def eval_batches(source: Source, spec: ClipSpec, batch_size: int,
   same number of batches of the same shape.
   """
   skipped = skipped if skipped is not None else SkipCounter()
-  local = batch_size // process_count
+  local = _share(batch_size, process_count)
   mine = [k * batch_size + process_index * local + i
           for k in range(-(-len(source) // batch_size)) for i in range(local)]
   readable = [i for i in mine if i < len(source)]

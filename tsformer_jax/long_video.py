@@ -2,7 +2,8 @@
 
 The paper's long-video protocol (HowTo100M): average the scores of clips
 covering the video from start to end. A stride adds a clip ending on the last
-frame, so no frame is left out; each file is decoded once, keeping only the
+frame, so the clips reach the end, and with a stride no longer than a clip's
+span no frame is left out; each file is decoded once, keeping only the
 frames of clips not yet complete, so a long video is never held whole.
 
 With a time bound (`ClipSpec.decode_timeout_s`), files are decoded in a
@@ -37,8 +38,8 @@ class Coverage:
   Exactly one of `num_clips`, `stride_seconds` and `stride_frames` is set.
 
   Attributes:
-    num_clips: clips evenly spaced from the first frame to the last, placed
-      as evaluation places `spec.num_clips` test clips.
+    num_clips: clips evenly spaced from the first frame to the last (the
+      paper's placement of test clips, whatever `spec.clip_positions`).
     stride_seconds: a clip every this many seconds, and one ending on the
       last frame.
     stride_frames: the same in source frames (fractions allowed).
@@ -119,7 +120,10 @@ def clip_indices(video_frames: int, video_fps: float,
     raise clip_lib.BadVideoError('The video has no frames.')
   check_coverage(spec, coverage)
   if coverage.num_clips is not None:
-    spec = dataclasses.replace(spec, num_clips=coverage.num_clips)
+    # Whole videos: the paper's placement reaches the last frame, the
+    # original's ('original' clip positions) stops a clip's slack short.
+    spec = dataclasses.replace(spec, num_clips=coverage.num_clips,
+                               clip_positions='paper')
     return np.stack([
         clip_lib.temporal_indices(video_frames, video_fps, spec,
                                   clip=k)

@@ -23,9 +23,11 @@ _SPLITS = flags.DEFINE_list(
     'splits', None, 'Splits to write; default the config\'s train_split and '
     'eval_split.')
 _SHORT_SIDE = flags.DEFINE_integer(
-    'short_side', tfds_builders.DEFAULT_SHORT_SIDE,
+    'short_side', None,
     'Shrink frames to this short side (aspect kept) where larger; 0 keeps '
-    'their size.', lower_bound=0)
+    f'their size. Default: {tfds_builders.DEFAULT_SHORT_SIDE}, or the '
+    'config\'s largest training scale where larger (hr: 512).',
+    lower_bound=0)
 _FPS = flags.DEFINE_float(
     'fps', tfds_builders.DEFAULT_FPS,
     'Subsample frames to this rate where faster; 0 keeps all.',

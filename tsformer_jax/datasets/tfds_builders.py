@@ -48,7 +48,8 @@ FILE_FORMAT = 'array_record'
 # `prepare`'s defaults: 15 fps at JPEG quality 75 keeps a dataset of
 # Kinetics-like mp4s within 8x their size on disk (experiments/results/
 # input_cpu.md); the paper's sampling rates (2 and up at 30 fps) lose no
-# frame they use.
+# frame they use. The short side is at least the largest training scale
+# (`default_short_side`).
 DEFAULT_SHORT_SIDE = 320
 DEFAULT_FPS = 15.0
 DEFAULT_JPEG_QUALITY = 75
@@ -77,6 +78,12 @@ def builder_dir(config, root: str | None = None,
   if name == SYNTHETIC:
     return os.path.join(root, SyntheticMotion.name, version)
   return os.path.join(root, EncodedVideos.name, name, version)
+
+
+def default_short_side(config) -> int:
+  """`DEFAULT_SHORT_SIDE`, or the config's largest training scale where
+  larger (HR: 512), so that training never enlarges the stored frames."""
+  return max(DEFAULT_SHORT_SIDE, *config.data.train_scales)
 
 
 def splits_of(config) -> tuple[str, ...]:
@@ -403,7 +410,7 @@ def encode_video(source: clip_lib.Source, index: int,
 
 def prepare(config, out_dir: str | None = None, *,
             splits: Sequence[str] | None = None,
-            short_side: int = DEFAULT_SHORT_SIDE, fps: float = DEFAULT_FPS,
+            short_side: int | None = None, fps: float = DEFAULT_FPS,
             jpeg_quality: int = DEFAULT_JPEG_QUALITY,
             limit: int | None = None, num_workers: int = 4) -> str:
   """Writes `config.data.dataset` as a TFDS dataset; returns its folder.
@@ -417,7 +424,7 @@ def prepare(config, out_dir: str | None = None, *,
     out_dir: the TFDS folder; None for `tfds_dir(config)`.
     splits: the splits to write; None for the train and eval splits.
     short_side: frames are shrunk to this short side where larger; 0 keeps
-      their size.
+      their size; None for `default_short_side(config)`.
     fps: frames are subsampled to this rate where faster; 0 keeps all.
     jpeg_quality: JPEG quality (1 to 95).
     limit: videos per split at most (a quick trial); None for all.
@@ -432,6 +439,8 @@ def prepare(config, out_dir: str | None = None, *,
   name = dataset.name
   root = tfds_dir(config) if out_dir is None else os.path.expanduser(out_dir)
   splits = splits_of(config) if splits is None else tuple(splits)
+  if short_side is None:
+    short_side = default_short_side(config)
   if not 1 <= jpeg_quality <= 95:
     raise ValueError(f'jpeg_quality must be in [1, 95], got {jpeg_quality}.')
   if name == SYNTHETIC:

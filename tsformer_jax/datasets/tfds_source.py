@@ -50,6 +50,14 @@ def load(config, split: str) -> TfdsSource:
         f'{tfds_builders.tfds_dir(config)!r}. Prepare it with:\n  '
         f'{command()}')
   source = TfdsSource(directory, split, command)
+  stored = source.short_side
+  if stored and stored < min(config.data.train_scales):
+    logging.warning(
+        '%s was prepared with frames of short side %d at most, below this '
+        "config's training scales %s: its frames are enlarged. Prepare it "
+        'again with --short_side=%d, into another --out.', directory, stored,
+        tuple(config.data.train_scales),
+        tfds_builders.default_short_side(config))
   top = source.split_metadata.get('max_label', -1)
   num_classes = config.model.num_classes
   if not registry.get_dataset(config.data.dataset).num_classes:
@@ -75,6 +83,8 @@ class TfdsSource:
     directory: the dataset's version folder.
     split: the split.
     class_names: the dataset's class names, by index.
+    short_side: `prepare`'s short side (0: frames kept whole; None for
+      generated data).
     split_metadata: what `prepare` recorded of the split: `skipped` (the
       videos left out), `errors`, `max_label` and `videos` (per-video
       lists: `label`, `fps`, `num_frames`, `first` record, `height`,
@@ -100,6 +110,7 @@ class TfdsSource:
           f'{split!r}.{hint}')
     self.directory, self.split = directory, split
     self.class_names = list(builder.info.metadata['class_names'])
+    self.short_side = builder.info.metadata.get('short_side')
     self.split_metadata = dict(
         builder.info.metadata.get('splits', {}).get(split, {}))
     videos = self.split_metadata.get('videos', {})

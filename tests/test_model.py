@@ -155,7 +155,11 @@ def test_bfloat16_close_to_float32_with_float32_params(scheme):
   config.model.dtype = 'bfloat16'
   model = tsformer_jax.create_model(config)
   bf16 = apply(model, params, clips)
-  assert bf16.dtype == jnp.float32  # Logits come back in float32.
+  assert bf16.dtype == jnp.float32  # Logits come back in float32...
+  # ... computed so by the last norm and the head: not rounded to bfloat16,
+  # whose steps make ties (video_metrics counts a tie as a miss).
+  assert not np.array_equal(bf16, bf16.astype(jnp.bfloat16).astype(
+      jnp.float32))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(
       tiny_params(scheme, dtype='bfloat16')))
   scale = float(jnp.abs(f32).max())
@@ -179,9 +183,11 @@ def test_initialisation_follows_the_original():
   # time and width steps of both blocks, kernel and bias each.
   assert len(fcs) == 8 and not any(np.any(flat[k]) for k in fcs)
   assert not any(np.any(v) for k, v in flat.items() if k.endswith('bias'))
+  # The original's trunc_normal_(std=.02) cuts at +-2, 100 std: a normal of
+  # std 0.02, not one cut at 2 std (std 0.0176, nothing past 0.04).
   kernel = flat['block_0/mlp/fc1/kernel']
-  assert abs(float(kernel.std()) - 0.02) < 0.004
-  assert float(jnp.abs(kernel).max()) <= 0.04 + 1e-6  # Truncated at 2 std.
+  assert abs(float(kernel.std()) - 0.02) < 0.001
+  assert float(jnp.abs(kernel).max()) > 0.05
 
 
 def test_time_embedding_can_start_random():

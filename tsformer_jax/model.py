@@ -29,9 +29,10 @@ from tsformer_jax import kernels
 Array = jax.Array
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-# Truncated normal with std 0.02, the original's initialiser for weights,
-# class token and position embedding.
-_trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+# The original's initialiser for weights, class token and position
+# embedding: `trunc_normal_(std=.02)`, whose cut at +-2 (absolute, 100 std)
+# leaves a plain normal. flax's truncated_normal cuts at 2 std (std 0.0176).
+_weight_init = nn.initializers.normal(stddev=0.02)
 # Exact (erf) GELU as in PyTorch's nn.GELU; flax defaults to the tanh form.
 _gelu = functools.partial(nn.gelu, approximate=False)
 # Linear layers whose products suit XLA's CPU kernels (`kernels.cpu`).
@@ -93,10 +94,10 @@ class AttentionStep(nn.Module):
     norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                         name='norm')
     qkv = _DenseGeneral((3, self.num_heads, d // self.num_heads),
-                        dtype=self.dtype, kernel_init=_trunc_normal,
+                        dtype=self.dtype, kernel_init=_weight_init,
                         name='qkv')
     proj = _DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
-                         kernel_init=_trunc_normal, name='proj')
+                         kernel_init=_weight_init, name='proj')
     cls_qkv = qkv(norm(cls)) if self.step.with_cls else None
     use_dropout = self.attention_dropout > 0.0 and not deterministic
     # Asked for with `apply(..., mutable=['attention'])`: the same forward
@@ -132,10 +133,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, z: Array, *, deterministic: bool) -> Array:
     d = z.shape[-1]
-    z = _Dense(self.hidden_dim, dtype=self.dtype, kernel_init=_trunc_normal,
+    z = _Dense(self.hidden_dim, dtype=self.dtype, kernel_init=_weight_init,
                name='fc1')(z)
     z = nn.Dropout(self.dropout)(_gelu(z), deterministic=deterministic)
-    z = _Dense(d, dtype=self.dtype, kernel_init=_trunc_normal,
+    z = _Dense(d, dtype=self.dtype, kernel_init=_weight_init,
                name='fc2')(z)
     return nn.Dropout(self.dropout)(z, deterministic=deterministic)
 
@@ -281,8 +282,8 @@ class TimeSformer(nn.Module):
                 conv_general_dilated=kernels.conv_general_dilated,
                 name='embedding')(clips)
     x = x.reshape(b, self.num_frames, n, d)  # [B, T, N, D], rows major
-    pos = self.param('pos_embedding', _trunc_normal, (1, 1 + n, d))
-    cls = self.param('cls', _trunc_normal, (1, 1, d))
+    pos = self.param('pos_embedding', _weight_init, (1, 1 + n, d))
+    cls = self.param('cls', _weight_init, (1, 1, d))
     cls = jnp.broadcast_to(cls + pos[:, :1], (b, 1, d))  # [B, 1, D]
     x = x + pos[:, None, 1:]
     if scheme.per_frame:
@@ -308,13 +309,14 @@ class TimeSformer(nn.Module):
     # One class token per frame (space_only) is averaged before the norm, as
     # the original does; otherwise C == 1 and this only drops the axis.
     cls = cls.mean(axis=1)
-    features = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype,
+    # The last norm and the head in float32 whatever `dtype`: a few FLOPs,
+    # and logits that bfloat16 would round into ties.
+    features = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
                             name='norm')(cls)
     if not self.num_classes:
-      return features.astype(jnp.float32)
-    logits = _Dense(self.num_classes, kernel_init=_trunc_normal,
-                    dtype=dtype, name='head')(features)
-    return logits.astype(jnp.float32)
+      return features
+    return _Dense(self.num_classes, kernel_init=_weight_init,
+                  dtype=jnp.float32, name='head')(features)
 
 
 REMAT_POLICIES = {

@@ -30,7 +30,7 @@ _LOG = logging.getLogger(__name__)
 POS_RESIZE_MODES = ('2d', '1d')
 # The schemes that image weights, inflated, start as the image model in.
 IMAGE_MODEL_SCHEMES = ('divided', 'space_only')
-_TRUNC_NORMAL = nn.initializers.truncated_normal(stddev=0.02)  # The model's.
+_HEAD_INIT = nn.initializers.normal(stddev=0.02)  # The model's.
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -161,7 +161,7 @@ def adapt_params(params, src_config, config, *, rng: jax.Array | None = None,
       width = flat['cls'].shape[-1] if 'cls' in flat else dst.hidden_size
       rng = jax.random.key(0) if rng is None else rng
       flat['head/kernel'] = np.asarray(
-          _TRUNC_NORMAL(rng, (width, dst.num_classes)), np.float32)
+          _HEAD_INIT(rng, (width, dst.num_classes)), np.float32)
       flat['head/bias'] = np.zeros((dst.num_classes,), np.float32)
       note('head', 'new head for %d classes (checkpoint: %s).',
            dst.num_classes, 'no head' if kernel is None else kernel.shape[-1])

@@ -319,6 +319,7 @@ def test_visualize_cli_refuses_flags_it_cannot_honour_before_any_compute(
 
 def test_sample_clip_is_the_evaluation_view():
   config = tiny_config('divided', image_size=(24, 32))
+  config.data.train_scales = (24, 30)  # One crop: first to the smallest.
   spec = clip_lib.clip_spec(config)
   # Already at the short side: the centre crop cuts 4 columns each side.
   frames = np.random.default_rng(0).integers(0, 256, (20, 24, 40, 3),

@@ -74,6 +74,9 @@ def test_checkpoint_into_other_frames_and_resolution(tmp_path, capsys):
       '(nearest). Pass --adapt (load_checkpoint(..., fit=True)) to change '
       'them.')
   assert not (tmp_path / 'no').exists()
+  # The run's own stderr handler went with it: records propagate again.
+  package_logger = logging.getLogger('tsformer_jax')
+  assert package_logger.propagate and not package_logger.handlers
   for mode in ('2d', '1d'):
     out = tmp_path / mode
     run_convert(src, out, config_file('divided'), f'--pos_resize={mode}',
@@ -161,13 +164,9 @@ def test_inflating_warns_where_the_image_model_is_not_kept(vit_files, scheme,
   test_checkpoint_formats' test_vit_init_is_the_image_model_frame_by_frame);
   the others' last step does not attend over one frame."""
   _, files = vit_files
-  # Its own handler: convert's runs stop the package's records at its logger.
-  logger = logging.getLogger('tsformer_jax.checkpoints.adapt')
-  logger.addHandler(caplog.handler)
-  try:
+  with caplog.at_level(logging.WARNING,
+                       logger='tsformer_jax.checkpoints.adapt'):
     tsformer_jax.load_checkpoint(files['vit_npz'], tiny_config(scheme))
-  finally:
-    logger.removeHandler(caplog.handler)
   warnings = [r.getMessage() for r in caplog.records
               if r.levelno == logging.WARNING]
   if scheme in checkpoints.IMAGE_MODEL_SCHEMES:

@@ -186,6 +186,32 @@ def call(main: Main, argv: Sequence[str]) -> int:
   Flags are parsed afresh from `argv`: those it does not set take their
   defaults, whatever an earlier call set.
   """
+  with _logging_restored():
+    return _call(main, argv)
+
+
+@contextlib.contextmanager
+def _logging_restored() -> Iterator[None]:
+  """Puts back after an in-process run what a run changes of logging: the
+  package logger's handlers, level and propagation (convert's adaptation
+  lines) and the filters of absl's handler, so that nothing a call did
+  outlives it (a handler left on a closed stream, records kept from
+  propagating)."""
+  logger = logging.getLogger('tsformer_jax')
+  absl_handler = absl_logging.get_absl_handler()
+  saved = (list(logger.handlers), logger.level, logger.propagate,
+           list(absl_handler.filters))
+  try:
+    yield
+  finally:
+    handlers, level, propagate, filters = saved
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+    absl_handler.filters[:] = filters
+
+
+def _call(main: Main, argv: Sequence[str]) -> int:
   values = flags.FLAGS
   values.unparse_flags()
   # config_flags defines an override flag (--config.model.depth) for each

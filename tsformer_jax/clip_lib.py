@@ -477,13 +477,25 @@ def normalize(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
   return (frames - np.float32(spec.mean)) / np.float32(spec.std)
 
 
-def device_normalize(clips, mean: Sequence[float], std: Sequence[float]):
-  """Inside a jitted step: uint8 clips `[..., 3]` -> float32
-  `(x / 255 - mean) / std`, as `normalize`; float clips are taken as
-  already normalised and pass unchanged."""
+# The channel order a model takes its pixels in (`config.data.channel_order`);
+# clips are always decoded RGB.
+CHANNEL_ORDERS = ('rgb', 'bgr')
+
+
+def device_normalize(clips, mean: Sequence[float], std: Sequence[float],
+                     channel_order: str = 'rgb'):
+  """Inside a jitted step: uint8 RGB clips `[..., 3]` -> float32
+  `(x / 255 - mean) / std` in `channel_order` (`mean` and `std` in that
+  order too), as `normalize`; float clips are taken as already normalised
+  and pass unchanged."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if channel_order not in CHANNEL_ORDERS:
+    raise ValueError(f'Unknown channel_order {channel_order!r}; valid: '
+                     f'{list(CHANNEL_ORDERS)}.')
   if clips.dtype != jnp.uint8:
     return clips
+  if channel_order == 'bgr':
+    clips = clips[..., ::-1]
   clips = clips.astype(jnp.float32) / 255.0
   return (clips - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std,
                                                                 jnp.float32)

@@ -597,6 +597,27 @@ def test_main_ends_an_expected_problem_in_one_line(tmp_path, capsys, flags,
   assert re.match(f'main: error: {message}', lines[0]), lines[0]
 
 
+@pytest.mark.parametrize('program, module', [
+    ('main', main), ('convert', convert), ('export', export)])
+@pytest.mark.parametrize('override, message', [
+    ('--config.dataset.data_dir=x',
+     "unknown config field 'dataset' (did you mean 'data'?)"),
+    ('--config.data.data_dirr=x', "unknown config field 'data_dirr' (did "
+     "you mean 'data_dir' or 'tfds_dir' or 'dataset'?)"),
+    ('--config.model.zzz=1', "unknown config field 'zzz'; valid: "
+     "['attention', 'attention_dropout', 'attention_impl', "),
+])
+def test_a_mistyped_config_field_ends_in_one_line(capsys, program, module,
+                                                   override, message):
+  status = cli.call(module.main, [program, '--config',
+                                  f'{ROOT}/configs/divided.py:demo',
+                                  override, 'a', 'b'])
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert status == 2
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f'{program}: error: {message}'), lines[0]
+
+
 @pytest.mark.slow  # 10 s; test_clis_on_a_damaged_checkpoint_end_in_one_line.
 def test_main_on_damaged_checkpoints_ends_in_one_line(tmp_path, capsys):
   config = _demo_config()
@@ -670,6 +691,14 @@ def _main_process(*flags):
        '--config=configs/divided.py:demo', *flags],
       cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
       capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_mistyped_config_field_ends_the_program_in_one_line(tmp_path):
+  run = _main_process('--config.dataset.data_dir=x', f'--workdir={tmp_path}')
+  assert run.returncode == 2
+  assert run.stderr.strip() == (
+      "main: error: unknown config field 'dataset' (did you mean 'data'?)")
 
 
 @pytest.mark.slow

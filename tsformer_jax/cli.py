@@ -17,7 +17,9 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 import contextlib
+import difflib
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -28,6 +30,7 @@ from absl import flags
 from absl import logging as absl_logging
 import clu
 import jax
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
@@ -164,19 +167,68 @@ def _quiet_libraries(main: Main) -> Main:
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'{_program(argv)}: error: {_flag_error(e)}', file=sys.stderr)
+  except (flags.Error, KeyError, AttributeError) as e:
+    print(f'{_program(argv)}: error: {_flag_error(e, argv)}',
+          file=sys.stderr)
     sys.exit(2)
 
 
-def _flag_error(error: Exception) -> str:
+def _flag_error(error: Exception, argv: Sequence[str]) -> str:
   """A flag's error; for a config file's own ValueError, which config_flags
-  reports with its traceback, the flag and that error's line."""
+  reports with its traceback, the flag and that error's line; for an
+  override of a field the config lacks (config_flags' KeyError or
+  AttributeError), the field and the closest valid ones."""
+  if isinstance(error, (KeyError, AttributeError)):
+    unknown = unknown_config_field(argv)
+    if unknown is None:
+      raise error
+    return unknown
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if 'Traceback (most recent call last):' in lines and lines[-1].startswith(
       'ValueError: '):
     return f'{lines[0]} {lines[-1][len("ValueError: "):]}'
   return str(error)
+
+
+def unknown_config_field(argv: Sequence[str]) -> str | None:
+  """"unknown config field 'dataset' (did you mean 'data'?)" for the first
+  `--config.a.b=...` override in `argv` whose path the config (`--config`'s
+  file and arg) lacks; None if every override names a field, or the config
+  itself does not load."""
+  try:
+    config = _load_config(argv)
+  except Exception:  # pylint: disable=broad-except
+    return None  # Its own error is config_flags' to report.
+  prefix = f'--{CONFIG.name}.'
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    node = config
+    for key in arg[len(prefix):].split('=', 1)[0].split('.'):
+      if not isinstance(node, ml_collections.ConfigDict):
+        break
+      if key not in node:
+        close = difflib.get_close_matches(key, list(node), n=3, cutoff=0.5)
+        hint = (' (did you mean ' + ' or '.join(f"'{c}'" for c in close) +
+                '?)' if close else f'; valid: {sorted(node)}')
+        return f"unknown config field '{key}'{hint}"
+      node = node[key]
+  return None
+
+
+def _load_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
+  """The config `--config=FILE[:ARG]` in `argv` names, loaded as
+  config_flags loads it (the file's `get_config(ARG)`)."""
+  flag = f'--{CONFIG.name}'
+  argv = list(argv)
+  value = next(a[len(flag) + 1:] if a != flag else argv[i + 1]
+               for i, a in enumerate(argv)
+               if a.startswith(flag + '=') or a == flag)
+  path, _, arg = value.partition(':')
+  spec = importlib.util.spec_from_file_location('_config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def call(main: Main, argv: Sequence[str]) -> int:
@@ -221,8 +273,9 @@ def _call(main: Main, argv: Sequence[str]) -> int:
   argv_before, sys.argv = sys.argv, list(argv)
   try:
     rest = values(list(argv))
-  except (flags.Error, app.UsageError) as e:
-    print(f'{_program(argv)}: error: {_flag_error(e)}', file=sys.stderr)
+  except (flags.Error, app.UsageError, KeyError, AttributeError) as e:
+    print(f'{_program(argv)}: error: {_flag_error(e, argv)}',
+          file=sys.stderr)
     return 2
   finally:
     sys.argv = argv_before

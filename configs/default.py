@@ -12,12 +12,21 @@ overridden on the command line: `--config.model.dtype=bfloat16`.
 The defaults are the paper's Kinetics-400 recipe (`REFERENCE.md` of the
 original code's configs): SGD with Nesterov momentum 0.9, weight decay 1e-4,
 learning rate 0.005 divided by 10 at epochs 11 and 14 of 15, batch 64
-(8 x 8 accumulated), 3 test views (1 clip x 3 crops).
+(8 x 8 accumulated), 3 test views (1 clip x 3 crops). As the original, the
+paper's variants start from ImageNet ViT-B/16 weights (`IMAGENET_VIT`; only
+the head is new); `tiny`, `demo` and the synthetic datasets from random
+weights (`SCRATCH`).
 """
 
 import ml_collections
 
 from tsformer_jax.configs import common
+
+# The original's initialisation, timm's `vit_base_patch16_224` (ImageNet-21k,
+# fine-tuned on ImageNet-1k at 224), as the Hugging Face Hub publishes it.
+IMAGENET_VIT = 'google/vit-base-patch16-224'
+# `config.init_from.path` that starts from random weights.
+SCRATCH = 'scratch'
 
 # Each variant's overrides of the defaults below. The paper's sizes (Sec. 4):
 # frames, frame size, sampling rate.
@@ -32,7 +41,7 @@ VARIANTS = {
     'tiny': dict(model=dict(num_frames=4, image_size=(32, 32), patch_size=8,
                             hidden_size=64, depth=2, num_heads=4, mlp_dim=128,
                             num_classes=10),
-                 data=dict(sampling_rate=2)),
+                 data=dict(sampling_rate=2), init_from=dict(path=SCRATCH)),
     # A small model on the generated synthetic_motion videos: minutes on CPU.
     'demo': dict(
         model=dict(num_frames=8, image_size=(32, 32), patch_size=8,
@@ -43,19 +52,24 @@ VARIANTS = {
         optimizer=dict(name='adamw', learning_rate=1e-3, weight_decay=0.05,
                        schedule='cosine', warmup_epochs=1.0),
         batch_size=32, grad_accum_steps=1, eval_batch_size=32, num_epochs=8,
-        log_every_steps=32, checkpoint_every_steps=128),
+        log_every_steps=32, checkpoint_every_steps=128,
+        init_from=dict(path=SCRATCH)),
 }
 
 # Each dataset's recipe: classes, horizontal flips, temporal sampling ('rate':
 # a clip spans num_frames * sampling_rate frames; 'segments': one frame per
-# equal segment, SSv2) and frames per clip by variant where they differ.
+# equal segment, SSv2) and frames per clip by variant where they differ. SSv2
+# as the original read it: segments of its frames at 30 fps (the JPEGs it
+# extracted), inverse-uniform scale jitter, pixels in BGR (cv2 decoded them).
 DATASETS = {
-    'synthetic_motion': dict(num_classes=2),
-    'synthetic_motion_videos': dict(num_classes=2),
+    # Generated shapes, nothing ImageNet knows: random weights.
+    'synthetic_motion': dict(num_classes=2, init_from=SCRATCH),
+    'synthetic_motion_videos': dict(num_classes=2, init_from=SCRATCH),
     'kinetics400': dict(num_classes=400),
     'kinetics600': dict(num_classes=600),
     'ssv2': dict(num_classes=174, flip=False, sampling='segments',
-                 frames=dict(base=8, hr=16, l=64)),
+                 segment_fps=30.0, scale_jitter='inverse_uniform',
+                 channel_order='bgr', frames=dict(base=8, hr=16, l=64)),
     'diving48': dict(num_classes=48),
     # Your videos, {data_dir}/{train,val}/{class}/*: their class folders
     # tell the count, which --config.model.num_classes must give.
@@ -114,17 +128,35 @@ def get_config(arg: str | None = None, **defaults
       sampling='rate',
       sampling_rate=32,
       target_fps=30.0,
+      # 'segments' sampling: the frame rate a video is resampled to (as
+      # `ffmpeg -r` would) before it is cut; 0: its own frames.
+      segment_fps=0.0,
       train_scales=(256, 320),
+      # The training short side: 'uniform' round(uniform(min, max)) or
+      # 'inverse_uniform' round(1 / uniform(1 / max, 1 / min)).
+      scale_jitter='uniform',
       flip=True,
+      # Resizing: 'original' as the original (whole frames, bilinear, no
+      # antialiasing, float32 pixels) or 'antialias' (PIL's antialiased
+      # bilinear filter, uint8 pixels: 4x fewer bytes to the device).
+      resize='original',
       # The original's normalisation; it travels with every checkpoint.
       mean=(0.45, 0.45, 0.45),
       std=(0.225, 0.225, 0.225),
+      # The channel order the model takes: 'rgb', or 'bgr' (the original's
+      # SSv2 models). It travels with every checkpoint.
+      channel_order='rgb',
       test_num_clips=1,
       test_num_crops=3,
       # Where test clips sit: 'paper' (one clip in the middle; n clips from
       # the first frame to the last) or 'original' (the original code's
       # clip k of n at slack * k / n: one clip starts at frame 0).
       test_clip_positions='paper',
+      # How a video's views (and long videos' clips) combine: 'logit_sum'
+      # (the original's test meter: logits summed, the sums ranked; the
+      # paper says only "averaging the scores") or 'softmax_mean'
+      # (probabilities averaged).
+      test_view_scores='logit_sum',
       # > 0: evaluate whole videos, a clip every this many seconds, scores
       # averaged (the paper's long-video protocol).
       test_clip_stride=0.0,
@@ -175,10 +207,13 @@ def get_config(arg: str | None = None, **defaults
   # step still counts) and counts it (train/skipped_updates, results.json).
   config.on_nonfinite = 'stop'
   config.profile = False
-  # Weights to start from, any format `tsformer_jax.load_checkpoint` reads,
-  # fitted to config.model; '' starts from random weights.
+  # Weights to start from, any format `tsformer_jax.load_checkpoint` reads
+  # (a file, a directory or a Hub id), fitted to config.model: only a head
+  # that does not fit is new. SCRATCH: random weights. 'pos_resize' '1d'
+  # resizes the position embedding for another frame size as the original
+  # does (the flattened sequence), '2d' as a grid.
   config.init_from = ml_collections.ConfigDict(dict(
-      path='', format='auto', pos_resize='2d'))
+      path=IMAGENET_VIT, format='auto', pos_resize='1d'))
 
   for section, values in VARIANTS[variant].items():
     if isinstance(values, dict):
@@ -198,7 +233,10 @@ def _set_dataset(config: ml_collections.ConfigDict, name: str):
   recipe = DATASETS[name]
   config.data.dataset = name
   config.model.num_classes = recipe['num_classes']
-  config.data.flip = recipe.get('flip', True)
-  config.data.sampling = recipe.get('sampling', 'rate')
+  for key, value in dict(flip=True, sampling='rate', segment_fps=0.0,
+                         scale_jitter='uniform', channel_order='rgb').items():
+    config.data[key] = recipe.get(key, value)
   config.model.num_frames = recipe.get('frames', {}).get(
       config.variant, config.model.num_frames)
+  if 'init_from' in recipe:
+    config.init_from.path = recipe['init_from']

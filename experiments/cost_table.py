@@ -126,10 +126,12 @@ _GROUP_SHAPES = {
 def analytic_flops(config) -> float:
   """FLOPs of every matrix product of one clip's forward pass.
 
-  Per block and attention step: q, k, v (3 D^2 multiply-adds per token),
-  the output projection (D^2) and, where the step has one, its output
-  linear layer (D^2) over the patches and the class tokens taking part;
-  q k^T and the weighted sum of v (2 L^2 D per group of L tokens). Then
+  Per block and attention step: q, k, v (3 D^2 multiply-adds per token)
+  and, where the step has one, its output linear layer (D^2) over the
+  patches and the class tokens taking part; the output projection (D^2)
+  over every group's tokens, padding and class-token copies included (it
+  precedes stochastic depth's per-group drop, as in the original); q k^T
+  and the weighted sum of v (2 L^2 D per group of L tokens). Then
   the MLP (2 x D x mlp_dim per token). Plus the patch embedding and the
   head. Norms, softmax and GELU are left out, as the paper leaves them.
   """
@@ -141,10 +143,11 @@ def analytic_flops(config) -> float:
   macs = patches * 3 * m.patch_size**2 * d  # Patch embedding.
   for step in scheme.steps:
     tokens = patches + (class_tokens if step.with_cls else 0)
-    linear = 3 + 1 + (1 if step.output_fc else 0)
+    linear = 3 + (1 if step.output_fc else 0)
     groups, length = _GROUP_SHAPES[step.grouping](t, h, w)
     length += step.with_cls
-    macs += m.depth * (tokens * linear * d * d + groups * 2 * length**2 * d)
+    macs += m.depth * (tokens * linear * d * d + groups * length * d * d +
+                       groups * 2 * length**2 * d)
   macs += m.depth * (patches + class_tokens) * 2 * d * m.mlp_dim
   macs += d * m.num_classes
   return 2.0 * macs

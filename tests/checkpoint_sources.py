@@ -113,7 +113,12 @@ class _Mlp(nn.Module):
 
 
 class _Block(nn.Module):
-  """A block; divided: time within each position, then space per frame."""
+  """A block; divided: time within each position, then space per frame.
+
+  `drop_path` acts on each branch where the original's `DropPath` does: on
+  the time branch before `temporal_fc`, on the space branch before the
+  class-token copies are averaged. An identity here; tests swap it.
+  """
 
   def __init__(self, dim, heads, hidden, scheme):
     super().__init__()
@@ -124,28 +129,30 @@ class _Block(nn.Module):
       self.temporal_attn = _Attention(dim, heads)
       self.temporal_fc = nn.Linear(dim, dim)
     self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), _Mlp(dim, hidden)
+    self.drop_path = nn.Identity()
 
   def forward(self, x, frames):
     if self.scheme != 'divided':
-      x = x + self.attn(self.norm1(x))
-      return x + self.mlp(self.norm2(x))
+      x = x + self.drop_path(self.attn(self.norm1(x)))
+      return x + self.drop_path(self.mlp(self.norm2(x)))
     cls, patches = x[:, :1], x[:, 1:]  # patches [B, (h w t), D]
     b, d = x.shape[0], x.shape[2]
     n = patches.shape[1] // frames
     # Temporal: in (h w t) order, each position's T tokens lie together.
-    residual = self.temporal_attn(
-        self.temporal_norm1(patches.reshape(b * n, frames, d)))
+    residual = self.drop_path(self.temporal_attn(
+        self.temporal_norm1(patches.reshape(b * n, frames, d))))
     patches = patches + self.temporal_fc(residual.reshape(b, n * frames, d))
     # Spatial: frame t's N tokens, with a copy of the class token each.
     per_frame = patches.reshape(b, n, frames, d).transpose(1, 2).reshape(
         b * frames, n, d)
     cls_copies = cls.expand(b, frames, d).reshape(b * frames, 1, d)
-    out = self.attn(self.norm1(torch.cat([cls_copies, per_frame], 1)))
+    out = self.drop_path(
+        self.attn(self.norm1(torch.cat([cls_copies, per_frame], 1))))
     cls_out = out[:, 0].reshape(b, frames, d).mean(1, keepdim=True)
     patch_out = out[:, 1:].reshape(b, frames, n, d).transpose(1, 2).reshape(
         b, n * frames, d)
     x = torch.cat([cls + cls_out, patches + patch_out], 1)
-    return x + self.mlp(self.norm2(x))
+    return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class _VisionTransformer(nn.Module):

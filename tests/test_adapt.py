@@ -183,7 +183,7 @@ def test_inflating_warns_where_the_image_model_is_not_kept(vit_files, scheme,
 def test_init_params_from_config(vit_files, monkeypatch):
   _, files = vit_files
   config = tiny_config('axial')
-  assert config.init_from.path == ''  # Fresh weights by default.
+  assert config.init_from.path == 'scratch'  # The tiny variant's.
   monkeypatch.setattr(model_lib, 'init_params',
                       lambda c, rng: ('fresh', c, rng))
   rng = jax.random.key(0)

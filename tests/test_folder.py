@@ -224,6 +224,6 @@ def test_a_converted_checkpoint_fine_tunes_on_a_folder(demo_workdir,
   assert results['step'] == 32 and results['skipped_videos'] == 0
   assert results['eval_top1'] >= 0.9, (results, seconds)
   # The checkpoint does it: from random weights, chance (measured 0.48).
-  config.init_from.path = ''
+  config.init_from.path = 'scratch'
   scratch = train.train_and_evaluate(config, str(tmp_path / 'scratch'))
   assert scratch['eval_top1'] < 0.75, scratch

@@ -1,25 +1,21 @@
 """Hugging Face Hub ids as checkpoint paths (`checkpoints.hub`).
 
 Nothing here reaches the network: the Hub is a cache laid out as the Hub
-client lays it out, read under HF_HUB_OFFLINE, or a server on 127.0.0.1 that
-gives the Hub's error answers; wherever neither is meant, the endpoint is a
-closed port on 127.0.0.1. huggingface_hub reads its environment variables
-once, at import: in this process the tests set `huggingface_hub.constants`
-(as its own tests do), and the subprocess test sets the variables.
+client lays it out (`fake_hub`), read under HF_HUB_OFFLINE, or a server on
+127.0.0.1 that gives the Hub's error answers; wherever neither is meant, the
+endpoint is a closed port on 127.0.0.1.
 """
 
-import hashlib
+import functools
 import http.server
 import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 
-from huggingface_hub import constants
 import jax
 import numpy as np
 import pytest
@@ -44,11 +40,14 @@ from conftest import apply
 from conftest import hf_logits
 from conftest import random_clips
 from conftest import tiny_config
+import fake_hub
+from fake_hub import COMMIT
+from fake_hub import cache_repo
+from fake_hub import closed_port_url
 
 REPO = 'owner/name'
 BIN_REPO = 'owner/name-bin'  # pytorch_model.bin only, as older repos.
 NO_CONFIG_REPO = 'owner/weights-only'
-COMMIT = hashlib.sha1(b'tsformer_jax').hexdigest()
 # tiny_config('divided').model as a Hugging Face TimesformerConfig.
 TINY_HF = dict(num_frames=4, image_size=32, patch_size=8, hidden_size=64,
                num_hidden_layers=2, num_attention_heads=4,
@@ -59,28 +58,6 @@ NO_PACKAGE = ('{}: no such file or directory; read as a Hugging Face Hub id, '
 
 def _tree_equal(a, b):
   return jax.tree.all(jax.tree.map(np.array_equal, a, b))
-
-
-def _closed_port_url():
-  """An endpoint on 127.0.0.1 where nothing listens: connections refused."""
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return f'http://127.0.0.1:{s.getsockname()[1]}'
-
-
-def _cache_repo(cache, repo, files):
-  """`files` as the Hub client caches a download of `repo`'s main branch:
-  blobs named by content hash, a snapshot of links to them, refs/main."""
-  root = cache / f'models--{repo.replace("/", "--")}'
-  snapshot = root / 'snapshots' / COMMIT
-  snapshot.mkdir(parents=True)
-  (root / 'blobs').mkdir()
-  for file in files:
-    blob = hashlib.sha256(file.read_bytes()).hexdigest()
-    shutil.copyfile(file, root / 'blobs' / blob)
-    (snapshot / file.name).symlink_to(f'../../blobs/{blob}')
-  (root / 'refs').mkdir()
-  (root / 'refs' / 'main').write_text(COMMIT)  # The client writes no '\n'.
 
 
 @pytest.fixture(scope='module')
@@ -97,27 +74,18 @@ def cache(hf_model, tmp_path_factory):
   """A Hub cache holding REPO, BIN_REPO and NO_CONFIG_REPO."""
   local = hf_model[1]
   cache = tmp_path_factory.mktemp('hub')
-  _cache_repo(cache, REPO, [local / 'config.json', local / 'model.safetensors'])
+  cache_repo(cache, REPO, [local / 'config.json', local / 'model.safetensors'])
   bin_dir = local.parent / 'bin'
-  _cache_repo(cache, BIN_REPO,
-              [bin_dir / 'config.json', bin_dir / 'pytorch_model.bin'])
-  _cache_repo(cache, NO_CONFIG_REPO, [local / 'model.safetensors'])
+  cache_repo(cache, BIN_REPO,
+             [bin_dir / 'config.json', bin_dir / 'pytorch_model.bin'])
+  cache_repo(cache, NO_CONFIG_REPO, [local / 'model.safetensors'])
   return cache
 
 
 @pytest.fixture
 def use_hub(monkeypatch):
-  """`use_hub(cache, offline=True, endpoint=None)` points huggingface_hub at
-  that cache and endpoint (by default a closed port on 127.0.0.1)."""
-  def use(cache, offline=True, endpoint=None):
-    endpoint = endpoint or _closed_port_url()
-    for name, value in (('HF_HUB_CACHE', str(cache)),
-                        ('HF_HUB_OFFLINE', offline), ('ENDPOINT', endpoint)):
-      monkeypatch.setattr(constants, name, value)
-    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1' if offline else '0')
-    monkeypatch.setenv('HF_ENDPOINT', endpoint)
-  return use
+  """`use_hub(cache, offline=True, endpoint=None)`: `fake_hub.point_at`."""
+  return functools.partial(fake_hub.point_at, monkeypatch)
 
 
 @pytest.fixture
@@ -281,7 +249,7 @@ def test_offline_with_an_empty_cache_fails_in_one_line(
 
 def test_unreachable_hub_with_an_empty_cache_fails_in_one_line(
     use_hub, tmp_path):
-  empty, endpoint = tmp_path / 'empty-cache', _closed_port_url()
+  empty, endpoint = tmp_path / 'empty-cache', closed_port_url()
   use_hub(empty, offline=False, endpoint=endpoint)
   with pytest.raises(FileNotFoundError) as e:
     tsformer_jax.load_checkpoint(REPO)
@@ -327,7 +295,7 @@ def test_a_hub_repo_without_config_json_fails_in_one_line(use_hub, cache):
 @pytest.mark.slow
 def test_convert_honours_the_hub_environment_variables(cache, hf_model,
                                                        tmp_path):
-  endpoint = _closed_port_url()
+  endpoint = closed_port_url()
 
   def run(hub_cache, out):
     env = dict(os.environ, HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE='1',

@@ -32,7 +32,7 @@ def test_json_reports_throughput_cpu_and_the_breakdown(capsys):
   result = json.loads(out)
   assert (result['clips'], result['batch_size'], result['mode']) == (
       64, 32, 'train')
-  assert result['clip_dtype'] == 'uint8'
+  assert result['clip_dtype'] == 'float32'  # The original's resize.
   assert result['clip_shape'] == [32, 8, 32, 32, 3]
   assert result['wall_seconds'] > 0 and result['cpu_seconds'] > 0
   assert result['clips_per_second'] == pytest.approx(

@@ -233,17 +233,6 @@ def test_train_mode_uses_dropout_and_stochastic_depth():
     apply(model, params, clips, train=True)
 
 
-def test_drop_path_drops_whole_clips():
-  from tsformer_jax.model import DropPath
-  a, b = jnp.ones((64, 3, 2)), jnp.ones((64, 5))
-  da, db = DropPath(0.5).apply({}, a, b, deterministic=False,
-                               rngs={'dropout': jax.random.key(0)})
-  kept_a = np.asarray(da[:, 0, 0]) > 0
-  np.testing.assert_array_equal(kept_a, np.asarray(db[:, 0]) > 0)
-  assert 10 < kept_a.sum() < 54
-  np.testing.assert_allclose(da[kept_a], 2.0)
-
-
 @pytest.mark.slow
 def test_space_only_frames_are_independent_until_the_average():
   """Changing one frame moves space_only logits exactly like the original:

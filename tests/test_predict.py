@@ -57,11 +57,13 @@ def files(tmp_path_factory):
 
 
 def _eval_scores(config, params, path):
-  """Evaluation's path: all test views, model, softmax averaged: `[C]`."""
+  """Evaluation's path: all test views, model, and the default view scores
+  ('logit_sum'), the softmax of the views' mean logits: `[C]`."""
+  assert config.data.test_view_scores == 'logit_sum'
   views = clip_lib.eval_views(video_files.VideoFile(path),
                               clip_lib.clip_spec(config))
   logits = apply(tsformer_jax.create_model(config), params, views)
-  return np.asarray(jax.nn.softmax(logits)).mean(0)
+  return np.asarray(jax.nn.softmax(np.asarray(logits).mean(0)))
 
 
 def _features(config, params, path):
@@ -158,7 +160,7 @@ def _softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
-def test_long_videos_average_clip_softmaxes_across_batches(tmp_path):
+def test_long_videos_combine_clip_scores_across_batches(tmp_path):
   config = config_lib.get_config('divided', 'demo')
   spec = clip_lib.clip_spec(config)
   videos = [
@@ -172,11 +174,13 @@ def test_long_videos_average_clip_softmaxes_across_batches(tmp_path):
   calls = []
 
   def forward(params, clips):
-    # Clips arrive as uint8; the model's forward normalises them.
-    assert clips.dtype == np.uint8
+    # Clips arrive as pixel values (float32 from the original's resize);
+    # the model's forward normalises them.
+    assert clips.dtype == np.float32 and clips.max() > 1
     clips = clip_lib.normalize(clips, spec)
     calls.append(len(clips))
-    return dict(scores=_softmax(_fake_logits(clips)),
+    logits = _fake_logits(clips)
+    return dict(logits=logits, scores=_softmax(logits),
                 features=np.asarray(clips)[:, :, 5, 7, :].reshape(
                     len(clips), -1))
 
@@ -197,10 +201,13 @@ def test_long_videos_average_clip_softmaxes_across_batches(tmp_path):
     clips = np.stack(clips)  # 32 x 32 frames: the crop is the frame.
     assert result.error is None and result.start.tolist() == first
     assert result.clip.tolist() == list(range(len(first)))
-    np.testing.assert_allclose(result.view_scores,
-                               _softmax(_fake_logits(clips)), atol=1e-6)
-    np.testing.assert_allclose(result.scores,
-                               _softmax(_fake_logits(clips)).mean(0),
+    logits = _fake_logits(clips)
+    np.testing.assert_allclose(result.view_logits, logits, atol=1e-6)
+    np.testing.assert_allclose(result.view_scores, _softmax(logits),
+                               atol=1e-6)
+    # The default 'logit_sum': the softmax of the clips' mean logits.
+    np.testing.assert_allclose(result.logits, logits.mean(0), atol=1e-6)
+    np.testing.assert_allclose(result.scores, _softmax(logits.mean(0)),
                                atol=1e-6)
     np.testing.assert_allclose(
         result.features, clips[:, :, 5, 7, :].reshape(len(first), -1).mean(0),
@@ -249,6 +256,13 @@ def test_cli_writes_json_and_features(demo, demo_workdir, files, tmp_path,
     np.testing.assert_allclose(arrays['video_scores'][i],
                                _eval_scores(config, params, files[i]),
                                atol=1e-5)
+  # Probabilities are the softmax of the logits: each view's, and each
+  # video's of its views' mean ('logit_sum').
+  np.testing.assert_allclose(arrays['clip_scores'],
+                             _softmax(arrays['clip_logits']), atol=1e-6)
+  np.testing.assert_allclose(arrays['video_scores'][good],
+                             _softmax(arrays['video_logits'][good]),
+                             atol=1e-6)
 
   # Good files only, text, two clips each: exit status 0.
   status = cli.call(predict.main, [
@@ -275,6 +289,8 @@ _TAKES = '(it takes: --checkpoint, --json, --overwrite, and those predict ' \
     (['--clip_stride=0'], 'flag --clip_stride=0.0: must be above 0 seconds.'),
     (['--clip_stride=-2'],
      'flag --clip_stride=-2.0: must be above 0 seconds.'),
+    (['--view_scores=max'], 'flag --view_scores=max: value should be one of '
+     '<logit_sum|softmax_mean>'),
     (['--features_out={tmp}/feats'], '--features_out={tmp}/feats: name an '
      '.npz file, e.g. --features_out={tmp}/feats.npz.'),
     (['--features_out={tmp}/no/feats.npz'], '--features_out={tmp}/no/'
@@ -307,18 +323,50 @@ def test_clips_and_crops_are_evaluations_views():
   # Landscape frames, so that the left, centre and right crops differ.
   frames = np.concatenate([_long_frames(3), _long_frames(3)[:, :, ::-1]], 2)
   video = clip_lib.ArrayVideo(frames[:, :, 8:56].copy())
-  forward = lambda params, clips: dict(scores=_softmax(_fake_logits(
-      clip_lib.normalize(clips, spec))))
+  def forward(params, clips):
+    logits = _fake_logits(clip_lib.normalize(clips, spec))
+    return dict(logits=logits, scores=_softmax(logits))
+
   result, = evaluation.predict_videos(
       config, None, [video], batch_size=4, forward=forward,
       coverage=long_video.Coverage(num_clips=2, num_crops=3))
   assert result.clip.tolist() == [0, 0, 0, 1, 1, 1]
   assert result.crop.tolist() == [0, 1, 2, 0, 1, 2]
   assert result.start.tolist() == [0, 0, 0, 32, 32, 32]
-  expected = _softmax(_fake_logits(clip_lib.eval_views(video, spec)))
+  logits = _fake_logits(clip_lib.eval_views(video, spec))
+  expected = _softmax(logits)
   assert np.ptp(expected, axis=0).min() > 1e-3  # The views differ.
   np.testing.assert_allclose(result.view_scores, expected, atol=1e-6)
-  np.testing.assert_allclose(result.scores, expected.mean(0), atol=1e-6)
+  np.testing.assert_allclose(result.scores, _softmax(logits.mean(0)),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('method', ['logit_sum', 'softmax_mean'])
+def test_views_combine_as_the_config_says(method):
+  """`data.test_view_scores`: the softmax of the views' mean logits
+  ('logit_sum', ranking as the original's sum of logits) or the views'
+  softmaxes averaged ('softmax_mean'), on views where the two disagree."""
+  config = config_lib.get_config('divided', 'demo')
+  config.data.test_view_scores = method
+  # Views favour class 2 twice, class 0 once strongly: the logits sum to
+  # [5, 0, 4], the softmaxes average to [0.40, 0.04, 0.56].
+  logits = np.float32([[0, 0, 2], [0, 0, 2], [5, 0, 0]])
+  forward = lambda params, clips: dict(logits=logits, scores=_softmax(logits))
+  result, = evaluation.predict_videos(
+      config, None, [clip_lib.ArrayVideo(_long_frames(3))], batch_size=3,
+      forward=forward, coverage=long_video.Coverage(num_clips=3))
+  probs = {'logit_sum': _softmax(logits.mean(0)),
+           'softmax_mean': _softmax(logits).mean(0)}[method]
+  np.testing.assert_allclose(result.scores, probs, rtol=1e-6)
+  np.testing.assert_allclose(result.logits, logits.mean(0), rtol=1e-6)
+  np.testing.assert_array_equal(result.view_logits, logits)
+  assert [c for c, _ in result.top_k(3)] == {
+      'logit_sum': [0, 2, 1], 'softmax_mean': [2, 0, 1]}[method]
+
+  config.data.test_view_scores = 'mean'
+  with pytest.raises(ValueError, match=r"Unknown data.test_view_scores "
+                     r"'mean'; valid: \['logit_sum', 'softmax_mean'\]"):
+    evaluation.predict_videos(config, None, [], forward=forward)
 
 
 class _MeanColourModel:
@@ -330,10 +378,10 @@ class _MeanColourModel:
     return 4 * clips.mean(axis=(1, 2, 3))
 
 
-def test_forward_and_eval_step_normalise_uint8_clips_on_the_device(
+def test_forward_and_eval_step_normalise_pixel_clips_on_the_device(
     monkeypatch):
-  """uint8 clips through the forward (predict) and the eval step give what
-  host-normalised float32 clips give."""
+  """Pixel values through the forward (predict) and the eval step, uint8 or
+  float32 (the original's resize), give what host-normalised clips give."""
   from tsformer_jax import train  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(evaluation.model_lib, 'create_model',
                       lambda config: _MeanColourModel())
@@ -342,18 +390,19 @@ def test_forward_and_eval_step_normalise_uint8_clips_on_the_device(
   spec = clip_lib.clip_spec(config)
   clips = np.random.default_rng(0).integers(0, 256, (3, 4, 16, 16, 3),
                                             np.uint8)
-  floats = clip_lib.normalize(clips, spec)
+  pixels = clips.astype(np.float32)
   forward = jax.jit(evaluation.forward_fn(config))
   scores = forward(None, clips)['scores']
-  np.testing.assert_allclose(scores, _softmax(_fake_logits(floats)),
-                             rtol=1e-5)
-  np.testing.assert_allclose(forward(None, floats)['scores'], scores,
+  np.testing.assert_allclose(
+      scores, _softmax(_fake_logits(clip_lib.normalize(clips, spec))),
+      rtol=1e-5)
+  np.testing.assert_allclose(forward(None, pixels)['scores'], scores,
                              rtol=1e-5)
   batch = dict(labels=np.array([0, 1, 2]), mask=np.ones(3, bool))
   step = jax.jit(lambda clips: train.eval_step(
       None, dict(batch, clips=clips[:, None]),
       apply_fn=_MeanColourModel.apply, mean=spec.mean, std=spec.std))
-  sums, expected = step(clips), step(floats)
+  sums, expected = step(clips), step(pixels)
   assert float(sums['count']) == 3
   for key in sums:
     np.testing.assert_allclose(sums[key], expected[key], rtol=1e-5)

@@ -587,7 +587,7 @@ def _main(tmp_path, capsys, *flags):
     # Evaluating a workdir that holds no run would score random weights.
     ([f'--config={ROOT}/configs/divided.py:demo', '--mode=eval'],
      r'--mode=eval found no checkpoint in \S+/checkpoints and config\.'
-     r'init_from\.path is empty, so it would evaluate random weights: '),
+     r"init_from\.path is 'scratch', so it would evaluate random weights: "),
 ])
 def test_main_ends_an_expected_problem_in_one_line(tmp_path, capsys, flags,
                                                    message):

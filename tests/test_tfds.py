@@ -320,7 +320,7 @@ def test_a_clip_reads_only_the_frames_it_uses(synthetic_dir):
   clip = clip_lib.train_clip(counted, spec, np.random.default_rng(0))
   indices = clip_lib.temporal_indices(16, 30.0, spec,
                                       rng=np.random.default_rng(0))
-  assert clip.shape == (8, 32, 32, 3) and clip.dtype == np.uint8
+  assert clip.shape == (8, 32, 32, 3) and clip.dtype == np.float32
   assert records.keys == [video.first + i for i in dict.fromkeys(
       indices.tolist())]
   assert video.first == 9 * 16
@@ -338,8 +338,9 @@ def test_tfds_sources_pickle_as_their_folder(synthetic_dir):
 
 def test_jpeg_frames_decode_at_a_reduced_scale_where_the_crop_allows():
   """PIL's draft decodes a JPEG at 1/2, 1/4 or 1/8 of its size in the DCT;
-  a clip asks for the smallest no smaller than its resized frame. On smooth
-  frames the clips stay within a few levels of full decoding."""
+  a clip resized by PIL's antialiased filter asks for the smallest no
+  smaller than its resized frame. On smooth frames the clips stay within a
+  few levels of full decoding."""
   y, x = np.mgrid[0:256, 0:320]
   frame = np.stack([128 + 100 * np.sin(x / 17.0),
                     128 + 100 * np.cos(y / 23.0), 90 + 0 * x], -1
@@ -353,7 +354,8 @@ def test_jpeg_frames_decode_at_a_reduced_scale_where_the_crop_allows():
                                    (256, 320))
   full = clip_lib.ArrayVideo(np.stack([tfds_builders.decode_image(data)] * 4))
   spec = clip_lib.ClipSpec(num_frames=4, sampling_rate=1, crop_size=(48, 48),
-                           train_scales=(64, 64), num_clips=1, num_crops=3)
+                           train_scales=(64, 64), num_clips=1, num_crops=3,
+                           resize='antialias')
   for seed in range(4):
     reduced = clip_lib.train_clip(video, spec, np.random.default_rng(seed))
     whole = clip_lib.train_clip(full, spec, np.random.default_rng(seed))

@@ -20,6 +20,7 @@ from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline
+from tsformer_jax import sharding
 from tsformer_jax import train
 from tsformer_jax.datasets import synthetic_motion
 
@@ -123,27 +124,58 @@ def test_mixup_mixes_clips_and_targets_alike():
   np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
 
 
-def test_multi_view_scores_are_averaged_softmaxes():
-  """A fake model whose logits are the clip's first pixel values."""
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize('method', ['logit_sum', 'softmax_mean'])
+def test_multi_view_scores_follow_their_formulas(method):
+  """`eval_step`, and `jit_eval_step` with `config.data.test_view_scores`:
+  'logit_sum' ranks by the views' summed logits (the original's test
+  meter) with the loss of the softmax of their mean, 'softmax_mean' by the
+  averaged softmaxes. A fake model's logits are the clip's first pixels."""
   def apply_fn(variables, clips):
     del variables
     return clips.reshape(clips.shape[0], -1)[:, :3]
 
-  # Video 0: views favour class 2 twice weakly, class 0 once strongly;
-  # averaged softmaxes pick class 0. Video 1: padding.
+  # Video 0: views favour class 2 twice, class 0 once strongly: the logits
+  # sum to [5, 0, 4] (class 0), the softmaxes average to [0.40, 0.04, 0.56]
+  # (class 2). Video 1: padding. Float clips: pixel values, normalised
+  # with mean 0 and std 1 / 255 to themselves.
   views = np.zeros((2, 3, 3), np.float32)
-  views[0] = [[0, 0, 1], [0, 0, 1], [9, 0, 0]]
-  batch = dict(clips=views, labels=np.array([0, 1]),
-               mask=np.array([True, False]))
-  sums = train.eval_step(None, batch, apply_fn=apply_fn)
-  probs = jax.nn.softmax(jnp.asarray(views[0]), -1).mean(0)
-  assert int(jnp.argmax(probs)) == 0
-  assert float(sums['count']) == 1 and float(sums['top1']) == 1
-  np.testing.assert_allclose(float(sums['loss']), -np.log(probs[0]),
-                             rtol=1e-5)
-  batch['labels'] = np.array([2, 1])
-  sums = train.eval_step(None, batch, apply_fn=apply_fn)
-  assert float(sums['top1']) == 0 and float(sums['top5']) == 1
+  views[0] = [[0, 0, 2], [0, 0, 2], [5, 0, 0]]
+  probs = {'logit_sum': _softmax(views[0].mean(0)),
+           'softmax_mean': _softmax(views[0]).mean(0)}[method]
+  best = {'logit_sum': 0, 'softmax_mean': 2}[method]
+  assert int(np.argmax(probs)) == best
+  config = config_lib.get_config('divided', 'tiny')
+  config.data.update(mean=(0.0,) * 3, std=(1 / 255,) * 3,
+                     test_view_scores=method)
+  config.eval_batch_size = 2
+  steps = [functools.partial(train.eval_step, apply_fn=apply_fn,
+                             mean=config.data.mean, std=config.data.std,
+                             view_scores=method),
+           train.jit_eval_step(config, {}, apply_fn,
+                               sharding.create_mesh(config))]
+  for step in steps:
+    for label in range(3):
+      batch = dict(clips=views, labels=np.array([label, 1]),
+                   mask=np.array([True, False]))
+      sums = step({}, batch)
+      assert float(sums['count']) == 1
+      assert float(sums['top1']) == (label == best)
+      assert float(sums['top5']) == 1
+      np.testing.assert_allclose(float(sums['loss']), -np.log(probs[label]),
+                                 rtol=1e-5)
+
+
+def test_unknown_view_scores_name_the_valid_ones():
+  config = config_lib.get_config('divided', 'tiny')
+  config.data.test_view_scores = 'mean'
+  with pytest.raises(ValueError, match=r"Unknown data.test_view_scores "
+                     r"'mean'; valid: \['logit_sum', 'softmax_mean'\]"):
+    train.jit_eval_step(config, {}, None, sharding.create_mesh(config))
 
 
 def test_ties_and_nan_scores_are_no_hits():
@@ -241,7 +273,7 @@ class _ListSource:
 
 
 @pytest.mark.slow
-def test_long_videos_are_evaluated_whole_with_averaged_clip_scores():
+def test_long_videos_are_evaluated_whole_with_combined_clip_scores():
   config = config_lib.get_config('divided', 'tiny')
   config.data.update(test_clip_stride=0.5, test_num_crops=1,
                      sampling_rate=2, target_fps=30.0)
@@ -270,10 +302,11 @@ def test_long_videos_are_evaluated_whole_with_averaged_clip_scores():
         clip_lib.normalize(clip_lib.eval_crops(
             video.array[s + np.array([0, 2, 4, 7])], spec)[0], spec)
         for s in starts])
-    probs = np.asarray(jax.nn.softmax(model.apply({'params': params},
-                                                  clips))).mean(0)
-    expected_nll.append(-np.log(probs[label]))
-    expected_top1.append(np.argmax(probs) == label)
+    # The default 'logit_sum': ranked by the clips' summed logits, the loss
+    # from the softmax of their mean.
+    logits = np.asarray(model.apply({'params': params}, clips), np.float64)
+    expected_nll.append(-np.log(_softmax(logits.mean(0))[label]))
+    expected_top1.append(np.argmax(logits.sum(0)) == label)
   assert metrics['videos'] == 3 and len(skipped) == 1
   np.testing.assert_allclose(metrics['loss'], np.mean(expected_nll),
                              rtol=1e-4)

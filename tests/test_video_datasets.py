@@ -310,12 +310,13 @@ def test_ssv2_layout_loads_with_its_labels(tmp_path, video_dir):
   video, label = train_source[2]
   assert label == 173 - shipped.index(SSV2_TEMPLATES[2])
   assert (video.num_frames, video.fps) == (24, 12.0)
-  # Segments as the original's: bounds round(5.75 * i) = 0, 6, 12, 17, 23;
-  # the middles (start + end) // 2.
+  # Segments as the original's, over its 30 fps JPEGs: 60 of them, bounds
+  # round(14.75 * i) = 0, 15, 30, 44, 59; the middles (start + end) // 2 =
+  # 7, 22, 37, 51 show the frames nearest 7 / 30 s, ...: 3, 9, 15, 20.
   spec = clip_lib.clip_spec(config)
   assert spec.sampling == 'segments' and not spec.flip
   indices = clip_lib.temporal_indices(video.num_frames, video.fps, spec, clip=0)
-  assert frame_indices(video.frames(indices)) == [3, 9, 14, 20]
+  assert frame_indices(video.frames(indices)) == [3, 9, 15, 20]
   assert clip_lib.eval_views(video, spec).shape == (3, 4, 32, 32, 3)
   items[0]['template'] = 'Juggling [something]'
   (tmp_path / 'something-something-v2-train.json').write_text(

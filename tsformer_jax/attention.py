@@ -23,8 +23,10 @@ The class token. In a step with `with_cls=True` a copy of the class token
 joins every group as one more query and key, and the copies' outputs are
 averaged over the groups that hold a real patch, as the original's spatial
 step does with one copy per frame (for `joint`, one group: an ordinary
-token). Time steps leave it out, as the original's divided block does, and
-axial attention follows suit. `space_only`, the per-frame image model,
+token). The model projects and drops (stochastic depth) each copy with its
+group before that average: `attend_in_groups`, then `merge_groups`. Time
+steps leave it out, as the original's divided block does, and axial
+attention follows suit. `space_only`, the per-frame image model,
 carries one class token per frame (`cls: [B, T, ...]`), each attending only
 within its own frame; the model averages them at the end.
 
@@ -189,13 +191,33 @@ def grouped_attention(qkv: Array, cls_qkv: Array | None, grouping: str,
                       **attend_kwargs):
   """One attention step: attention inside each group of `grouping`.
 
+  `attend_in_groups`, then `merge_groups`; see those for the arguments.
+
+  Returns:
+    `(out [B, T, N, H, Dh], cls_out [B, C, H, Dh] or None)`, and with
+    `return_weights` a third element, the weights `[B, G, H, L, L]`.
+  """
+  y, weights = attend_in_groups(qkv, cls_qkv, grouping, grid,
+                                return_weights=return_weights,
+                                **attend_kwargs)
+  num_cls = 0 if cls_qkv is None else cls_qkv.shape[1]
+  out, cls_out = merge_groups(y, grouping, grid, num_cls)
+  if return_weights:
+    return out, cls_out, weights
+  return out, cls_out
+
+
+def attend_in_groups(qkv: Array, cls_qkv: Array | None, grouping: str,
+                     grid: Grid, *, return_weights: bool = False,
+                     **attend_kwargs) -> tuple[Array, Array | None]:
+  """Attention inside each group of `grouping`, outputs left in groups.
+
   Args:
     qkv: queries, keys and values of the patches, `[B, T, N, 3, H, Dh]`.
     cls_qkv: those of the class token, `[B, C, 3, H, Dh]`, or None when the
       class token does not take part. With C == 1 a copy of the class token
-      joins every group and the copies' outputs are averaged over the groups
-      that hold real patches; with C == G (the number of groups, e.g. one
-      class token per frame for `space_only`) copy c joins group c only.
+      joins every group; with C == G (the number of groups, e.g. one class
+      token per frame for `space_only`) copy c joins group c only.
     grouping: a key of `GROUPINGS`.
     grid: `(T, H, W)` with `N == H * W`.
     return_weights: also return the softmax weights, computed once with the
@@ -203,11 +225,10 @@ def grouped_attention(qkv: Array, cls_qkv: Array | None, grouping: str,
     **attend_kwargs: passed to `attend` (implementation, dropout).
 
   Returns:
-    `(out [B, T, N, H, Dh], cls_out [B, C, H, Dh] or None)`, and with
-    `return_weights` a third element, the weights `[B, G, H, L, L]` in the
-    group order of `GROUPINGS[grouping].split` (float32). With the class
-    token, position 0 of every group is its copy of the class token, and
-    L counts it.
+    `(y [B, G, L, H, Dh], weights [B, G, H, L, L] or None)` in the group
+    order of `GROUPINGS[grouping].split`, weights float32. With the class
+    token, position 0 of every group is its copy of the class token, and L
+    counts it.
   """
   if grouping not in GROUPINGS:
     raise ValueError(f'Unknown grouping {grouping!r}; valid: '
@@ -227,30 +248,48 @@ def grouped_attention(qkv: Array, cls_qkv: Array | None, grouping: str,
       valid = np.pad(valid, ((0, 0), (1, 0)), constant_values=True)
   q, k, v = (tokens[:, :, :, i] for i in range(3))  # [B, G, L, H, Dh]
   mask = None if valid is None else jnp.asarray(valid[:, None, None, :])
-  weights = None
   if return_weights:
     weights = attention_weights(q, k, mask)  # [B, G, H, L, L]
-    out = weighted_values(weights, v)
-  else:
-    out = attend(q, k, v, mask, **attend_kwargs)  # [B, G, L, H, Dh]
-  cls_out = None
-  if cls_qkv is not None:
-    cls_out, out = out[:, :, 0], out[:, :, 1:]
-    if cls_qkv.shape[1] == 1 and g > 1:
-      cls_out = _mean_over_real_groups(cls_out, valid)
-  if return_weights:
-    return group.merge(out, grid), cls_out, weights
-  return group.merge(out, grid), cls_out
+    return weighted_values(weights, v), weights
+  return attend(q, k, v, mask, **attend_kwargs), None
 
 
-def _mean_over_real_groups(cls_out: Array, valid: np.ndarray | None
-                           ) -> Array:
-  """`[B, G, H, Dh]` -> `[B, 1, H, Dh]`, skipping groups of padding only."""
+def merge_groups(y: Array, grouping: str, grid: Grid, num_cls: int
+                 ) -> tuple[Array, Array | None]:
+  """`attend_in_groups`'s layout back to tokens: the inverse of the split.
+
+  Args:
+    y: `[B, G, L, ...]`, position 0 of each group its class-token copy when
+      `num_cls`.
+    grouping: a key of `GROUPINGS`.
+    grid: `(T, H, W)`.
+    num_cls: C, the class tokens that took part (0 for none). With C == 1
+      the copies' outputs are averaged over the groups that hold real
+      patches, as the original averages its per-frame copies; with C == G
+      copy c is class token c.
+
+  Returns:
+    `(patches [B, T, N, ...], cls [B, C, ...] or None)`.
+  """
+  group = GROUPINGS[grouping]
+  cls = None
+  if num_cls:
+    cls, y = y[:, :, 0], y[:, :, 1:]
+    if num_cls == 1 and y.shape[1] > 1:
+      cls = _mean_over_real_groups(cls, group.valid(grid))
+  return group.merge(y, grid), cls
+
+
+def _mean_over_real_groups(cls: Array, valid: np.ndarray | None) -> Array:
+  """`[B, G, ...]` -> `[B, 1, ...]`, skipping groups of padding only.
+
+  `valid: [G, L]` marks the real patches of each group (None: all real).
+  """
   if valid is None:
-    return cls_out.mean(axis=1, keepdims=True)
-  weights = valid[:, 1:].any(axis=1).astype(np.float32)
-  weights = jnp.asarray(weights / weights.sum(), cls_out.dtype)
-  return jnp.einsum('bghd,g->bhd', cls_out, weights)[:, None]
+    return cls.mean(axis=1, keepdims=True)
+  weights = valid.any(axis=1).astype(np.float32)
+  weights = jnp.asarray(weights / weights.sum(), cls.dtype)
+  return jnp.einsum('bg...,g->b...', cls, weights)[:, None]
 
 
 @dataclasses.dataclass(frozen=True)

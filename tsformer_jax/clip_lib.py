@@ -2,11 +2,12 @@
 
 Sampling and crops follow the original (PySlowFast); evaluation's clip
 positions are the paper's or the original code's (`CLIP_POSITIONS`). A
-clip's crop is planned before its frames are decoded: frames are cropped
-before they are resized by PIL's antialiased bilinear filter (uint8 in and
-out, each channel filtered in float32 and rounded once), and a video that
-can decode at a reduced scale (JPEG) does so where the crop allows it.
-Clips stay uint8 until the jitted steps normalise them on the device
+clip's crop is planned before its frames are decoded, and only the crop's
+pixels are computed (`RESIZE_MODES`): by default as the original resizes
+whole frames (bilinear, no antialiasing) into float32 pixel values; or by
+PIL's antialiased bilinear filter into uint8, from frames decoded at a
+reduced scale (JPEG) where the crop allows it. Clips stay pixel values
+until the jitted steps normalise them on the device
 (`device_normalize`)."""
 
 from __future__ import annotations
@@ -91,6 +92,24 @@ def decode_timeout_error(seconds: float) -> DecodeTimeoutError:
 
 # Where evaluation's temporal clips sit (`ClipSpec.clip_positions`).
 CLIP_POSITIONS = ('paper', 'original')
+# How frames are resized (`ClipSpec.resize`): 'original' as the original
+# code (`torch.nn.functional.interpolate`, bilinear, align_corners=False, no
+# antialiasing) into float32; 'antialias' by PIL's antialiased bilinear
+# filter, rounded to uint8.
+RESIZE_MODES = ('original', 'antialias')
+# How the training short side is drawn (`ClipSpec.scale_jitter`).
+SCALE_JITTERS = ('uniform', 'inverse_uniform')
+# The channel order a model takes its pixels in (`config.data.channel_order`);
+# clips are always decoded RGB.
+CHANNEL_ORDERS = ('rgb', 'bgr')
+
+
+def check_channel_order(channel_order: str) -> str:
+  """`channel_order` if one of `CHANNEL_ORDERS`, else a ValueError."""
+  if channel_order not in CHANNEL_ORDERS:
+    raise ValueError(f'Unknown channel_order {channel_order!r}; valid: '
+                     f'{list(CHANNEL_ORDERS)}.')
+  return channel_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +139,17 @@ class ClipSpec:
     decode_timeout_s: seconds a video's loading may take before the video
       counts as bad (`long_video`: each wait for its next clip, so that a
       long video is not bad for being long); None: no bound.
+    segment_fps: with 'segments' sampling, the frame rate the video is
+      resampled to before it is cut into segments, as `ffmpeg -r` would
+      write its frames (`resampled_frames`; SSv2's JPEGs: 30); 0: its own
+      frames.
+    scale_jitter: how the training short side is drawn from
+      `train_scales` (`SCALE_JITTERS`, see `draw_short_side`).
+    channel_order: the order of the channels the model takes
+      (`CHANNEL_ORDERS`); clips are decoded RGB and reversed on
+      normalising for 'bgr'.
+    resize: how frames are resized (`RESIZE_MODES`): 'original' gives
+      float32 clips, 'antialias' uint8 ones.
   """
   num_frames: int
   sampling_rate: int
@@ -134,6 +164,22 @@ class ClipSpec:
   sampling: str = 'rate'
   clip_positions: str = 'paper'
   decode_timeout_s: float | None = None
+  segment_fps: float = 0.0
+  scale_jitter: str = 'uniform'
+  channel_order: str = 'rgb'
+  resize: str = 'original'
+
+  def __post_init__(self):
+    check_channel_order(self.channel_order)
+    if self.resize not in RESIZE_MODES:
+      raise ValueError(f'Unknown resize {self.resize!r}; valid: '
+                       f'{list(RESIZE_MODES)}.')
+    if self.scale_jitter not in SCALE_JITTERS:
+      raise ValueError(f'Unknown scale_jitter {self.scale_jitter!r}; valid: '
+                       f'{list(SCALE_JITTERS)}.')
+    if self.segment_fps < 0:
+      raise ValueError(f'segment_fps must be 0 (the video\'s own frames) or '
+                       f'a frame rate, got {self.segment_fps}.')
 
   @property
   def num_views(self) -> int:
@@ -151,7 +197,11 @@ def clip_spec(config) -> ClipSpec:
       num_crops=d.test_num_crops, sampling=d.get('sampling', 'rate'),
       clip_positions=d.get('test_clip_positions', 'paper'),
       decode_timeout_s=time_bound(d.get('decode_timeout_s',
-                                        DEFAULT_DECODE_TIMEOUT_S)))
+                                        DEFAULT_DECODE_TIMEOUT_S)),
+      segment_fps=float(d.get('segment_fps', 0.0)),
+      scale_jitter=d.get('scale_jitter', 'uniform'),
+      channel_order=d.get('channel_order', 'rgb'),
+      resize=d.get('resize', 'original'))
 
 
 def time_bound(seconds: float | None) -> float | None:
@@ -171,7 +221,11 @@ def temporal_indices(video_frames: int, video_fps: float, spec: ClipSpec,
     rng: the training draw's generator.
   """
   if spec.sampling == 'segments':
-    return segment_indices(video_frames, spec, clip, rng)
+    if not spec.segment_fps:
+      return segment_indices(video_frames, spec, clip, rng)
+    # Segments of the resampled frames, then the video's frames they show.
+    shown = resampled_frames(video_frames, video_fps, spec.segment_fps)
+    return shown[segment_indices(len(shown), spec, clip, rng)]
   if spec.sampling != 'rate':
     raise ValueError(f'Unknown sampling {spec.sampling!r}; valid: '
                      "['rate', 'segments'].")
@@ -228,6 +282,26 @@ def segment_indices(video_frames: int, spec: ClipSpec,
   return np.clip(indices, 0, max(video_frames - 1, 0)).astype(np.int64)
 
 
+def resampled_frames(video_frames: int, video_fps: float, fps: float
+                     ) -> np.ndarray:
+  """The video's frame that each frame of it resampled to `fps` shows, as
+  `ffmpeg -i VIDEO -r fps` writes them: int `[N]` in [0, video_frames).
+
+  The original's SSv2 frames are such JPEGs (`-r 30` from 12 fps webm).
+  FFmpeg's constant-rate sync puts each frame in the output slot nearest
+  its time, repeating or dropping frames in between, so slot `k`, at
+  `k / fps`, shows the frame nearest that time: `floor(k * video_fps / fps
+  + 1/2)`. The slots are those that end within the video,
+  `N = floor(video_frames * fps / video_fps)` (at least one): 12 fps to 30
+  shows each frame two or three times (12 frames -> 30). FFmpeg works on
+  the container's rounded timestamps (webm's milliseconds), which can move
+  a repeat by one slot.
+  """
+  count = max(int(math.floor(video_frames * fps / video_fps + 1e-9)), 1)
+  nearest = np.floor(np.arange(count) * (video_fps / fps) + 0.5)
+  return np.minimum(nearest, video_frames - 1).astype(np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class Crop:
   """A crop of frames resized as a whole to `resized`.
@@ -262,20 +336,34 @@ def short_side_size(frame_size: tuple[int, int], short: int,
 
 def train_crop(frame_size: tuple[int, int], spec: ClipSpec,
                rng: np.random.Generator) -> Crop:
-  """Short-side scale jitter, a random crop and a random flip, drawn from
-  `rng` in the original's order.
+  """Short-side scale jitter (`draw_short_side`), a random crop and a random
+  flip, drawn from `rng` in the original's order.
 
-  The scale is the original's `round(uniform(lo, hi))` (its two ends half
-  as likely as the others); the crop may also take the last offset, which
-  the original's `randint(0, H - size)` never draws.
+  The crop may also take the last offset, which the original's
+  `randint(0, H - size)` never draws.
   """
-  lo, hi = spec.train_scales
-  resized = short_side_size(frame_size, round(rng.uniform(lo, hi)),
+  resized = short_side_size(frame_size, draw_short_side(spec, rng),
                             spec.crop_size)
   y = int(rng.integers(0, resized[0] - spec.crop_size[0] + 1))
   x = int(rng.integers(0, resized[1] - spec.crop_size[1] + 1))
   flip = bool(spec.flip and rng.random() < 0.5)
   return Crop(resized, y, x, tuple(spec.crop_size), flip)
+
+
+def draw_short_side(spec: ClipSpec, rng: np.random.Generator) -> int:
+  """The training short side, one draw from `rng` over `spec.train_scales`
+  (lo, hi), as the original draws it (rounded half to even, as Python's
+  `round`, so both ends are half as likely as the sides between):
+
+  'uniform': `round(uniform(lo, hi))`.
+  'inverse_uniform' (the original's `INV_UNIFORM_SAMPLE`, SSv2):
+  `round(1 / uniform(1 / hi, 1 / lo))`: uniform in the side's reciprocal,
+  so small sides are drawn more often.
+  """
+  lo, hi = spec.train_scales
+  if spec.scale_jitter == 'inverse_uniform':
+    return round(1.0 / rng.uniform(1.0 / hi, 1.0 / lo))
+  return round(rng.uniform(lo, hi))
 
 
 def eval_crop_list(frame_size: tuple[int, int], spec: ClipSpec
@@ -343,9 +431,84 @@ def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
   return resize(frames, short_side_size(frames.shape[1:3], size))
 
 
-def apply_crops(frames: np.ndarray, crops: Sequence[Crop]
-                ) -> list[np.ndarray]:
-  """Each crop of `frames` (uint8 `[N, h, w, 3]`): uint8 `[N, *size, 3]`.
+def bilinear_taps(in_size: int, out_size: int, start: int, count: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Where outputs `start` to `start + count - 1` of a bilinear resize from
+  `in_size` to `out_size` pixels read, as torch's `interpolate(mode=
+  'bilinear', align_corners=False)` computes it on the CPU.
+
+  Output `k` sits at source position `s = max((k + 0.5) * in / out - 0.5,
+  0)`: pixel centres, clamped at the first. It reads pixels `i0 =
+  floor(s)` and `i1 = min(i0 + 1, in - 1)` with weights `1 - w` and
+  `w = s - i0`.
+
+  Returns:
+    `(i0, i1, 1 - w, w)`: int64 `[count]` twice, float32 `[count]` twice.
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  # float32 as torch's, rounded once as the fused multiply-add of its AVX2
+  # and AVX-512 kernels rounds (its baseline kernel rounds twice, which
+  # moves `w` by an ulp: up to 4e-3 of a level at a sharp edge).
+  position = np.float64(scale) * (np.arange(start, start + count) + 0.5)
+  source = np.maximum((position - 0.5).astype(np.float32), np.float32(0))
+  first = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+  second = np.minimum(first + 1, in_size - 1)
+  weight = np.clip(source - first, 0, 1).astype(np.float32)
+  return first, second, np.float32(1) - weight, weight
+
+
+def _lerp(x: np.ndarray, taps: tuple[np.ndarray, ...], axis: int
+          ) -> np.ndarray:
+  """`x` resampled along `axis` by `bilinear_taps`' `taps`: float32."""
+  first, second, w0, w1 = taps
+  # The weights spelled out over the axes after `axis`: broadcast along
+  # the channels, numpy's inner loop would run 3 values at a time.
+  trailing = x.shape[axis + 1:]
+  ones = np.ones(trailing, np.float32)
+  spell = lambda w: w.reshape(w.shape + (1,) * len(trailing)) * ones
+  out = np.take(x, first, axis) * spell(w0)
+  out += np.take(x, second, axis) * spell(w1)
+  return out
+
+
+def original_crop(frames: np.ndarray, crop: Crop) -> np.ndarray:
+  """The original's pixels: `frames` (uint8 or float `[N, h, w, 3]`) resized
+  as a whole to `crop.resized` by `bilinear_taps`, cut to the crop and
+  mirrored if `crop.flip`: float32 `[N, *crop.size, 3]`, pixel values.
+
+  Only the crop's pixels are computed, rows then columns: each from two
+  source rows of the columns the crop reads, then from two of those
+  columns. Equal to `torch.nn.functional.interpolate(frames, crop.resized,
+  mode='bilinear', align_corners=False)` cut to the crop, within float
+  rounding (torch takes columns first).
+  """
+  (h, w), (ch, cw) = frames.shape[1:3], crop.size
+  rows = bilinear_taps(h, crop.resized[0], crop.y, ch)
+  cols = bilinear_taps(w, crop.resized[1], crop.x, cw)
+  if crop.flip:
+    cols = tuple(t[::-1] for t in cols)
+  left, right = int(cols[0].min()), int(cols[1].max()) + 1
+  tall = _lerp(frames[:, :, left:right], rows, axis=1)  # [N, ch, box, 3]
+  return _lerp(tall, (cols[0] - left, cols[1] - left) + cols[2:], axis=2)
+
+
+def apply_crops(frames: np.ndarray, crops: Sequence[Crop],
+                resize_mode: str = 'original') -> list[np.ndarray]:
+  """Each crop of `frames` (uint8 `[N, h, w, 3]`), resized as `resize_mode`
+  says (`RESIZE_MODES`): `[N, *size, 3]`, float32 ('original',
+  `original_crop`) or uint8 ('antialias', `antialias_crops`)."""
+  if resize_mode == 'original':
+    return [original_crop(frames, c) for c in crops]
+  if resize_mode != 'antialias':
+    raise ValueError(f'Unknown resize {resize_mode!r}; valid: '
+                     f'{list(RESIZE_MODES)}.')
+  return antialias_crops(frames, crops)
+
+
+def antialias_crops(frames: np.ndarray, crops: Sequence[Crop]
+                    ) -> list[np.ndarray]:
+  """Each crop of `frames` (uint8 `[N, h, w, 3]`) by PIL's antialiased
+  filter (`resize_frame`): uint8 `[N, *size, 3]`.
 
   A single crop is resized alone, from its box in `frames` (pixels outside
   it still weigh in at its edges, so it equals resizing the whole frame
@@ -382,12 +545,14 @@ def frame_size(video: Video) -> tuple[int, int] | None:
   return tuple(size) if size is not None else None
 
 
-def decode_frames(video: Video, indices: np.ndarray,
-                  min_size: tuple[int, int] | None = None) -> np.ndarray:
-  """`video.frames(indices)`, at a reduced scale no smaller than
-  `min_size` where the video can decode so."""
-  if min_size is not None and getattr(video, 'decodes_reduced', False):
-    return video.frames(indices, min_size=min_size)
+def decode_frames(video: Video, indices: np.ndarray, spec: ClipSpec,
+                  resized: tuple[int, int] | None = None) -> np.ndarray:
+  """`video.frames(indices)`; with 'antialias' resizing, at a reduced scale
+  no smaller than `resized` where the video can decode so. (A reduced
+  JPEG decode is not the full decode shrunk: 'original' decodes whole.)"""
+  if (resized is not None and spec.resize == 'antialias' and
+      getattr(video, 'decodes_reduced', False)):
+    return video.frames(indices, min_size=resized)
   return video.frames(indices)
 
 
@@ -408,14 +573,22 @@ def _timed(timer: dict[str, float] | None, stage: str):
 
 def train_transform(frames: np.ndarray, spec: ClipSpec,
                     rng: np.random.Generator) -> np.ndarray:
-  """Short-side scale jitter, random crop, random flip: uint8 `[T, h, w, 3]`."""
-  frames, = apply_crops(frames, [train_crop(frames.shape[1:3], spec, rng)])
+  """Short-side scale jitter, random crop, random flip: `[T, h, w, 3]` of
+  `clip_dtype(spec)`."""
+  frames, = apply_crops(frames, [train_crop(frames.shape[1:3], spec, rng)],
+                        spec.resize)
   return frames
+
+
+def clip_dtype(spec: ClipSpec) -> np.dtype:
+  """The dtype of `spec`'s clips: float32 pixel values ('original'
+  resizing) or uint8 ('antialias')."""
+  return np.dtype(np.float32 if spec.resize == 'original' else np.uint8)
 
 
 def train_clip(video: Video, spec: ClipSpec, rng: np.random.Generator,
                timer: dict[str, float] | None = None) -> np.ndarray:
-  """One training clip: uint8 `[T, H, W, 3]`.
+  """One training clip: `[T, H, W, 3]` of `clip_dtype(spec)`.
 
   The crop is planned from the frame size before decoding where the video
   knows it; the draws from `rng` are the same either way.
@@ -434,9 +607,9 @@ def train_clip(video: Video, spec: ClipSpec, rng: np.random.Generator,
       return train_transform(frames, spec, rng)
   plan = train_crop(size, spec, rng)
   with _timed(timer, 'decode'):
-    frames = decode_frames(video, indices, plan.resized)
+    frames = decode_frames(video, indices, spec, plan.resized)
   with _timed(timer, 'transform'):
-    return apply_crops(frames, [plan])[0]
+    return apply_crops(frames, [plan], spec.resize)[0]
 
 
 def eval_crops(frames: np.ndarray, spec: ClipSpec) -> list[np.ndarray]:
@@ -445,12 +618,14 @@ def eval_crops(frames: np.ndarray, spec: ClipSpec) -> list[np.ndarray]:
   One is the centre; three are the start, centre and end of the long side,
   as the original tests.
   """
-  return apply_crops(frames, eval_crop_list(frames.shape[1:3], spec))
+  return apply_crops(frames, eval_crop_list(frames.shape[1:3], spec),
+                     spec.resize)
 
 
 def eval_clips(video: Video, spec: ClipSpec,
                timer: dict[str, float] | None = None) -> np.ndarray:
-  """All test views, clip-major: uint8 `[clips * crops, T, H, W, 3]`.
+  """All test views, clip-major: `[clips * crops, T, H, W, 3]` of
+  `clip_dtype(spec)`.
 
   The frames of every clip are decoded in one pass.
   """
@@ -460,40 +635,38 @@ def eval_clips(video: Video, spec: ClipSpec,
                       for k in range(spec.num_clips)])
   crops = eval_crop_list(size, spec) if size is not None else None
   with _timed(timer, 'decode'):
-    frames = decode_frames(video, indices.reshape(-1),
+    frames = decode_frames(video, indices.reshape(-1), spec,
                            crops[0].resized if crops else None)
   frames = frames.reshape(indices.shape + frames.shape[1:])
   views = []
   with _timed(timer, 'transform'):
     for clip_frames in frames:
-      views.extend(apply_crops(clip_frames, crops) if crops else
-                   eval_crops(clip_frames, spec))
+      views.extend(apply_crops(clip_frames, crops, spec.resize) if crops
+                   else eval_crops(clip_frames, spec))
     return np.stack(views)
 
 
 def normalize(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
-  """uint8 -> float32 `(x / 255 - mean) / std`, on the host."""
+  """RGB pixel values (uint8, or float from 'original' resizing) -> float32
+  `(x / 255 - mean) / std` in `spec.channel_order`, on the host
+  (`device_normalize` on the device).
+
+  The original normalises before it resizes; resizing weighs pixels with
+  weights summing to 1, so normalising after is the same within float
+  rounding."""
+  if spec.channel_order == 'bgr':
+    frames = frames[..., ::-1]
   frames = frames.astype(np.float32) / 255.0
   return (frames - np.float32(spec.mean)) / np.float32(spec.std)
 
 
-# The channel order a model takes its pixels in (`config.data.channel_order`);
-# clips are always decoded RGB.
-CHANNEL_ORDERS = ('rgb', 'bgr')
-
-
 def device_normalize(clips, mean: Sequence[float], std: Sequence[float],
                      channel_order: str = 'rgb'):
-  """Inside a jitted step: uint8 RGB clips `[..., 3]` -> float32
-  `(x / 255 - mean) / std` in `channel_order` (`mean` and `std` in that
-  order too), as `normalize`; float clips are taken as already normalised
-  and pass unchanged."""
+  """Inside a jitted step: RGB pixel values `[..., 3]` (uint8, or float from
+  'original' resizing, in [0, 255]) -> float32 `(x / 255 - mean) / std` in
+  `channel_order` (`mean` and `std` in that order too), as `normalize`."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  if channel_order not in CHANNEL_ORDERS:
-    raise ValueError(f'Unknown channel_order {channel_order!r}; valid: '
-                     f'{list(CHANNEL_ORDERS)}.')
-  if clips.dtype != jnp.uint8:
-    return clips
+  check_channel_order(channel_order)
   if channel_order == 'bgr':
     clips = clips[..., ::-1]
   clips = clips.astype(jnp.float32) / 255.0

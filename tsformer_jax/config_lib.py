@@ -19,7 +19,15 @@ from tsformer_jax.configs import default
 
 VARIANTS = default.VARIANTS
 DEFAULT_VARIANT = 'base'
+# The weights the paper's configs start from, and the word for none.
+IMAGENET_VIT = default.IMAGENET_VIT
+SCRATCH = default.SCRATCH
 
+# `config.data` fields that configs saved before them lack, with the value
+# those runs used: RGB pixels, segments of the video's own frames, uniform
+# scale jitter.
+_ADDED_DATA_FIELDS = {'channel_order': 'rgb', 'segment_fps': 0.0,
+                      'scale_jitter': 'uniform'}
 # `config.dataset` of configs saved before it joined `config.data`: old
 # field -> new field.
 _OLD_DATASET_FIELDS = {'name': 'dataset', 'data_dir': 'data_dir',
@@ -55,7 +63,8 @@ def with_class_names(config: ml_collections.ConfigDict,
 
 def upgrade(values: Mapping[str, Any]) -> dict[str, Any]:
   """A saved config's dict in today's layout: the `dataset` section of
-  older configs moves into `data`."""
+  older configs moves into `data`, and `data` fields added since take the
+  values that older runs used (`_ADDED_DATA_FIELDS`)."""
   values = dict(values)
   old = values.pop('dataset', None)
   if isinstance(old, Mapping):
@@ -63,4 +72,6 @@ def upgrade(values: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in old.items():
       data.setdefault(_OLD_DATASET_FIELDS.get(key, key), value)
     values['data'] = data
+  if isinstance(values.get('data'), Mapping):
+    values['data'] = {**_ADDED_DATA_FIELDS, **values['data']}
   return values

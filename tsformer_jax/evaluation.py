@@ -3,9 +3,10 @@
 `predict_videos` classifies videos (files or arrays) and extracts their
 features: it cuts each into the views a `long_video.Coverage` names
 (evaluation's own views by default), runs them through one compiled
-forward pass in fixed-size batches shared across videos, and averages the
-softmax scores (and features) per video. The main job's whole-video
-evaluation and `python -m tsformer_jax.predict` both call it.
+forward pass in fixed-size batches shared across videos, and combines the
+views' scores (`combine_views`) and averages their features per video. The
+main job's whole-video evaluation and `python -m tsformer_jax.predict` both
+call it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,44 @@ from tsformer_jax import long_video
 from tsformer_jax import model as model_lib
 from tsformer_jax.datasets import video_files
 
-# forward(params, clips uint8 [B, T, H, W, 3]) -> {'scores': [B, C]
-# softmax, 'features': [B, D]}, either key optional.
+# forward(params, clips [B, T, H, W, 3] of pixel values, uint8 or float32)
+# -> {'logits': [B, C], 'scores': [B, C] their softmax, 'features': [B, D]};
+# 'logits' and 'scores' come together or not at all (no head).
 Forward = Callable[[dict, np.ndarray], dict[str, np.ndarray]]
+
+# How a video's views combine into its scores (`config.data.test_view_scores`):
+# 'logit_sum' as the original's test meter, which sums the views' logits and
+# ranks the sums; 'softmax_mean' averages the views' softmax probabilities.
+VIEW_SCORES = ('logit_sum', 'softmax_mean')
+
+
+def view_scores(config) -> str:
+  """`config.data.test_view_scores`, checked ('logit_sum' where the config
+  has none, as an older checkpoint's)."""
+  method = config.data.get('test_view_scores', 'logit_sum')
+  if method not in VIEW_SCORES:
+    raise ValueError(f'Unknown data.test_view_scores {method!r}; valid: '
+                     f'{list(VIEW_SCORES)}.')
+  return method
+
+
+def combine_views(logits: jax.Array, method: str
+                  ) -> tuple[jax.Array, jax.Array]:
+  """One video's scores from its views' logits `[..., V, C]`.
+
+  Returns:
+    `ranking [..., C]`, the scores that rank the classes, and `probs
+    [..., C]`, probabilities for the loss and for display. 'logit_sum': the
+    logits summed over the views, and the softmax of their mean (which
+    ranks alike). 'softmax_mean': the views' softmaxes averaged, both times.
+  """
+  if method == 'logit_sum':
+    return logits.sum(-2), jax.nn.softmax(logits.mean(-2))
+  if method == 'softmax_mean':
+    probs = jax.nn.softmax(logits).mean(-2)
+    return probs, probs
+  raise ValueError(f'Unknown view scores {method!r}; valid: '
+                   f'{list(VIEW_SCORES)}.')
 
 
 @dataclasses.dataclass
@@ -40,19 +76,26 @@ class Prediction:
   Attributes:
     path: the video file (`video {i}` for a video given in memory).
     error: why the video could not be read; None if it was.
-    scores: float32 `[C]`, softmax scores averaged over the views; None
-      where the video failed or the model has no head.
+    scores: float32 `[C]`, class probabilities from the views, as
+      `config.data.test_view_scores` combines them (`combine_views`):
+      the softmax of the views' mean logits ('logit_sum'), or the views'
+      softmaxes averaged ('softmax_mean'); None where the video failed or
+      the model has no head.
+    logits: float32 `[C]` or None, the views' logits averaged (their sum,
+      the original's test scores, over V).
     features: float32 `[D]`, class-token features averaged over the views;
       None unless asked for, or where the video failed.
     clip: int32 `[V]`, the clip of each view, in time order.
     crop: int32 `[V]`, its crop.
     start: int64 `[V]`, its clip's first frame.
-    view_scores: float32 `[V, C]` or None, as `scores`.
+    view_scores: float32 `[V, C]` or None, each view's softmax.
+    view_logits: float32 `[V, C]` or None, each view's logits.
     view_features: float32 `[V, D]` or None, as `features`.
   """
   path: str
   error: str | None = None
   scores: np.ndarray | None = None
+  logits: np.ndarray | None = None
   features: np.ndarray | None = None
   clip: np.ndarray = dataclasses.field(
       default_factory=lambda: np.zeros((0,), np.int32))
@@ -61,6 +104,7 @@ class Prediction:
   start: np.ndarray = dataclasses.field(
       default_factory=lambda: np.zeros((0,), np.int64))
   view_scores: np.ndarray | None = None
+  view_logits: np.ndarray | None = None
   view_features: np.ndarray | None = None
 
   def top_k(self, k: int) -> list[tuple[int, float]]:
@@ -81,27 +125,31 @@ def _is_final_norm(module, method_name: str) -> bool:
 def forward_fn(config, with_features: bool = False) -> Forward:
   """The model's inference forward as a `Forward` (not yet jitted).
 
-  It takes uint8 clips and normalises them with `config.data.mean` / `std`,
-  as the train and eval steps do (float clips are taken as normalised).
+  It takes RGB pixel values (uint8, or float32 from the original's resize)
+  and normalises them with `config.data.mean` / `std` in
+  `config.data.channel_order`, as the train and eval steps do.
   With `with_features`, one pass gives both the scores and the features the
   head reads (the same as `model.apply` with `num_classes = 0`). A model
   without a head (`num_classes = 0`) gives its features only.
   """
   model = model_lib.create_model(config)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
+  channel_order = config.data.get('channel_order', 'rgb')
 
   def forward(params, clips):
-    clips = clip_lib.device_normalize(clips, mean, std)
+    clips = clip_lib.device_normalize(clips, mean, std, channel_order)
     variables = {'params': params}
     if not config.model.num_classes:
       return dict(features=model.apply(variables, clips))
     if not with_features:
-      return dict(scores=jax.nn.softmax(model.apply(variables, clips)))
+      logits = model.apply(variables, clips).astype(jnp.float32)
+      return dict(logits=logits, scores=jax.nn.softmax(logits))
     logits, state = model.apply(variables, clips,
                                 capture_intermediates=_is_final_norm,
                                 mutable=['intermediates'])
     features = state['intermediates']['norm']['__call__'][0]
-    return dict(scores=jax.nn.softmax(logits),
+    logits = logits.astype(jnp.float32)
+    return dict(logits=logits, scores=jax.nn.softmax(logits),
                 features=features.astype(jnp.float32))
 
   return forward
@@ -111,11 +159,12 @@ def predict_videos(config, params, videos: Sequence[str | clip_lib.Video],
                    *, coverage: long_video.Coverage | None = None,
                    batch_size: int | None = None, with_features: bool = False,
                    forward: Forward | None = None) -> list[Prediction]:
-  """Scores (and features) of each video, averaged over its views.
+  """Scores (and features) of each video, from its views.
 
   Args:
     config: the model's config (`load_checkpoint` returns it); its
-      `config.data` says how clips are sampled and normalised.
+      `config.data` says how clips are sampled and normalised, and how
+      views' scores combine (`test_view_scores`).
     params: the model's parameters.
     videos: file paths, or `clip_lib.Video`s.
     coverage: which clips and crops; None takes evaluation's views.
@@ -123,14 +172,15 @@ def predict_videos(config, params, videos: Sequence[str | clip_lib.Video],
       `config.eval_batch_size`.
     with_features: also return the class-token features.
     forward: replaces the model's jitted `forward_fn(config,
-      with_features)`, e.g. by a fake model in tests; it receives uint8
-      clips `[B, T, H, W, 3]`.
+      with_features)`, e.g. by a fake model in tests; it receives clips
+      `[B, T, H, W, 3]` of `clip_lib.clip_dtype`.
 
   Returns:
     One `Prediction` per video, in order; a video that could not be read
     has its `error` set and the others are unaffected.
   """
   spec = clip_lib.clip_spec(config)
+  method = view_scores(config)
   coverage = coverage or long_video.Coverage.evaluation(spec)
   batch_size = batch_size or config.eval_batch_size
   if forward is None:
@@ -153,7 +203,7 @@ def predict_videos(config, params, videos: Sequence[str | clip_lib.Video],
     pending = batch, outputs
   if pending is not None:
     _collect(parts, *pending)
-  return _predictions(videos, parts, errors)
+  return _predictions(videos, parts, errors, method)
 
 
 def _collect(parts: dict[str, list[np.ndarray]], batch: dict[str, np.ndarray],
@@ -166,12 +216,12 @@ def _collect(parts: dict[str, list[np.ndarray]], batch: dict[str, np.ndarray],
 
 
 def _predictions(videos: Sequence[clip_lib.Video],
-                 parts: dict[str, list[np.ndarray]], errors: dict[int, str]
-                 ) -> list[Prediction]:
+                 parts: dict[str, list[np.ndarray]], errors: dict[int, str],
+                 method: str) -> list[Prediction]:
   views = {k: np.concatenate(v) for k, v in parts.items()}
   means = {k: long_video.average_by_video(views[k], views['video'],
                                           len(videos))
-           for k in ('scores', 'features') if k in views}
+           for k in ('logits', 'features') if k in views}
   results = []
   for i, video in enumerate(videos):
     path = getattr(video, 'path', f'video {i}')
@@ -180,11 +230,15 @@ def _predictions(videos: Sequence[clip_lib.Video],
       continue
     rows = views['video'] == i
     get = lambda k, rows=rows: views[k][rows] if k in views else None
+    mean = lambda k, i=i: means[k][i] if k in means else None
+    scores = None
+    if 'logits' in views:
+      scores = np.asarray(combine_views(views['logits'][rows], method)[1])
     results.append(Prediction(
-        path, scores=means['scores'][i] if 'scores' in means else None,
-        features=means['features'][i] if 'features' in means else None,
-        clip=get('clip'), crop=get('crop'), start=get('start'),
-        view_scores=get('scores'), view_features=get('features')))
+        path, scores=scores, logits=mean('logits'),
+        features=mean('features'), clip=get('clip'), crop=get('crop'),
+        start=get('start'), view_scores=get('scores'),
+        view_logits=get('logits'), view_features=get('features')))
   return results
 
 

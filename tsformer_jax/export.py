@@ -17,6 +17,9 @@ joint attention only (see `checkpoints.export`).
 (`{'model_state', 'epoch', 'cfg'}`, a `torch.save` file); also space_only.
 
 OUT is written only once complete. Neither format needs torch installed.
+Both record the channel order the model takes (`data.channel_order`: BGR
+for the original's SSv2 models, RGB otherwise; see `checkpoints.export`),
+and a line says which pixels to give it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main(argv) -> int:
   except (ValueError, OSError, pickle.UnpicklingError) as e:
     raise cli.Error(str(e), status=1) from e
   print(f'{src} -> {path} ({fmt}): {cli.describe(config, params)}.')
+  print(export.pixels_note(config))
   return 0
 
 

@@ -4,8 +4,10 @@ Example `i` of step `s` is element `s * B + i` of the epoch's permutation,
 augmented by a generator seeded with (seed, epoch, index), so a resumed run
 needs no iterator state and each host takes its own slice. A video that
 fails to decode, or outlasts its time bound, is counted and skipped, never
-an error. Clips leave the host as uint8, and `prefetch_to_device` puts the
-next batches on the devices while a step runs.
+an error. Clips leave the host as pixel values (float32 from the
+original's resize, uint8 from the antialiased one: `clip_lib.clip_dtype`),
+normalised in the jitted steps, and `prefetch_to_device` puts the next
+batches on the devices while a step runs.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class _Job:
   def train_example(self, epoch: int, position: int, attempt: int = 0
                     ) -> Example:
     """Training example `position` of `epoch` from its `attempt`-th
-    candidate video: `(uint8 clip, label, [])`, or `(None, -1, [failure])`.
+    candidate video: `(clip, label, [])`, or `(None, -1, [failure])`.
 
     One video per call, so that the time bound is each video's.
     """
@@ -118,7 +120,7 @@ class _Job:
     return loaded[0], loaded[1], []
 
   def eval_example(self, index: int) -> Example:
-    """Every test view of video `index`: `(uint8 [V, T, H, W, 3] or None,
+    """Every test view of video `index`: `(clips [V, T, H, W, 3] or None,
     label, failures)`."""
     loaded = _load(self.source, index,
                    lambda v: clip_lib.eval_clips(v, self.spec))
@@ -187,10 +189,10 @@ def train_batches(source: Source, spec: ClipSpec, batch_size: int, seed: int,
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Endless training batches from `start_step` on.
 
-  Yields `{'clips': uint8 [b, T, H, W, 3], 'labels': int32 [b]}` where
-  `b = batch_size // process_count` is this process's share of the global
-  batch. Batch `s` is the same whatever `start_step`, `num_workers` and
-  `worker_type` were.
+  Yields `{'clips': [b, T, H, W, 3], 'labels': int32 [b]}` (clips of
+  `clip_lib.clip_dtype(spec)`) where `b = batch_size // process_count` is
+  this process's share of the global batch. Batch `s` is the same whatever
+  `start_step`, `num_workers` and `worker_type` were.
 
   Args:
     worker_type: 'process' or 'thread' (see the module doc).
@@ -244,10 +246,10 @@ def eval_batches(source: Source, spec: ClipSpec, batch_size: int,
 
   Batch `k` holds videos `k * batch_size` up to the next batch's; each
   process reads only its `b = batch_size // process_count` of them, from
-  `process_index * b` on. Yields `{'clips': uint8 [b, V, T, H, W, 3],
-  'labels': int32 [b], 'mask': bool [b]}`: videos that fail, and the places
-  past the last video, are masked out, so that every process yields the
-  same number of batches of the same shape.
+  `process_index * b` on. Yields `{'clips': [b, V, T, H, W, 3], 'labels':
+  int32 [b], 'mask': bool [b]}` (clips of `clip_lib.clip_dtype(spec)`):
+  videos that fail, and the places past the last video, are masked out, so
+  that every process yields the same number of batches of the same shape.
   """
   skipped = skipped if skipped is not None else SkipCounter()
   local = _share(batch_size, process_count)
@@ -281,12 +283,14 @@ def eval_batches(source: Source, spec: ClipSpec, batch_size: int,
                     spec.decode_timeout_s) as submit:
     examples = loaded(submit)
     for _ in range(len(mine) // local):
-      yield _stack([next(examples) for _ in range(local)], views_shape)
+      yield _stack([next(examples) for _ in range(local)], views_shape,
+                   clip_lib.clip_dtype(spec))
 
 
 def _stack(examples: Sequence[tuple[np.ndarray | None, int]],
-           views_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-  clips = np.zeros((len(examples),) + views_shape, np.uint8)
+           views_shape: tuple[int, ...], dtype: np.dtype
+           ) -> dict[str, np.ndarray]:
+  clips = np.zeros((len(examples),) + views_shape, dtype)
   labels = np.zeros((len(examples),), np.int32)
   mask = np.zeros((len(examples),), bool)
   for i, (views, label) in enumerate(examples):

@@ -215,7 +215,8 @@ class View:
 def video_views(video: clip_lib.Video, index: int,
                 spec: clip_lib.ClipSpec, coverage: Coverage
                 ) -> Iterator[tuple[View, np.ndarray]]:
-  """Every view of one video: `(View, uint8 [T, H, W, 3])`."""
+  """Every view of one video: `(View, [T, H, W, 3])`, of
+  `clip_lib.clip_dtype(spec)`."""
   if video.num_frames < 1:
     raise clip_lib.BadVideoError('The video has no frames.')
   indices = clip_indices(video.num_frames, video.fps, spec, coverage)
@@ -244,7 +245,7 @@ def clip_batches(videos: Sequence[clip_lib.Video],
                  ) -> Iterator[dict[str, np.ndarray]]:
   """The views of all `videos`, `batch_size` at a time, in video order.
 
-  Yields `{'clips': uint8 [B, T, H, W, 3], 'video', 'clip', 'crop': int32
+  Yields `{'clips': [B, T, H, W, 3], 'video', 'clip', 'crop': int32
   [B], 'start': int64 [B], 'mask': bool [B]}` (see `View`); the last batch
   is padded with zero clips whose mask is False, so every batch has the
   same shape. A video that fails to read is recorded as
@@ -303,7 +304,7 @@ def average_by_video(values: np.ndarray, videos: np.ndarray,
   """Means of the rows of each video: `[num_videos, ...]`.
 
   Args:
-    values: `[N, ...]`, e.g. per-view softmax scores `[N, C]` or features
+    values: `[N, ...]`, e.g. per-view logits `[N, C]` or features
       `[N, D]`.
     videos: int `[N]`, the video of each row.
     num_videos: how many videos there are; a video without rows gets NaN.

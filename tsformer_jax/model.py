@@ -42,35 +42,54 @@ _DenseGeneral = functools.partial(nn.DenseGeneral,
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops a whole residual branch per clip.
+  """Stochastic depth: drops a residual branch per row of `[B, G]`.
 
-  The class token's and the patches' residuals of one branch are dropped
-  together, with one draw per clip.
+  The original's `DropPath` draws one keep/drop per row of its input's first
+  axis, which its blocks fold as (clip, group): `[(B*H*W), T, D]` in the
+  time step, `[(B*T), 1+N, D]` in the space step, `[B, 1+T*N, D]` in the
+  MLP. Ours keeps the two axes apart, so every residual given here starts
+  with the same `[B, G]`. Kept rows are scaled by `1 / (1 - rate)`.
+
+  Asked for with `apply(..., mutable=['drop_path'])`, the draws `keep:
+  [B, G]` (bool) are kept as well.
   """
   rate: float
 
   @nn.compact
-  def __call__(self, *residuals: Array | None, deterministic: bool):
+  def __call__(self, *residuals: Array, deterministic: bool
+               ) -> tuple[Array, ...]:
+    """residuals: each `[B, G, ...]` -> the same, dropped per `[b, g]`."""
     if deterministic or self.rate == 0.0:
       return residuals
-    batch = next(r.shape[0] for r in residuals if r is not None)
+    rows = residuals[0].shape[:2]
+    if any(r.shape[:2] != rows for r in residuals):
+      raise ValueError('DropPath residuals must share their leading [B, G] '
+                       f'axes, got {[r.shape for r in residuals]}.')
     keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.rate,
-                                (batch,))
+                                rows)
+    self.sow('drop_path', 'keep', keep)
     scale = keep / (1.0 - self.rate)
     return tuple(
-        None if r is None else
-        r * scale.reshape((-1,) + (1,) * (r.ndim - 1)).astype(r.dtype)
+        r * scale.reshape(rows + (1,) * (r.ndim - 2)).astype(r.dtype)
         for r in residuals)
 
 
 class AttentionStep(nn.Module):
-  """One attention step, pre-norm: the residual fc(proj(attn(qkv(LN(z))))).
+  """One attention step, pre-norm: the residual fc(drop_path(proj(attn(...)))).
+
+  As in the original, the step's projected output is dropped per attention
+  group of each clip (per patch position for 'time', per frame for 'space',
+  per clip for 'joint', per window or parity, row or column for the sparse
+  and axial steps), each group's copy of the class token with it, before
+  the copies are averaged; `fc` follows the drop, so its bias is added even
+  to a dropped branch.
 
   Attributes:
     step: which groups attend and whether the class token takes part.
     num_heads: attention heads; the head dim is `D // num_heads`.
     dropout: dropout on the projected output.
     attention_dropout: dropout on the attention weights.
+    drop_path: stochastic depth rate of the step's branch.
     layer_norm_eps: LayerNorm epsilon.
     attention_impl: the attention kernel, see `tsformer_jax.kernels`.
     dtype: compute dtype; parameters stay float32.
@@ -79,6 +98,7 @@ class AttentionStep(nn.Module):
   num_heads: int
   dropout: float = 0.0
   attention_dropout: float = 0.0
+  drop_path: float = 0.0
   layer_norm_eps: float = 1e-6
   attention_impl: str = 'auto'
   dtype: Any = jnp.float32
@@ -103,25 +123,26 @@ class AttentionStep(nn.Module):
     # Asked for with `apply(..., mutable=['attention'])`: the same forward
     # pass, also keeping its softmax weights (for rollout).
     keep_weights = self.is_mutable_collection('attention')
-    outputs = attention.grouped_attention(
+    y, weights = attention.attend_in_groups(
         qkv(norm(x)), cls_qkv, self.step.grouping, grid,
         return_weights=keep_weights,
         implementation=self.attention_impl,
         dropout_rate=self.attention_dropout,
         dropout_rng=self.make_rng('dropout') if use_dropout else None)
-    out, cls_out = outputs[:2]
     if keep_weights:
-      # [B, G, H, L, L], see `attention.grouped_attention`.
-      self.sow('attention', 'weights', outputs[2])
-    drop = nn.Dropout(self.dropout)
+      # [B, G, H, L, L], see `attention.attend_in_groups`.
+      self.sow('attention', 'weights', weights)
+    y = nn.Dropout(self.dropout)(proj(y), deterministic=deterministic)
+    y, = DropPath(self.drop_path, name='drop_path')(
+        y, deterministic=deterministic)  # [B, G, L, D]
+    num_cls = cls.shape[1] if self.step.with_cls else 0
+    dx, dcls = attention.merge_groups(y, self.step.grouping, grid, num_cls)
+    if not self.step.output_fc:
+      return dcls, dx
     # Zero-initialised, so the step is a no-op until trained.
-    fc = (_Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                 name='fc') if self.step.output_fc else lambda y: y)
-
-    def residual(y):
-      return fc(drop(proj(y), deterministic=deterministic))
-
-    return (None if cls_out is None else residual(cls_out)), residual(out)
+    fc = _Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                name='fc')
+    return (None if dcls is None else fc(dcls)), fc(dx)
 
 
 class MLP(nn.Module):
@@ -168,26 +189,28 @@ class Block(nn.Module):
     `grid` and `deterministic` are positional so that `nn.remat` can treat
     them as static.
     """
-    drop_path = DropPath(self.drop_path)
     for step in self.scheme.steps:
       dcls, dx = AttentionStep(
           step, self.num_heads, dropout=self.dropout,
-          attention_dropout=self.attention_dropout,
+          attention_dropout=self.attention_dropout, drop_path=self.drop_path,
           layer_norm_eps=self.layer_norm_eps,
           attention_impl=self.attention_impl, dtype=self.dtype,
           name=f'{step.grouping}_attention')(
               cls, x, grid, deterministic=deterministic)
-      dcls, dx = drop_path(dcls, dx, deterministic=deterministic)
       x = x + dx
       if dcls is not None:
         cls = cls + dcls
     norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                         name='mlp_norm')
     mlp = MLP(self.mlp_dim, self.dropout, dtype=self.dtype, name='mlp')
-    dcls, dx = drop_path(mlp(norm(cls), deterministic=deterministic),
-                         mlp(norm(x), deterministic=deterministic),
-                         deterministic=deterministic)
-    return cls + dcls, x + dx
+    # Dropped per class token: per clip, or per frame for `space_only`
+    # (C == T), whose original runs each frame as an image [(B*T), 1+N, D].
+    b, c, d = cls.shape
+    dcls, dx = DropPath(self.drop_path, name='drop_path')(
+        mlp(norm(cls), deterministic=deterministic),
+        mlp(norm(x), deterministic=deterministic).reshape(b, c, -1, d),
+        deterministic=deterministic)  # [B, C, D], [B, C, T*N/C, D]
+    return cls + dcls, x + dx.reshape(x.shape)
 
 
 class TimeSformer(nn.Module):

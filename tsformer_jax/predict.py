@@ -3,24 +3,32 @@ r"""Classifies video files and extracts their features with a checkpoint.
   python -m tsformer_jax.predict --checkpoint=CKPT VIDEO [VIDEO ...]
       [--top_k=5] [--json] [--clips=N | --clip_stride=SECONDS] [--crops=C]
       [--batch_size=B] [--features_out=FILE.npz [--overwrite]]
-      [--decode_timeout_s=S]
+      [--decode_timeout_s=S] [--view_scores=logit_sum|softmax_mean]
 
 CKPT: any checkpoint `tsformer_jax.load_checkpoint` reads, e.g. a training
 workdir's `checkpoints/` (its latest step). Clips are cut, cropped and
-normalised as evaluation does, with the checkpoint's config: by default
-evaluation's own views (`data.test_num_clips` clips x `data.test_num_crops`
-crops); `--clips=N` takes N clips evenly spaced over the whole video and
+normalised as evaluation does, with the checkpoint's config (its channel
+order too, `data.channel_order`: BGR for the original's SSv2 models and
+those converted from them): by default evaluation's own views
+(`data.test_num_clips` clips x `data.test_num_crops` crops);
+`--clips=N` takes N clips evenly spaced over the whole video and
 `--clip_stride=S` one every S seconds from start to end, as the paper does
-for long videos (centre crops, unless `--crops=3`). Scores are softmaxes
-averaged over a video's views. The clips of all videos run through one
-compiled forward pass in batches of B (the last one padded).
+for long videos (centre crops, unless `--crops=3`). A video's views
+combine as the checkpoint's `data.test_view_scores` says (`--view_scores`
+replaces it): with 'logit_sum', the original's (the views' logits summed),
+the probabilities shown are the softmax of the views' mean logits, which
+ranks the classes as the sum does; with 'softmax_mean', the views' softmaxes
+averaged. The clips of all videos run through one compiled forward pass in
+batches of B (the last one padded).
 
 `--features_out` writes an .npz: `paths` [V], `errors` [V] ('' where the
 video was read), `video_features` [V, D] (class-token features averaged per
 video; NaN for a failed video), `clip_features` [N, D] with `clip_video`,
 `clip_index`, `clip_crop` and `clip_start` [N] (video, clip, crop and first
 frame of each view), and, with a classification head, `video_scores`
-[V, C] and `clip_scores` [N, C]. Its name must end in .npz and its folder
+[V, C] (the probabilities shown), `video_logits` [V, C] (the views' mean
+logits), `clip_scores` [N, C] (each view's softmax) and `clip_logits`
+[N, C]. Its name must end in .npz and its folder
 exist; an existing file is replaced only with `--overwrite`. These are
 checked before the checkpoint loads.
 
@@ -73,6 +81,9 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Views per forward '
 _FEATURES_OUT = flags.DEFINE_string('features_out', None, 'Write the '
                                     'class-token features to this .npz (an '
                                     'existing one only with --overwrite).')
+_VIEW_SCORES = flags.DEFINE_enum(
+    'view_scores', None, list(evaluation.VIEW_SCORES), 'How a video\'s '
+    'views combine (default: the checkpoint\'s data.test_view_scores).')
 _DECODE_TIMEOUT_S = flags.DEFINE_float(
     'decode_timeout_s', None, 'Seconds a clip may take to decode before its '
     'video counts as bad (0: no bound; default: the checkpoint\'s '
@@ -138,12 +149,14 @@ def feature_arrays(predictions: Sequence[Prediction]
   for i, p in ok:
     video_features[i] = p.features
   if ok[0][1].scores is not None:
-    video_scores = np.full((len(predictions),) + ok[0][1].scores.shape,
-                           np.nan, np.float32)
-    for i, p in ok:
-      video_scores[i] = p.scores
-    arrays.update(video_scores=video_scores, clip_scores=np.concatenate(
-        [p.view_scores for _, p in ok]))
+    for name in ('scores', 'logits'):
+      per_video = np.full((len(predictions),) + ok[0][1].scores.shape,
+                          np.nan, np.float32)
+      for i, p in ok:
+        per_video[i] = getattr(p, name)
+      arrays[f'video_{name}'] = per_video
+      arrays[f'clip_{name}'] = np.concatenate(
+          [getattr(p, f'view_{name}') for _, p in ok])
   return arrays
 
 
@@ -212,6 +225,9 @@ def main(argv: Sequence[str]) -> int:
   if _DECODE_TIMEOUT_S.value is not None:
     with config.unlocked():
       config.data.decode_timeout_s = _DECODE_TIMEOUT_S.value
+  if _VIEW_SCORES.value is not None:
+    with config.unlocked():
+      config.data.test_view_scores = _VIEW_SCORES.value
   if not config.model.num_classes and not features_out:
     raise cli.Error(f'{checkpoint} has no classification head '
                     '(model.num_classes = 0): pass --features_out to write '

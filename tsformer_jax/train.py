@@ -35,6 +35,7 @@ import optax
 
 from tsformer_jax import checkpoints
 from tsformer_jax import clip_lib
+from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
@@ -46,7 +47,13 @@ TrainState = train_state.TrainState
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """`config.optimizer.schedule`: 'steps' (the paper's) or 'cosine'."""
+  """`config.optimizer.schedule`: 'steps' (the paper's) or 'cosine'.
+
+  Without warm-up (the recipe), 'steps' is the original's
+  `steps_with_relative_lrs`: update `s` takes the rate of epoch
+  `s // steps_per_epoch`, `decay_factor` times lower for each of
+  `decay_epochs` reached (tests/test_train_parity.py).
+  """
   opt = config.optimizer
   warmup = int(opt.warmup_epochs * steps_per_epoch)
   total = total_steps(config, steps_per_epoch)
@@ -85,7 +92,10 @@ def create_optimizer(config, steps_per_epoch: int
     raise ValueError(f'Unknown optimizer.state_dtype {state_dtype!r}; '
                      f'valid: {list(STATE_DTYPES)}.')
   if opt.name == 'sgd':
-    # PyTorch's SGD adds the decay to the gradient before the momentum.
+    # torch.optim.SGD's step, which the original takes (bit for bit, see
+    # tests/test_train_parity.py): the decay joins the gradient before the
+    # momentum, whose buffer starts at the first gradient (optax's trace
+    # starts at zero: the same), and Nesterov's update is g + m * buffer.
     return optax.chain(*clip, optax.add_decayed_weights(opt.weight_decay),
                        optax.sgd(schedule, opt.momentum, opt.nesterov,
                                  accumulator_dtype=state_dtype))
@@ -171,9 +181,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
   Args:
     state: parameters and optimizer state.
-    batch: `clips [B, T, H, W, 3]`, `labels [B]`; uint8 clips are
-      normalised here with `config.data.mean` / `std` (float clips are
-      taken as normalised).
+    batch: `clips [B, T, H, W, 3]`, `labels [B]`; clips are RGB pixel
+      values (uint8, or float32 from the original's resize), normalised
+      here with `config.data.mean` / `std`, in `config.data.channel_order`.
     rng: the run's key; the step's keys are folded in from `state.step`.
     config: the job config (bound with functools.partial before jit).
     schedule: the learning rate schedule, for the metrics.
@@ -188,9 +198,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   mix_rng, dropout_rng = jax.random.split(rng)
   num_classes = config.model.num_classes
   targets = soft_targets(batch['labels'], num_classes, config.label_smoothing)
-  # Clips leave the host as uint8 (4x fewer bytes) and normalise here.
-  clips = clip_lib.device_normalize(batch['clips'], config.data.mean,
-                                    config.data.std)
+  # Clips leave the host as pixel values and normalise here.
+  clips = clip_lib.device_normalize(
+      batch['clips'], config.data.mean, config.data.std,
+      config.data.get('channel_order', 'rgb'))
   if config.mixup_alpha > 0:
     clips, targets = mixup(mix_rng, clips, targets, config.mixup_alpha)
   micro = config.grad_accum_steps
@@ -245,44 +256,55 @@ def _unless(finite: jax.Array, new, old):
 
 
 def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable,
-              mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225)
+              mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225),
+              channel_order: str = 'rgb', view_scores: str = 'logit_sum'
               ) -> dict[str, jax.Array]:
-  """Multi-view scores: softmax averaged over each video's views.
+  """Multi-view scores: each video's views combined as `view_scores` says.
 
   Args:
     params: model parameters.
-    batch: `clips [B, V, T, H, W, 3]` (V views per video; uint8,
-      normalised here with `mean` / `std`, or float and normalised),
+    batch: `clips [B, V, T, H, W, 3]` (V views per video; pixel values,
+      uint8 or float32, normalised here with `mean` / `std`),
       `labels [B]`, `mask [B]` (False for padding).
     apply_fn: the model's apply.
     mean: per-channel mean (`config.data.mean`).
     std: per-channel standard deviation (`config.data.std`).
+    channel_order: the model's (`config.data.channel_order`): clips are
+      RGB, reversed for 'bgr'.
+    view_scores: `config.data.test_view_scores`: 'logit_sum' ranks the
+      classes by the views' summed logits (the original's), 'softmax_mean'
+      by their averaged softmaxes (`evaluation.combine_views`).
 
   Returns:
     Sums over the batch: `count`, `top1`, `top5` (correct videos) and
-    `loss` (cross-entropy of the averaged scores).
+    `loss` (cross-entropy of the video's probabilities: the softmax of the
+    mean logits, or the mean softmax).
   """
   b, v = batch['clips'].shape[:2]
-  clips = clip_lib.device_normalize(batch['clips'], mean, std)
+  clips = clip_lib.device_normalize(batch['clips'], mean, std, channel_order)
   logits = apply_fn({'params': params},
                     clips.reshape((b * v,) + clips.shape[2:]))
-  scores = jax.nn.softmax(logits).reshape(b, v, -1).mean(axis=1)  # [B, C]
-  return video_metrics(scores, batch['labels'], batch['mask'])
+  scores, probs = evaluation.combine_views(
+      logits.astype(jnp.float32).reshape(b, v, -1), view_scores)  # [B, C]
+  return video_metrics(scores, batch['labels'], batch['mask'], probs)
 
 
-def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array
-                  ) -> dict[str, jax.Array]:
+def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array,
+                  probs: jax.Array | None = None) -> dict[str, jax.Array]:
   """Sums of top-1 / top-5 hits and of the loss over unmasked videos.
 
-  A class scoring as high as the label's ranks before it, and a video with
-  a NaN score is never a hit: uniform or NaN scores give no accuracy.
+  `scores [B, C]` rank the classes; the loss is the label's negative
+  log-probability in `probs [B, C]` (`scores` where None). A class scoring
+  as high as the label's ranks before it, and a video with a NaN score is
+  never a hit: uniform or NaN scores give no accuracy.
   """
   label_scores = jnp.take_along_axis(scores, labels[:, None], 1)  # [B, 1]
   rank = jnp.sum(scores >= label_scores, -1) - 1
   mask = mask.astype(jnp.float32)
   valid = jnp.all(jnp.isfinite(scores), -1)
   hits = lambda k: jnp.sum(((rank < k) & valid) * mask)
-  nll = -jnp.log(label_scores[:, 0] + 1e-9)
+  probs = scores if probs is None else probs
+  nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], 1)[:, 0] + 1e-9)
   return dict(count=mask.sum(), top1=hits(1), top5=hits(5),
               loss=jnp.sum(nll * mask))
 
@@ -346,7 +368,8 @@ def evaluate_long_videos(config, params, source: clip_lib.Source,
                          ) -> dict[str, float]:
   """The long-video protocol (HowTo100M in the paper): every video is
   covered from start to end by clips every `config.data.test_clip_stride`
-  seconds (x `test_num_crops` crops), whose softmax scores are averaged.
+  seconds (x `test_num_crops` crops), whose scores combine as
+  `config.data.test_view_scores` says (as the views of `eval_step`).
 
   Videos hold different numbers of clips, so this runs the clips of all
   videos through `evaluation.predict_videos` in one process.
@@ -364,18 +387,21 @@ def evaluate_long_videos(config, params, source: clip_lib.Source,
     indices.append(index)
   predictions = evaluation.predict_videos(config, params, videos,
                                           coverage=coverage)
-  scores, good = [], []
+  # 'logit_sum' ranks by the mean logits: as their sum, whatever the count.
+  by_logits = evaluation.view_scores(config) == 'logit_sum'
+  scores, probs, good = [], [], []
   for index, label, prediction in zip(indices, labels, predictions,
                                       strict=True):
     if prediction.error is not None:
       skipped.add(index, clip_lib.BadVideoError(prediction.error))
     else:
-      scores.append(prediction.scores)
+      scores.append(prediction.logits if by_logits else prediction.scores)
+      probs.append(prediction.scores)
       good.append(label)
   if not scores:
     raise clip_lib.BadVideoError('No evaluation video could be read.')
   sums = video_metrics(jnp.asarray(np.stack(scores)), jnp.asarray(good),
-                       jnp.ones(len(good), bool))
+                       jnp.ones(len(good), bool), jnp.asarray(np.stack(probs)))
   count = float(sums['count'])
   return dict(top1=float(sums['top1']) / count,
               top5=float(sums['top5']) / count,
@@ -388,7 +414,10 @@ def jit_eval_step(config, params, apply_fn: Callable,
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   return jax.jit(functools.partial(eval_step, apply_fn=apply_fn,
                                    mean=tuple(config.data.mean),
-                                   std=tuple(config.data.std)),
+                                   std=tuple(config.data.std),
+                                   channel_order=config.data.get(
+                                       'channel_order', 'rgb'),
+                                   view_scores=evaluation.view_scores(config)),
                  in_shardings=(sharding.state_shardings(params, mesh, config),
                                sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh),
@@ -491,6 +520,33 @@ def _with_class_names(config: ml_collections.ConfigDict,
   return config
 
 
+def _start_config(config: ml_collections.ConfigDict, mode: str,
+                  manager) -> ml_collections.ConfigDict:
+  """The config whose `init_from` builds the first state.
+
+  A new run fetches its initial weights here, before the state is built or
+  a clip is read, so that weights it cannot have (offline, not downloaded)
+  stop it at once, in one line. A run that resumes reads none: the
+  checkpoint replaces every weight.
+  """
+  if manager.latest_step() is not None:
+    config = copy.deepcopy(config)
+    config.init_from.path = config_lib.SCRATCH
+    return config
+  source = checkpoints.init_source(config)
+  if mode == 'eval' and (source is None or checkpoints.detect_format(source)
+                         in checkpoints.IMAGE_FORMATS):
+    weights = (f'is {config_lib.SCRATCH!r}' if source is None else
+               f'({config.init_from.path}) holds image weights, whose head '
+               'is new')
+    raise FileNotFoundError(
+        f'--mode=eval found no checkpoint in {manager.directory} and '
+        f'config.init_from.path {weights}, so it would evaluate random '
+        'weights: point --workdir at a trained run, or set '
+        '--config.init_from.path to the weights to evaluate.')
+  return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = 'train_and_eval') -> dict[str, Any]:
   """Runs (or resumes) a job; returns what it writes to results.json."""
@@ -509,20 +565,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = _with_class_names(config, train_source)
   steps_per_epoch = len(train_source) // config.batch_size
   num_steps = total_steps(config, steps_per_epoch)
+  manager = checkpoints.training.checkpoint_manager(workdir, config)
+  start_config = _start_config(config, mode, manager)
   mesh = sharding.create_mesh(config)
   logging.info('Mesh %s over %d devices in %d processes.', dict(mesh.shape),
                mesh.size, jax.process_count())
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  manager = checkpoints.training.checkpoint_manager(workdir, config)
-  if (mode == 'eval' and manager.latest_step() is None and
-      not config.init_from.path):
-    raise FileNotFoundError(
-        f'--mode=eval found no checkpoint in {manager.directory} and '
-        'config.init_from.path is empty, so it would evaluate random '
-        'weights: point --workdir at a trained run, or set '
-        '--config.init_from.path to the weights to evaluate.')
-  state = create_train_state(config, init_rng, steps_per_epoch, mesh)
+  state = create_train_state(start_config, init_rng, steps_per_epoch, mesh)
   logging.info('%d steps (%d per epoch); checkpoints every %d steps, the '
                'last %d kept, in %s; summaries in %s (TensorBoard).',
                num_steps, steps_per_epoch, config.checkpoint_every_steps,

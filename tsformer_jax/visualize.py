@@ -78,8 +78,10 @@ def sample_clip(video: clip_lib.Video, spec: clip_lib.ClipSpec
   spec = dataclasses.replace(spec, num_clips=1, num_crops=1)
   indices = clip_lib.temporal_indices(video.num_frames, video.fps,
                                       spec, clip=0)
-  frames = clip_lib.eval_crops(video.frames(indices), spec)[0]
-  return indices, frames, clip_lib.normalize(frames, spec)
+  pixels = clip_lib.eval_crops(video.frames(indices), spec)[0]
+  # Float pixels (the original's resize) are shown rounded.
+  frames = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+  return indices, frames, clip_lib.normalize(pixels, spec)
 
 
 def _analyse(model: model_lib.TimeSformer, params, clips: jax.Array):

@@ -1,7 +1,8 @@
 """Checkpoints: read every source of weights, fit it to a config, write ours.
 
 - `api`: `load_checkpoint` (read, then fit), `read_checkpoint` (in the
-  checkpoint's own shapes), `detect_format`, `init_params_from`.
+  checkpoint's own shapes), `detect_format`; `init_source` and
+  `init_params_from` (what training starts from).
 - `formats`: one reader per format in `FORMATS`: `orbax` (ours, also
   `save_checkpoint`), `hf` (Hugging Face TimeSformer), `original` (the
   original's `.pyth`), `vit` (ImageNet ViT as `.npz`, Hugging Face or timm);
@@ -34,6 +35,7 @@ from tsformer_jax.checkpoints.api import FORMATS
 from tsformer_jax.checkpoints.api import IMAGE_FORMATS
 from tsformer_jax.checkpoints.api import detect_format
 from tsformer_jax.checkpoints.api import init_params_from
+from tsformer_jax.checkpoints.api import init_source
 from tsformer_jax.checkpoints.api import load_checkpoint
 from tsformer_jax.checkpoints.api import read_checkpoint
 from tsformer_jax.checkpoints.formats.hf import HF_PARAMETER_NAMES
@@ -66,9 +68,10 @@ __all__ = [
     'STATE_ITEM', 'TORCH_NAMES', 'TORCH_SCHEMES', 'adapt_params',
     'check_params', 'config_from_hf', 'config_from_json', 'config_to_json',
     'detect_format', 'hf_module_names', 'hub', 'init_params_from',
-    'load_checkpoint', 'nearest_indices', 'params_from_hf_state_dict',
-    'params_from_original_state_dict', 'params_from_state_dict',
-    'params_from_torch_state_dict', 'read_checkpoint',
+    'init_source', 'load_checkpoint', 'nearest_indices',
+    'params_from_hf_state_dict', 'params_from_original_state_dict',
+    'params_from_state_dict', 'params_from_torch_state_dict',
+    'read_checkpoint',
     'resample_pos_embedding', 'resample_time_embedding', 'save_args',
     'save_checkpoint', 'torch_names', 'training',
 ]

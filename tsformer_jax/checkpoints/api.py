@@ -184,7 +184,22 @@ def load_checkpoint(path: str, config=None, *, format: str = 'auto',
   params = adapt.adapt_params(params, src_config, config, rng=rng,
                               pos_resize=pos_resize, source=os.fspath(path),
                               allowed=allowed)
+  if fmt not in IMAGE_FORMATS:  # ImageNet's are RGB, and only a start.
+    _log_channel_order(config, src_config, os.fspath(path))
   return _name_classes(config, src_config), params
+
+
+def _log_channel_order(config, src_config, source: str):
+  """Warns where `config` gives the weights pixels in another channel order
+  than theirs (`config.data.channel_order`; the checkpoint's own config
+  keeps theirs)."""
+  order = lambda c: (c.get('data') or {}).get('channel_order', 'rgb')
+  if 'data' in config and order(config) != order(src_config):
+    _LOG.warning(
+        '%s takes %s pixels but config.data.channel_order is %r, so it will '
+        'be given %s (--config.data.channel_order=%s keeps its own).', source,
+        order(src_config).upper(), order(config), order(config).upper(),
+        order(src_config))
 
 
 def _name_classes(config, src_config) -> ml_collections.ConfigDict:
@@ -213,18 +228,69 @@ def _default_config(fmt, src_config) -> ml_collections.ConfigDict:
   return config
 
 
-def init_params_from(config, rng: jax.Array):
-  """The params training starts from: `config.init_from`, or fresh ones.
+def init_source(config) -> str | None:
+  """Where `config.init_from.path` is on disk (a Hub id: fetched into the
+  Hub's cache now, if missing), or None for random weights (`SCRATCH`).
 
-  `config.init_from.path` empty: `init_params(config, rng)`. Otherwise the
-  checkpoint there, of `config.init_from.format` ('auto' detects it),
+  Training calls it before anything else costly, so that weights that
+  cannot be had stop the job at once, in one line.
+
+  Raises:
+    ValueError: the path is empty (it must name weights, or `SCRATCH`), an
+      unknown format or pos_resize, or a Hub id that cannot be read here.
+    FileNotFoundError: no such file, and no such Hub repo, or not in the
+      Hub's cache and the Hub cannot be asked (`HF_HUB_OFFLINE`, no
+      network). Each message says how to fetch the weights and how to
+      start from random ones instead.
+  """
+  init_from = config.get('init_from') or {}
+  path = os.fspath(init_from.get('path', ''))
+  scratch = f'--config.init_from.path={config_lib.SCRATCH}'
+  if not path:
+    raise ValueError(
+        'config.init_from.path is empty: set it to the weights to start from '
+        '(a checkpoint or a Hugging Face Hub id; the paper\'s is '
+        f'{config_lib.IMAGENET_VIT}), or train from random weights: '
+        f'{scratch}.')
+  fmt = init_from.get('format', 'auto')
+  if fmt not in ('auto', *FORMATS):
+    raise ValueError(f'Unknown config.init_from.format {fmt!r}; valid: '
+                     f'{["auto", *FORMATS]}.')
+  pos_resize = init_from.get('pos_resize', '2d')
+  if pos_resize not in adapt.POS_RESIZE_MODES:
+    raise ValueError(f'Unknown config.init_from.pos_resize {pos_resize!r}; '
+                     f'valid: {list(adapt.POS_RESIZE_MODES)}.')
+  if path == config_lib.SCRATCH:
+    return None
+  # The Hub's messages end with how to fetch; training adds the other way.
+  instead = f'; to train from random weights instead: {scratch}.'
+  try:
+    local = hub.resolve(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+        f'config.init_from.path={str(e).rstrip(".")}{instead}') from e
+  except ValueError as e:
+    raise ValueError(
+        f'config.init_from.path={str(e).rstrip(".")}{instead}') from e
+  if not os.path.exists(local):
+    raise FileNotFoundError(f'config.init_from.path={path}: no such file or '
+                            f'directory{instead}')
+  return local
+
+
+def init_params_from(config, rng: jax.Array):
+  """The params training starts from, as `config.init_from` says.
+
+  `SCRATCH`: `init_params(config, rng)`. Otherwise the checkpoint at
+  `init_source(config)`, of `config.init_from.format` ('auto' detects it),
   fitted to `config.model` (see `load_checkpoint`; `rng` draws a new head).
   """
-  init_from = config.get('init_from')
-  if init_from is None or not init_from.get('path'):
+  source = init_source(config)
+  if source is None:
     return model_lib.init_params(config, rng)
+  init_from = config.init_from
   _, params = load_checkpoint(
-      init_from.path, config, format=init_from.get('format', 'auto'),
+      source, config, format=init_from.get('format', 'auto'),
       rng=rng, pos_resize=init_from.get('pos_resize', '2d'))
   _LOG.info('Initialised from %s.', init_from.path)
   return jax.tree.map(jnp.asarray, params)

@@ -12,6 +12,13 @@ frame on its own (logits `[B * T, C]`) where we and the original average the
 frames' class tokens before the final norm and head, so `space_only` goes to
 the `.pyth` layout only. The schemes without a PyTorch implementation
 (sparse_local_global, axial) go to neither.
+
+Both record the channel order the model takes (`config.data.channel_order`):
+config.json as `channel_order`, the `.pyth` cfg by its `TRAIN.DATASET` (the
+original's SSv2 models take BGR) or else `DATA.CHANNEL_ORDER`, and each in
+a note on its pixels (`pixels_note`). A 'bgr' model must be given the
+channels of RGB frames reversed; transformers' image processors do not do
+it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import numpy as np
 from tsformer_jax import datasets
 from tsformer_jax import tensor_io
 from tsformer_jax.checkpoints import spec
+from tsformer_jax.checkpoints.formats import hf
 from tsformer_jax.checkpoints.formats import original
 from tsformer_jax.checkpoints.formats import state_dicts
 from tsformer_jax.checkpoints.formats.state_dicts import HF_ATTENTION_TYPES
@@ -68,6 +76,25 @@ def class_names(config) -> list[str]:
   return [f'LABEL_{i}' for i in range(count)]
 
 
+def channel_order(config) -> str:
+  """The channel order the model takes (`config.data.channel_order`)."""
+  return (config.get('data') or {}).get('channel_order', 'rgb')
+
+
+def pixels_note(config) -> str:
+  """One line on the pixels the model takes, for whoever runs it in
+  PyTorch: 'bgr' models (the original's SSv2 ones) take the channels of
+  RGB frames reversed, as cv2 decodes them."""
+  data = config.get('data') or {}
+  mean, std = data.get('mean'), data.get('std')
+  scale = (f', normalised (x / 255 - {[float(v) for v in mean]}) / '
+           f'{[float(v) for v in std]}' if mean and std else '')
+  if channel_order(config) == 'bgr':
+    return ('Pixels: BGR (the channels of RGB frames reversed, as cv2 '
+            f'decodes them){scale}.')
+  return f'Pixels: RGB{scale}.'
+
+
 def check_hf(config) -> None:
   """Raises a one-line ValueError where Hugging Face cannot compute what
   `config.model` computes."""
@@ -98,7 +125,11 @@ def hf_config(config, names: Sequence[str] | None = None) -> dict[str, Any]:
     names: class names by index; `class_names(config)` when None.
 
   Returns:
-    A `TimesformerConfig` as a JSON dict, with `id2label` and `label2id`.
+    A `TimesformerConfig` as a JSON dict, with `id2label` and `label2id`,
+    and the channel order the model takes as `channel_order` ('rgb' or
+    'bgr'), which transformers keeps as `model.config.channel_order` and
+    its image processors do not apply: a 'bgr' model (the original's SSv2
+    ones) must be given the channels of RGB frames reversed.
   """
   check_hf(config)
   m = config.model
@@ -133,6 +164,9 @@ def hf_config(config, names: Sequence[str] | None = None) -> dict[str, Any]:
       'id2label': {str(i): name for i, name in enumerate(names)},
       'label2id': {name: i for i, name in enumerate(names)},
       'dtype': 'float32',
+      # Not transformers': the pixels the model takes, 'rgb' or 'bgr'
+      # (`formats.hf.CHANNEL_ORDER_KEY`, `pixels_note`).
+      hf.CHANNEL_ORDER_KEY: channel_order(config),
   }
 
 
@@ -200,7 +234,7 @@ def write_hf(out_dir: str, config, params,
     ValueError: Hugging Face cannot compute the model (`check_hf`).
     FileExistsError: `out_dir` exists and `overwrite` is False.
   """
-  hf = hf_config(config, names)
+  config_json = hf_config(config, names)
   state = to_hf_state_dict(config, params)
 
   def write(staging):
@@ -208,7 +242,7 @@ def write_hf(out_dir: str, config, params,
     tensor_io.write_safetensors(os.path.join(staging, HF_WEIGHTS), state,
                                 {'format': 'pt'})
     with open(os.path.join(staging, HF_CONFIG), 'w', encoding='utf-8') as f:
-      json.dump(hf, f, indent=2)
+      json.dump(config_json, f, indent=2)
       f.write('\n')
 
   return tensor_io.write_atomically(out_dir, write, overwrite)
@@ -217,11 +251,15 @@ def write_hf(out_dir: str, config, params,
 def original_cfg(config) -> str:
   """The `cfg` of a `.pyth`: the original's YAML keys that `config` fixes.
 
-  The original never reads it back; a comment records the sizes that its
-  model name would otherwise fix. The number of heads, in no tensor, is
+  The original never reads it back; comments record the sizes that its
+  model name would otherwise fix and the pixels the model takes
+  (`pixels_note`). The number of heads, in no tensor, is
   `TIMESFORMER.NUM_HEADS` (`formats.original.HEADS_KEY`) where the model is
   not the original's `vit_base_patch16_224`: a key the original lacks, in a
-  cfg the original could not run anyway.
+  cfg the original could not run anyway. The channel order is the one
+  `TRAIN.DATASET` implies (BGR for ssv2, as the original's SSv2 models),
+  else `DATA.CHANNEL_ORDER` (`formats.original.CHANNELS_KEY`), also a key
+  the original lacks.
   """
   m, data = config.model, config.get('data') or {}
   height, width = _image_size(m)
@@ -230,6 +268,7 @@ def original_cfg(config) -> str:
                patch_size=m.patch_size)
   lines = [f'# tsformer_jax: {m.attention}, image_size {height}x{width}, ' +
            ', '.join(f'{k} {v}' for k, v in sizes.items()),
+           f'# {pixels_note(config)}',
            'DATA:', f'  NUM_FRAMES: {m.num_frames}']
   if 'sampling_rate' in data:
     lines.append(f'  SAMPLING_RATE: {data.sampling_rate}')
@@ -238,8 +277,15 @@ def original_cfg(config) -> str:
   for key in ('mean', 'std'):
     if key in data:
       lines.append(f'  {key.upper()}: {[float(x) for x in data[key]]}')
-  if data.get('dataset') in original.DATASETS:
-    lines += ['TRAIN:', f'  DATASET: {original.DATASETS[data.dataset]}']
+  if 'scale_jitter' in data:
+    inverse = data.scale_jitter == 'inverse_uniform'
+    lines.append(f'  INV_UNIFORM_SAMPLE: {inverse}')
+  theirs = original.DATASETS.get(data.get('dataset'))
+  order = channel_order(config)
+  if order != original.channel_order(theirs):
+    lines.append(f'  CHANNEL_ORDER: {order}')  # original.CHANNELS_KEY
+  if theirs:
+    lines += ['TRAIN:', f'  DATASET: {theirs}']
   lines += ['TIMESFORMER:', '  ATTENTION_TYPE: ' + {
       v: k for k, v in HF_ATTENTION_TYPES.items()}[m.attention]]
   if sizes != _VIT_BASE:

@@ -17,7 +17,8 @@ time of each stage:
 
   read       opening the video and reading its header (or its metadata)
   decode     reading and decoding the frames a clip uses
-  transform  cropping, resizing and flipping them (uint8)
+  transform  cropping, resizing and flipping them (`config.data.resize`:
+             float32 pixels as the original's, or uint8 antialiased)
   transfer   putting a batch on the devices (wall-clock, in the timed run),
              per clip
 

@@ -9,6 +9,12 @@ writes the train and eval splits of the config's dataset to
 `--out`, the TFDS folder, defaults to `config.data.tfds_dir`, else
 `~/.cache/tsformer_jax/tfds`. Train on it with
 `--config.data.format=tfds --config.data.tfds_dir=OUT`.
+
+`--short_side=256` stores Kinetics as the original trained on it: its
+`DATASET.md` resizes every video to a short side of 256 first, and training
+then enlarges the frames to the drawn scale (256-320). The default, 320,
+keeps more of larger videos, which training then shrinks (the original's
+resize does not antialias).
 """
 
 import os
@@ -26,7 +32,8 @@ _SHORT_SIDE = flags.DEFINE_integer(
     'short_side', None,
     'Shrink frames to this short side (aspect kept) where larger; 0 keeps '
     f'their size. Default: {tfds_builders.DEFAULT_SHORT_SIDE}, or the '
-    'config\'s largest training scale where larger (hr: 512).',
+    'config\'s largest training scale where larger (hr: 512). '
+    f'{tfds_builders.ORIGINAL_SHORT_SIDE}: the original\'s Kinetics copies.',
     lower_bound=0)
 _FPS = flags.DEFINE_float(
     'fps', tfds_builders.DEFAULT_FPS,

@@ -10,6 +10,13 @@ The release's layout, in `data_dir`:
 The lists bracket a template's objects ("Putting [something] on a surface"),
 the labels file does not. Test labels are not public; as the original
 TimeSformer, testing uses the validation list.
+
+The webm videos are read directly, as the original read the JPEGs it had
+extracted from them (`ffmpeg -i VIDEO -r 30 -q:v 1`) by the recipe
+(`configs/default.py`): segments are cut over the video resampled to 30 fps
+(`config.data.segment_fps`, `clip_lib.resampled_frames`), the training
+short side is drawn inverse-uniformly (`scale_jitter`), and the model takes
+BGR (`channel_order`: cv2 decoded those JPEGs).
 """
 
 from __future__ import annotations

@@ -51,6 +51,10 @@ FILE_FORMAT = 'array_record'
 # frame they use. The short side is at least the largest training scale
 # (`default_short_side`).
 DEFAULT_SHORT_SIDE = 320
+# The original's Kinetics copies: its `DATASET.md` resizes every video to a
+# short side of 256 first, which training enlarges to 256-320
+# (`prepare --short_side=256`).
+ORIGINAL_SHORT_SIDE = 256
 DEFAULT_FPS = 15.0
 DEFAULT_JPEG_QUALITY = 75
 

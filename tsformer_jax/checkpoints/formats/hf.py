@@ -1,20 +1,35 @@
 """Hugging Face TimeSformer: `config.json` and `model.safetensors` (or
 `pytorch_model.bin`, or shards of either), of a
-`TimesformerForVideoClassification` or of a `TimesformerModel` (no head)."""
+`TimesformerForVideoClassification` or of a `TimesformerModel` (no head).
+
+The channel order the model takes (`config.data.channel_order`) is the
+config.json's `channel_order` where it has one (ours write it). Otherwise a
+Something-Something-V2 model (`is_ssv2`) takes BGR: the Hub's
+`facebook/timesformer-*-ssv2` were converted from the original's SSv2
+models, trained on the BGR frames of its cv2 loader; it also gets our SSv2
+recipe (segment sampling). Any other model takes RGB.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import functools
+import importlib.resources
 import json
 import os
 from typing import Any
 
 import ml_collections
 
+from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import tensor_io
 from tsformer_jax.checkpoints.formats import state_dicts
 from tsformer_jax.checkpoints.formats.state_dicts import HF_ATTENTION_TYPES
+
+# The config.json key of the channel order ('rgb' or 'bgr'); transformers
+# keeps unknown keys as attributes (`model.config.channel_order`).
+CHANNEL_ORDER_KEY = 'channel_order'
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -29,7 +44,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
                      'supported; TimeSformer uses exact GELU ("gelu").')
   if not hf_config.get('qkv_bias', True):
     raise ValueError('qkv_bias=False is not supported.')
-  config = config_lib.get_config(HF_ATTENTION_TYPES[attention_type])
+  config = config_lib.get_config(HF_ATTENTION_TYPES[attention_type],
+                                 'dataset=ssv2' if is_ssv2(hf_config) else None)
   size = hf_config.get('image_size', 224)
   num_labels = hf_config.get('num_labels')
   if num_labels is None:
@@ -51,7 +67,37 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   ))
   config.data.class_names = _class_names(hf_config.get('id2label'),
                                          config.model.num_classes)
+  order = hf_config.get(CHANNEL_ORDER_KEY)
+  if order is not None:
+    if order not in clip_lib.CHANNEL_ORDERS:
+      raise ValueError(f'config.json gives {CHANNEL_ORDER_KEY} {order!r}; '
+                       f'valid: {list(clip_lib.CHANNEL_ORDERS)}.')
+    config.data.channel_order = order
   return config
+
+
+def is_ssv2(hf_config: Mapping[str, Any]) -> bool:
+  """Whether a config.json is of a Something-Something-V2 model: its labels
+  (`id2label`) are SSv2's 174 templates (in any order, brackets and case
+  aside), or its `_name_or_path` names ssv2 (as the Hub's
+  `facebook/timesformer-base-finetuned-ssv2`)."""
+  name = str(hf_config.get('_name_or_path') or '').lower()
+  if any(k in name for k in ('ssv2', 'something-something',
+                             'something_something')):
+    return True
+  labels = hf_config.get('id2label') or {}
+  return {_template(n) for n in labels.values()} == _ssv2_templates()
+
+
+def _template(name: str) -> str:
+  return ' '.join(name.replace('[', '').replace(']', '').lower().split())
+
+
+@functools.cache
+def _ssv2_templates() -> frozenset[str]:
+  text = importlib.resources.files('tsformer_jax').joinpath(
+      'labels', 'something_something_v2.txt').read_text(encoding='utf-8')
+  return frozenset(_template(n) for n in text.splitlines() if n.strip())
 
 
 def _class_names(id2label: Mapping[Any, str] | None, count: int

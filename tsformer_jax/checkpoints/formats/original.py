@@ -1,5 +1,12 @@
 """The original TimeSformer's `.pyth`: its `model_state`, names `model.*`,
-and its training config `cfg` (a YAML dump of the original's yacs config)."""
+and its training config `cfg` (a YAML dump of the original's yacs config).
+
+The cfg's `TRAIN.DATASET` also tells the channel order the model takes
+(`channel_order`): the original's SSv2 loader reads JPEGs with cv2, which
+gives BGR, and its ViT never reverses them (`DATA.REVERSE_INPUT_CHANNEL`
+acts only in the other architectures' `pack_pathway_output`), so its SSv2
+models take BGR; its Kinetics and Diving-48 loaders decode with PyAV: RGB.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Any
 import ml_collections
 import yaml
 
+from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax.checkpoints.formats import state_dicts
 
@@ -20,6 +28,15 @@ DATASETS = {'kinetics400': 'kinetics', 'kinetics600': 'kinetics',
 # original has no such key, and yacs refuses unknown keys in a cfg it
 # merges, so it is written only for models the original cannot build.
 HEADS_KEY = ('TIMESFORMER', 'NUM_HEADS')
+# Where a `.pyth` of ours records a channel order other than its dataset's
+# (`channel_order`), as `HEADS_KEY` only where needed: an SSv2 model in RGB.
+CHANNELS_KEY = ('DATA', 'CHANNEL_ORDER')
+
+
+def channel_order(dataset: str) -> str:
+  """The channel order of the original's models trained on `dataset` (its
+  `TRAIN.DATASET`): 'bgr' for 'ssv2' (cv2's JPEGs), else 'rgb'."""
+  return 'bgr' if dataset == 'ssv2' else 'rgb'
 
 
 def params_from_original_state_dict(state_dict: Mapping[str, Any], config,
@@ -50,7 +67,8 @@ def _cfg_values(text: str, source: str):
 def config_from_cfg(text: str, scheme: str, source: str
                     ) -> ml_collections.ConfigDict:
   """Our config of `scheme` as the original's `cfg` describes the job:
-  frames, crop size, classes, dataset, sampling and test views."""
+  frames, crop size, classes, dataset, sampling, scale jitter, test views
+  and the channel order (`channel_order`, else `CHANNELS_KEY`)."""
   get = _cfg_values(text, source)
   attention_type = get('TIMESFORMER', 'ATTENTION_TYPE')
   named = state_dicts.HF_ATTENTION_TYPES.get(attention_type, scheme)
@@ -76,6 +94,16 @@ def config_from_cfg(text: str, scheme: str, source: str
       ('data', 'test_num_crops', get('TEST', 'NUM_SPATIAL_CROPS'))):
     if value is not None:
       config[section][key] = type(config[section][key])(value)
+  inverse = get('DATA', 'INV_UNIFORM_SAMPLE')
+  if inverse is not None:
+    config.data.scale_jitter = 'inverse_uniform' if inverse else 'uniform'
+  order = get(*CHANNELS_KEY)
+  config.data.channel_order = channel_order(theirs)
+  if order is not None:
+    if order not in clip_lib.CHANNEL_ORDERS:
+      raise ValueError(f'{source}: its cfg gives {".".join(CHANNELS_KEY)} '
+                       f'{order!r}; valid: {list(clip_lib.CHANNEL_ORDERS)}.')
+    config.data.channel_order = order
   return config
 
 

@@ -406,3 +406,19 @@ def test_forward_and_eval_step_normalise_pixel_clips_on_the_device(
   assert float(sums['count']) == 3
   for key in sums:
     np.testing.assert_allclose(sums[key], expected[key], rtol=1e-5)
+
+
+@pytest.mark.parametrize('positions', clip_lib.CLIP_POSITIONS)
+def test_evaluation_coverage_places_clips_as_evaluation(positions):
+  """predict's default views sit where evaluation's do, 'original' too;
+  --clips=N spans the whole video whatever the config."""
+  spec = clip_lib.ClipSpec(num_frames=4, sampling_rate=8, crop_size=(32, 32),
+                           num_clips=3, clip_positions=positions)
+  views = long_video.clip_indices(300, 30.0, spec,
+                                  long_video.Coverage.evaluation(spec))
+  expected = [clip_lib.temporal_indices(300, 30.0, spec, clip=k)
+              for k in range(3)]
+  np.testing.assert_array_equal(views, np.stack(expected))
+  whole = long_video.clip_indices(300, 30.0, spec,
+                                  long_video.Coverage(num_clips=3))
+  assert whole[-1, -1] == 299

@@ -38,18 +38,21 @@ class Coverage:
   Exactly one of `num_clips`, `stride_seconds` and `stride_frames` is set.
 
   Attributes:
-    num_clips: clips evenly spaced from the first frame to the last (the
-      paper's placement of test clips, whatever `spec.clip_positions`).
+    num_clips: clips placed as `clip_positions` says.
     stride_seconds: a clip every this many seconds, and one ending on the
       last frame.
     stride_frames: the same in source frames (fractions allowed).
     num_crops: spatial crops per clip: 1 (centre) or 3 (the two ends and
       the centre of the long side, as evaluation's).
+    clip_positions: where `num_clips` clips sit (`clip_lib.CLIP_POSITIONS`):
+      'paper' (evenly from the first frame to the last; the whole video)
+      or, as evaluation's may be, 'original'.
   """
   num_clips: int | None = None
   stride_seconds: float | None = None
   stride_frames: float | None = None
   num_crops: int = 1
+  clip_positions: str = 'paper'
 
   def __post_init__(self):
     given = {k: v for k, v in (('num_clips', self.num_clips),
@@ -70,7 +73,8 @@ class Coverage:
   @classmethod
   def evaluation(cls, spec: clip_lib.ClipSpec) -> Coverage:
     """Evaluation's views: `spec.num_clips` clips x `spec.num_crops`."""
-    return cls(num_clips=spec.num_clips, num_crops=spec.num_crops)
+    return cls(num_clips=spec.num_clips, num_crops=spec.num_crops,
+               clip_positions=spec.clip_positions)
 
 
 def clip_span(video_fps: float, spec: clip_lib.ClipSpec) -> float:
@@ -120,10 +124,8 @@ def clip_indices(video_frames: int, video_fps: float,
     raise clip_lib.BadVideoError('The video has no frames.')
   check_coverage(spec, coverage)
   if coverage.num_clips is not None:
-    # Whole videos: the paper's placement reaches the last frame, the
-    # original's ('original' clip positions) stops a clip's slack short.
     spec = dataclasses.replace(spec, num_clips=coverage.num_clips,
-                               clip_positions='paper')
+                               clip_positions=coverage.clip_positions)
     return np.stack([
         clip_lib.temporal_indices(video_frames, video_fps, spec,
                                   clip=k)

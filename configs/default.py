@@ -4,10 +4,11 @@ r"""The paper's recipe: TimeSformer-base on Kinetics-400 (Sec. 4).
       --config.model.attention=joint --workdir=DIR
 
 The arg after the colon, big_vision style, is comma-separated `key=value`:
-`variant` (a key of `VARIANTS`), `dataset` (a key of `DATASETS`, or an
-alias) and `attention` (the scheme; the scheme files set it). A bare word
-names a variant or a dataset: `configs/divided.py:hr,ssv2`. Any field can be
-overridden on the command line: `--config.model.dtype=bfloat16`.
+`variant` (a key of `VARIANTS`), `dataset` (a key of
+`dataset_facts.DATASETS`, or an alias) and `attention` (the scheme; the
+scheme files set it). A bare word names a variant or a dataset:
+`configs/divided.py:hr,ssv2`. Any field can be overridden on the command
+line: `--config.model.dtype=bfloat16`.
 
 The defaults are the paper's Kinetics-400 recipe (`REFERENCE.md` of the
 original code's configs): SGD with Nesterov momentum 0.9, weight decay 1e-4,
@@ -21,12 +22,15 @@ weights (`SCRATCH`).
 import ml_collections
 
 from tsformer_jax.configs import common
+from tsformer_jax.configs import dataset_facts
 
 # The original's initialisation, timm's `vit_base_patch16_224` (ImageNet-21k,
 # fine-tuned on ImageNet-1k at 224), as the Hugging Face Hub publishes it.
 IMAGENET_VIT = 'google/vit-base-patch16-224'
 # `config.init_from.path` that starts from random weights.
 SCRATCH = 'scratch'
+# The paper's dataset: its facts are the recipe's, whatever the variant.
+DEFAULT_DATASET = 'kinetics400'
 
 # Each variant's overrides of the defaults below. The paper's sizes (Sec. 4):
 # frames, frame size, sampling rate.
@@ -46,7 +50,7 @@ VARIANTS = {
     'demo': dict(
         model=dict(num_frames=8, image_size=(32, 32), patch_size=8,
                    hidden_size=64, depth=2, num_heads=4, mlp_dim=128,
-                   num_classes=2, drop_path=0.0, time_embedding_std=1.0),
+                   drop_path=0.0, time_embedding_std=1.0),
         data=dict(dataset='synthetic_motion', sampling_rate=2,
                   train_scales=(32, 40), test_num_crops=1, num_workers=2),
         optimizer=dict(name='adamw', learning_rate=1e-3, weight_decay=0.05,
@@ -56,28 +60,6 @@ VARIANTS = {
         init_from=dict(path=SCRATCH)),
 }
 
-# Each dataset's recipe: classes, horizontal flips, temporal sampling ('rate':
-# a clip spans num_frames * sampling_rate frames; 'segments': one frame per
-# equal segment, SSv2) and frames per clip by variant where they differ. SSv2
-# as the original read it: segments of its frames at 30 fps (the JPEGs it
-# extracted), inverse-uniform scale jitter, pixels in BGR (cv2 decoded them).
-DATASETS = {
-    # Generated shapes, nothing ImageNet knows: random weights.
-    'synthetic_motion': dict(num_classes=2, init_from=SCRATCH),
-    'synthetic_motion_videos': dict(num_classes=2, init_from=SCRATCH),
-    'kinetics400': dict(num_classes=400),
-    'kinetics600': dict(num_classes=600),
-    'ssv2': dict(num_classes=174, flip=False, sampling='segments',
-                 segment_fps=30.0, scale_jitter='inverse_uniform',
-                 channel_order='bgr', frames=dict(base=8, hr=16, l=64)),
-    'diving48': dict(num_classes=48),
-    # Your videos, {data_dir}/{train,val}/{class}/*: their class folders
-    # tell the count, which --config.model.num_classes must give.
-    'folder': dict(num_classes=0),
-}
-ALIASES = {'k400': 'kinetics400', 'k600': 'kinetics600',
-           'something_something_v2': 'ssv2'}
-
 
 def get_config(arg: str | None = None, **defaults
                ) -> ml_collections.ConfigDict:
@@ -86,7 +68,8 @@ def get_config(arg: str | None = None, **defaults
   arg = common.parse_arg(
       arg, dict(dict(variant='base', dataset='', attention='divided'),
                 **defaults),
-      shorthands=dict(variant=VARIANTS, dataset=[*DATASETS, *ALIASES]))
+      shorthands=dict(variant=VARIANTS, dataset=[*dataset_facts.DATASETS,
+                                                 *dataset_facts.ALIASES]))
   if arg['variant'].lower() not in VARIANTS:
     raise ValueError(f'Unknown variant {arg["variant"]!r}; valid: '
                      f'{sorted(VARIANTS)}.')
@@ -97,7 +80,6 @@ def get_config(arg: str | None = None, **defaults
   config.seed = 0
   config.model = ml_collections.ConfigDict(dict(
       attention=arg['attention'],
-      num_classes=400,
       num_frames=8,
       image_size=(224, 224),
       patch_size=16,
@@ -115,8 +97,9 @@ def get_config(arg: str | None = None, **defaults
       # Block rematerialisation: 'none', 'full', 'dots', 'dots_no_batch'.
       remat='none',
   ))
+  # The dataset's fields (flips, temporal sampling, pixels; the classes):
+  # `_set_dataset`, from `dataset_facts`.
   config.data = ml_collections.ConfigDict(dict(
-      dataset='kinetics400',
       data_dir='',
       train_split='train',
       eval_split='test',
@@ -125,27 +108,17 @@ def get_config(arg: str | None = None, **defaults
       # ('': ~/.cache/tsformer_jax/tfds).
       format='files',
       tfds_dir='',
-      sampling='rate',
       sampling_rate=32,
       target_fps=30.0,
-      # 'segments' sampling: the frame rate a video is resampled to (as
-      # `ffmpeg -r` would) before it is cut; 0: its own frames.
-      segment_fps=0.0,
       train_scales=(256, 320),
-      # The training short side: 'uniform' round(uniform(min, max)) or
-      # 'inverse_uniform' round(1 / uniform(1 / max, 1 / min)).
-      scale_jitter='uniform',
-      flip=True,
       # Resizing: 'original' as the original (whole frames, bilinear, no
       # antialiasing, float32 pixels) or 'antialias' (PIL's antialiased
       # bilinear filter, uint8 pixels: 4x fewer bytes to the device).
       resize='original',
-      # The original's normalisation; it travels with every checkpoint.
+      # The original's normalisation; it travels with every checkpoint, as
+      # the channel order does.
       mean=(0.45, 0.45, 0.45),
       std=(0.225, 0.225, 0.225),
-      # The channel order the model takes: 'rgb', or 'bgr' (the original's
-      # SSv2 models). It travels with every checkpoint.
-      channel_order='rgb',
       test_num_clips=1,
       test_num_crops=3,
       # Where test clips sit: 'paper' (one clip in the middle; n clips from
@@ -163,7 +136,8 @@ def get_config(arg: str | None = None, **defaults
       num_workers=8,
       # Loader workers: 'process' (past the GIL) or 'thread'.
       worker_type='process',
-      # Seconds before a stalled decoder's video counts as bad (0: no bound).
+      # Seconds before a stalled decoder's video counts as bad (0: no
+      # bound): far above a clip's decoding (well under a second).
       decode_timeout_s=60.0,
       # Class names by index; empty: the dataset's. Checkpoints carry them.
       class_names=(),
@@ -215,28 +189,26 @@ def get_config(arg: str | None = None, **defaults
   config.init_from = ml_collections.ConfigDict(dict(
       path=IMAGENET_VIT, format='auto', pos_resize='1d'))
 
+  _set_dataset(config, DEFAULT_DATASET)
   for section, values in VARIANTS[variant].items():
     if isinstance(values, dict):
       config[section].update(values)
     else:
       config[section] = values
-  if arg['dataset']:
-    _set_dataset(config, arg['dataset'].lower())
+  # A dataset the arg names, else the variant's, overrides the variant.
+  named = arg['dataset'] or VARIANTS[variant].get('data', {}).get('dataset')
+  if named:
+    _set_dataset(config, named)
   return config
 
 
 def _set_dataset(config: ml_collections.ConfigDict, name: str):
-  name = ALIASES.get(name, name)
-  if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; valid: {sorted(DATASETS)} '
-                     f'(aliases {sorted(ALIASES)}).')
-  recipe = DATASETS[name]
-  config.data.dataset = name
-  config.model.num_classes = recipe['num_classes']
-  for key, value in dict(flip=True, sampling='rate', segment_fps=0.0,
-                         scale_jitter='uniform', channel_order='rgb').items():
-    config.data[key] = recipe.get(key, value)
-  config.model.num_frames = recipe.get('frames', {}).get(
-      config.variant, config.model.num_frames)
-  if 'init_from' in recipe:
-    config.init_from.path = recipe['init_from']
+  """Sets `config`'s dataset fields from its facts (`dataset_facts`)."""
+  facts = dataset_facts.get(name)
+  config.data.dataset = facts.name
+  config.data.update(facts.data_fields())
+  config.model.num_classes = facts.num_classes
+  config.model.num_frames = facts.frames.get(config.variant,
+                                             config.model.num_frames)
+  if not facts.pretrained:
+    config.init_from.path = SCRATCH

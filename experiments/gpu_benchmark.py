@@ -6,16 +6,16 @@ r"""Train-step throughput on one GPU, ours and PyTorch's, each row alone.
   python experiments/gpu_benchmark.py --list    # the plans and their rows
 
 Divided space-time TimeSformer, bfloat16 compute with float32 parameters,
-one full training step (forward, backward, SGD with Nesterov momentum 0.9,
-learning rate 0.005) on random clips. Each row runs in a subprocess of its
-own, with a time limit, so that no framework's allocator or compilation
-cache sees another's; a row that fails or runs out of time is recorded as
-such and the plan goes on. The tables (`gpu_<device>.md` and `.json` in
---out) are written again after every row, and the run stops starting rows
-once --deadline_s is spent.
+one full training step (forward, backward and the recipe's SGD update:
+Nesterov momentum 0.9, learning rate 0.005, weight decay 1e-4) on random
+clips. Each row runs in a subprocess of its own, with a time limit, so that
+no framework's allocator or compilation cache sees another's; a row that
+fails or runs out of time is recorded as such and the plan goes on. The
+tables (`gpu_<device>.md` and `.json` in --out) are written again after
+every row, and the run stops starting rows once --deadline_s is spent.
 
 Row kinds:
-- `jax`: `summary.lower_sgd_train_step` for an `attention_impl`, a `remat`
+- `jax`: `train_step_cost.lower_train_step` for an `attention_impl`, a `remat`
   policy (`model.REMAT_POLICIES`) and a named set of XLA flags
   (`XLA_FLAG_SETS`, given to the subprocess as XLA_FLAGS); clips/s over
   the timed steps (after two warm-up steps), XLA's planned peak memory and
@@ -69,7 +69,6 @@ XLA_FLAG_SETS = {
 }
 # The profile keeps per-kernel HLO names: no CUDA graphs (command buffers).
 PROFILE_XLA_FLAGS = '--xla_gpu_enable_command_buffer='
-SGD = dict(lr=0.005, momentum=0.9, nesterov=True)  # = summary.sgd_train_step
 # --smoke: one block, batches of 2 (the L memory row's 1), XLA's quickest
 # compilation, two rows at a time.
 SMOKE_BATCH = {1: 1}
@@ -201,13 +200,13 @@ def _timed(step, steps: int, warmup: int, sync) -> list[float]:
 def jax_worker(row: dict, steps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import train_step_cost  # pylint: disable=g-import-not-at-top
 
   import tsformer_jax  # pylint: disable=g-import-not-at-top
-  from tsformer_jax import summary  # pylint: disable=g-import-not-at-top
 
   config, b = model_config(row), row['batch_size']
   start = time.perf_counter()
-  compiled = summary.lower_sgd_train_step(config, b).compile()
+  compiled = train_step_cost.lower_train_step(config, b).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   peak = None
@@ -215,7 +214,7 @@ def jax_worker(row: dict, steps: int) -> dict:
     peak = (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
             memory.output_size_in_bytes - memory.alias_size_in_bytes)
   params = tsformer_jax.init_params(config, jax.random.key(0))
-  state = [params, summary.sgd_train_step(config)[1].init(params)]
+  state = [params, train_step_cost.train_step(config)[1].init(params)]
   clips = jax.random.normal(jax.random.key(1),
                             tsformer_jax.dummy_clips(config, b).shape)
   labels = jnp.arange(b, dtype=jnp.int32) % config.model.num_classes
@@ -279,13 +278,15 @@ def hf_model(config, attention: str = 'hf'):
 
 def torch_worker(row: dict, steps: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
+  import train_step_cost  # pylint: disable=g-import-not-at-top
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   config, b = model_config(row), row['batch_size']
   model = hf_model(config, row['attention']).to(device).train()
+  sgd = train_step_cost.torch_sgd(config)
   try:
-    opt = torch.optim.SGD(model.parameters(), fused=device == 'cuda', **SGD)
+    opt = torch.optim.SGD(model.parameters(), fused=device == 'cuda', **sgd)
   except (TypeError, RuntimeError):  # Releases without a fused SGD.
-    opt = torch.optim.SGD(model.parameters(), **SGD)
+    opt = torch.optim.SGD(model.parameters(), **sgd)
   forward = model
   if row['compile_mode'] != 'eager':
     backend = row.get('torch_backend', 'inductor')
@@ -326,9 +327,10 @@ def torch_worker(row: dict, steps: int) -> dict:
 
 
 def memory_worker(row: dict) -> dict:
-  from tsformer_jax import summary  # pylint: disable=g-import-not-at-top
+  import train_step_cost  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  sizes = summary.train_step_memory(model_config(row), row['batch_size'])
+  sizes = train_step_cost.train_step_memory(model_config(row),
+                                            row['batch_size'])
   return dict(compile_s=time.perf_counter() - start,
               **{f'{k}_gib': v / 2**30 for k, v in sizes.items()})
 
@@ -468,8 +470,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
            f'`{meta["command"]}` (jax {meta.get("jax", "?")}, '
            f'{meta.get("torch") or "no torch"}, Python {meta["python"]}). '
            'Divided space-time, bfloat16 compute, SGD with Nesterov '
-           'momentum; each row in its own process; median of the timed '
-           'steps (spread = max - min). MFU: 3 x forward FLOPs '
+           'momentum and weight decay; each row in its own process; median '
+           'of the timed steps (spread = max - min). MFU: 3 x forward FLOPs '
            f'({_fmt(meta.get("forward_flops_per_clip"), ".3e")} per clip, '
            'XLA\'s CPU count) x clips/s / dense bf16 peak '
            f'({_fmt(meta.get("peak_bf16"), ".3g")}). Memory: XLA\'s planned '
@@ -560,7 +562,7 @@ def select_rows(args) -> list[dict]:
   return rows
 
 
-def main():
+def parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--plan', default='full',
                       help="comma-separated plans, or 'all'; --list "
@@ -583,22 +585,30 @@ def main():
   parser.add_argument('--list', action='store_true')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.worker:
-    spec = json.loads(args.worker)
-    try:
-      result = run_worker(spec)
-    except Exception as e:  # pylint: disable=broad-except
-      # The parent records the error's first line; the traceback follows.
-      with open(spec['result'], 'w') as f:
-        json.dump(dict(error=f'{type(e).__name__}: {e}'.splitlines()[0]),
-                  f)
-      raise
-    with open(spec['result'], 'w') as f:
-      json.dump(result, f)
-    return
   if args.smoke:
     args.plan = 'all' if args.plan == 'full' else args.plan
     args.steps = 2
+  return args
+
+
+def worker_main(spec: dict):
+  """Runs one row in this (sub)process; its result goes to a json file."""
+  try:
+    result = run_worker(spec)
+  except Exception as e:  # pylint: disable=broad-except
+    # The parent records the error's first line; the traceback follows.
+    with open(spec['result'], 'w') as f:
+      json.dump(dict(error=f'{type(e).__name__}: {e}'.splitlines()[0]), f)
+    raise
+  with open(spec['result'], 'w') as f:
+    json.dump(result, f)
+
+
+def main():
+  args = parse_args()
+  if args.worker:
+    worker_main(json.loads(args.worker))
+    return
   if args.list:
     for name, rows in plans().items():
       print(f'{name}:')
@@ -620,16 +630,7 @@ def main():
   # On the CPU, beside the first rows: it never touches the GPU.
   flops_future = launch(dict(kind='flops', variant=variant,
                              smoke=args.smoke), args, backend, 300)
-  try:
-    torch_version = importlib.metadata.version('torch')
-  except importlib.metadata.PackageNotFoundError:
-    torch_version = None
-  meta = dict(device=probe['device'], backend=backend, jax=probe['jax'],
-              torch=f'torch {torch_version}' if torch_version else None,
-              python=probe['python'], peak_bf16=peak_flops(probe['device']),
-              forward_flops_per_clip=None,
-              command='python experiments/gpu_benchmark.py ' + ' '.join(
-                  sys.argv[1:]))
+  meta = run_meta(probe)
   print(f'{probe["device"]} ({backend}), {len(rows)} rows, deadline '
         f'{args.deadline_s:.0f} s', flush=True)
   done = resumed_rows(args.resume, probe['device'], rows)
@@ -676,6 +677,21 @@ def main():
   name = write_tables(args.out, meta, _ordered(done, rows))
   print(markdown(meta, _ordered(done, rows)))
   print(f'Wrote {name}.md and .json in {time.perf_counter() - start:.0f} s')
+
+
+def run_meta(probe: dict) -> dict:
+  """What the tables say of the run: device, versions, command, peak."""
+  try:
+    torch_version = importlib.metadata.version('torch')
+  except importlib.metadata.PackageNotFoundError:
+    torch_version = None
+  return dict(device=probe['device'], backend=probe['backend'],
+              jax=probe['jax'],
+              torch=f'torch {torch_version}' if torch_version else None,
+              python=probe['python'], peak_bf16=peak_flops(probe['device']),
+              forward_flops_per_clip=None,
+              command='python experiments/gpu_benchmark.py ' + ' '.join(
+                  sys.argv[1:]))
 
 
 def resumed_rows(path: str | None, device: str, rows: list[dict]

@@ -7,7 +7,7 @@ r"""Where a training step's time goes: a profiler trace summed by kind of op.
   python experiments/gpu_profile.py --trace=T.json.gz --hlo=STEP.hlo.txt
 
 Compiles the plain SGD training step of divided attention
-(`summary.sgd_train_step`, bfloat16 compute), runs it twice, then traces
+(`train_step_cost.train_step`, bfloat16 compute), runs it twice, then traces
 `--steps` more under `jax.profiler.trace(create_perfetto_trace=True)` and
 reads the Chrome-format trace the profiler writes beside its `.xplane.pb`
 (`perfetto_trace.json.gz`). Each kernel (GPU) or thunk (CPU) event names
@@ -356,15 +356,15 @@ def capture(config, batch_size: int, steps: int, logdir: str) -> dict:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import train_step_cost  # pylint: disable=g-import-not-at-top
 
   import tsformer_jax  # pylint: disable=g-import-not-at-top
-  from tsformer_jax import summary as summary_lib  # pylint: disable=g-import-not-at-top
 
-  compiled = summary_lib.lower_sgd_train_step(config, batch_size).compile()
+  compiled = train_step_cost.lower_train_step(config, batch_size).compile()
   hlo = compiled.as_text()
   module = re.match(r'HloModule ([\w.\-]+)', hlo).group(1)
   params = tsformer_jax.init_params(config, jax.random.key(0))
-  opt_state = summary_lib.sgd_train_step(config)[1].init(params)
+  opt_state = train_step_cost.train_step(config)[1].init(params)
   clips = jax.random.normal(
       jax.random.key(1), tsformer_jax.dummy_clips(config, batch_size).shape)
   labels = jnp.arange(batch_size, dtype=jnp.int32) % config.model.num_classes

@@ -5,14 +5,14 @@ r"""Compiled memory of the training step: divided and joint, base / HR / L.
       [--dtype=float32] [--batch_size=1]
 
 For each configuration XLA compiles one SGD training step (forward,
-backward, update; `summary.train_step_memory`) for `--batch_size` clips on
-the default backend and reports its memory analysis: arguments (parameters,
-momentum, clips), temporaries (activations kept for the backward pass and
-scratch) and the peak, their sum less the buffers the step overwrites in
-place. Nothing is allocated, so a configuration far larger than the device
-still gets its row. Joint attention is compiled twice: with XLA's attention,
-which builds the full (T*N)^2 score matrix, and with the chunked attention
-(`attention.chunked_attention`), which never does.
+backward, update; `train_step_cost.train_step_memory`) for `--batch_size`
+clips on the default backend and reports its memory analysis: arguments
+(parameters, momentum, clips), temporaries (activations kept for the
+backward pass and scratch) and the peak, their sum less the buffers the step
+overwrites in place. Nothing is allocated, so a configuration far larger
+than the device still gets its row. Joint attention is compiled twice: with
+XLA's attention, which builds the full (T*N)^2 score matrix, and with the
+chunked attention (`attention.chunked_attention`), which never does.
 
 On the CPU backend rematerialisation does not show: XLA's CPU compiler
 drops the optimisation barriers that keep recomputation in the backward
@@ -29,9 +29,9 @@ import os
 import time
 
 import jax
+import train_step_cost
 
 from tsformer_jax import config_lib
-from tsformer_jax import summary
 
 GIB = 2 ** 30
 BUDGET_GIB = 16  # The target for divided L with remat (the scaling issue).
@@ -55,7 +55,7 @@ def measure(row: dict, batch_size: int) -> dict:
   config.model.dtype = row['dtype']
   m = config.model
   start = time.perf_counter()
-  sizes = summary.train_step_memory(config, batch_size)
+  sizes = train_step_cost.train_step_memory(config, batch_size)
   return dict(row, frames=m.num_frames, size=m.image_size[0],
               tokens=m.num_frames * (m.image_size[0] // m.patch_size) ** 2,
               compile_s=round(time.perf_counter() - start, 1),

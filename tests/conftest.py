@@ -205,11 +205,13 @@ def write_csv_split(root, split, good, bad_at=(), fps=None,
   `root/split` and their CSV `root/split.csv`, with a corrupt file at
   position `bad_at[0]` and an empty one at `bad_at[1]`. Returns the CSV's
   entries; `relabel(label, index)` gives each good video's label."""
+  from tsformer_jax import video_io  # pylint: disable=g-import-not-at-top
   from tsformer_jax.datasets import kinetics  # pylint: disable=g-import-not-at-top
   from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
   from tsformer_jax.datasets import video_files  # pylint: disable=g-import-not-at-top
+  from tsformer_jax.datasets import video_writer  # pylint: disable=g-import-not-at-top
   (root / split).mkdir(parents=True, exist_ok=True)
-  fps = video_files.DEFAULT_FPS if fps is None else fps
+  fps = video_io.DEFAULT_FPS if fps is None else fps
   entries, videos = [], iter(range(good))
   for position in range(good + len(bad_at)):
     if position in bad_at:
@@ -221,7 +223,7 @@ def write_csv_split(root, split, good, bad_at=(), fps=None,
     index = next(videos)
     frames, label = synthetic_motion.generate(split, index)
     path = root / split / f'{index}.mp4'
-    video_files.write_mp4(str(path), frames, fps=fps)
+    video_writer.write_mp4(str(path), frames, fps=fps)
     entries.append(video_files.Entry(str(path), relabel(label, index)))
   kinetics.write_csv(str(root / f'{split}.csv'), entries, str(root))
   return entries

@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+
+import tsformer_jax
 
 from conftest import tiny_config
 
@@ -18,6 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 
 import benchmark_cpu  # noqa: E402  pylint: disable=g-import-not-at-top
 import gpu_benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
+import train_step_cost  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 @pytest.mark.slow
@@ -34,6 +38,59 @@ def test_cpu_benchmark_steps_both_frameworks_alike():
   assert all(t > 0 for v in times.values() for t in v)
   # Every timed call follows an untimed call of its own framework.
   assert calls == ['jax', 'jax', 'torch', 'torch'] * 2
+
+
+def test_benchmark_step_updates_as_torch_sgd_with_its_arguments():
+  """The step's optimizer (`train.create_optimizer`) and the PyTorch rows'
+  `torch.optim.SGD(**torch_sgd(config))` make the same updates."""
+  import torch  # pylint: disable=g-import-not-at-top
+  config = tiny_config('divided')
+  # Rates large enough that a dropped term (decay, Nesterov) shows.
+  config.optimizer.update(learning_rate=0.5, weight_decay=0.1)
+  _, tx = train_step_cost.train_step(config)
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(4, 3)).astype(np.float32)
+  grads = [rng.normal(size=w.shape).astype(np.float32) for _ in range(3)]
+  params = {'w': w}
+  state = tx.init(params)
+  theirs = torch.nn.Parameter(torch.from_numpy(w.copy()))
+  opt = torch.optim.SGD([theirs], **train_step_cost.torch_sgd(config))
+  for g in grads:
+    updates, state = tx.update({'w': g}, state, params)
+    params = {'w': params['w'] + np.asarray(updates['w'])}
+    theirs.grad = torch.from_numpy(g)
+    opt.step()
+  assert not np.allclose(params['w'], w)
+  np.testing.assert_allclose(params['w'], theirs.detach().numpy(),
+                             rtol=0, atol=1e-6)
+
+
+def test_torch_sgd_refuses_an_update_it_cannot_state():
+  config = tiny_config('divided')
+  config.optimizer.name = 'adamw'
+  with pytest.raises(ValueError, match="optimizer.name='adamw'"):
+    train_step_cost.torch_sgd(config)
+
+
+@pytest.mark.slow
+def test_train_step_memory_accounts_for_donation_and_batch():
+  config = tiny_config('divided')
+  one, four = (train_step_cost.train_step_memory(config, b) for b in (1, 4))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      jax.eval_shape(lambda: tsformer_jax.init_params(
+          config, jax.random.key(0)))))
+  for sizes in (one, four):
+    # The new params and momentum are written over the donated ones, and
+    # the schedule's step count (int32).
+    assert sizes['alias'] == 2 * 4 * params + 4
+    assert sizes['peak'] == (sizes['arguments'] + sizes['temp'] +
+                             sizes['output'] - sizes['alias'])
+  m = config.model
+  clip_bytes = 4 * m.num_frames * m.image_size[0] * m.image_size[1] * 3
+  label_bytes = 4
+  assert four['arguments'] - one['arguments'] == 3 * (clip_bytes +
+                                                      label_bytes)
+  assert four['temp'] > 2 * one['temp']
 
 
 def test_cpu_benchmark_skips_a_framework_whose_first_call_is_too_slow():

@@ -13,6 +13,7 @@ import sys
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -320,6 +321,45 @@ def test_orbax_round_trip(tmp_path, monkeypatch):
   checkpoints.save_checkpoint(tmp_path / 'ckpt', config, params,
                               overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ['ckpt']
+
+
+def test_each_reader_gives_every_field_of_the_recipe(tmp_path, vit_files):
+  """Configs come back whole, with nothing for their readers to fall back
+  on: one saved by an older version (fields since added filled as that run
+  had them, `config_lib.upgrade`), those made from a Hugging Face
+  directory, a `.pyth` and an image ViT, and one passed in by hand."""
+  fields = lambda c: sorted(_items(c.to_dict()))
+  recipe = [path for path, _ in fields(config_lib.get_config('divided'))]
+  config = tiny_config('divided')
+  params = random_params(config)
+  old = checkpoints.config_to_json(config)
+  del old['sharding'], old['model']['remat'], old['data']['resize']
+  ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      params=ocp.StandardCheckpointHandler(),
+      config=ocp.JsonCheckpointHandler())).save(
+          tmp_path / 'old', args=ocp.args.Composite(
+              params=ocp.args.StandardSave(params),
+              config=ocp.args.JsonSave(old)))
+  hf = hf_timesformer(0, num_frames=2, image_size=32, patch_size=8,
+                      hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=64,
+                      num_labels=3)
+  original_pyth(tmp_path / 'model.pyth', 'divided')
+  # The readers' own configs, before any fitting; the .pyth's head count
+  # from the hint.
+  loaded = {path: checkpoints.read_checkpoint(path, hint=config)[1]
+            for path in (tmp_path / 'old', save_hf(hf, tmp_path / 'hf',
+                                                   'safetensors'),
+                         tmp_path / 'model.pyth', vit_files[1]['vit_npz'])}
+  hand_made = ml_collections.ConfigDict({'model': config.model.to_dict()})
+  loaded['by hand'] = tsformer_jax.load_checkpoint(tmp_path / 'old',
+                                                   hand_made)[0]
+  for source, got in loaded.items():
+    assert [path for path, _ in fields(got)] == recipe, source
+  old = loaded[tmp_path / 'old']
+  assert (old.sharding.to_dict(), old.model.remat, old.data.resize) == (
+      config.sharding.to_dict(), 'none', 'antialias')
+  assert loaded['by hand'].data.resize == 'original'
 
 
 def test_training_checkpoints_load(tmp_path):

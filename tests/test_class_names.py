@@ -15,7 +15,7 @@ from tsformer_jax import convert
 from tsformer_jax import evaluation
 from tsformer_jax import predict
 from tsformer_jax.datasets import synthetic_motion
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from checkpoint_sources import hf_timesformer
 from checkpoint_sources import original_pyth
@@ -42,7 +42,7 @@ def test_hf_id2label_is_kept_through_convert_and_predict(tmp_path, capsys):
   assert list(config.data.class_names) == names
   assert evaluation.label_names(config) == names
   video = tmp_path / 'clip.mp4'
-  video_files.write_mp4(str(video), synthetic_motion.generate('test', 0)[0])
+  video_writer.write_mp4(str(video), synthetic_motion.generate('test', 0)[0])
   capsys.readouterr()
   assert cli.call(predict.main, ['predict', f'--checkpoint={tmp_path}/ours',
                                  str(video), '--json', '--top_k=3']) == 0
@@ -83,7 +83,7 @@ def test_predict_without_names_or_their_dataset_shows_class_indices(
   checkpoints.save_checkpoint(checkpoint, config,
                               tiny_params('divided', num_classes=3))
   video = tmp_path / 'clip.mp4'
-  video_files.write_mp4(str(video), synthetic_motion.generate('test', 0)[0])
+  video_writer.write_mp4(str(video), synthetic_motion.generate('test', 0)[0])
   capsys.readouterr()
   assert cli.call(predict.main, ['predict', f'--checkpoint={checkpoint}',
                                  str(video), '--json']) == 0

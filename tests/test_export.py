@@ -8,10 +8,12 @@ round trips compare tensors bit for bit.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
 
+from absl import flags
 import flax
 import jax
 import numpy as np
@@ -24,8 +26,11 @@ import tsformer_jax
 from tsformer_jax import checkpoints
 from tsformer_jax import cli
 from tsformer_jax import config_lib
+from tsformer_jax import convert
 from tsformer_jax import export
+from tsformer_jax import predict
 from tsformer_jax import tensor_io
+from tsformer_jax import torch_writer
 from tsformer_jax.checkpoints import export as export_lib
 from tsformer_jax.checkpoints.formats import original
 
@@ -186,7 +191,7 @@ def test_class_names_and_the_headless_model(tmp_path):
     ('space_only', r"^Hugging Face's space_only TimeSformer classifies each "
      r'frame alone \(logits \[B \* T, C\]\) where ours, like the original, '
      r"averages the frames' class tokens before the norm and head; export "
-     r'it with --format=pyth\.$'),
+     r'it with --to=pyth\.$'),
     ('axial', r"^Hugging Face's TimeSformer has no 'axial' attention; it has "
      r'divided_space_time, joint_space_time, space_only \(exported: '
      r'divided, joint\)\.$'),
@@ -295,7 +300,7 @@ def test_torch_and_safetensors_writers(tmp_path):
          'rate': 0.5, 'cfg': 'DATA:\n  NUM_FRAMES: 8\n',
          'nested': [1, None, True, (2, 'a'), {}, []]}
   path = tmp_path / 'file.pyth'
-  tensor_io.write_torch(path, obj)
+  torch_writer.write_torch(path, obj)
   loaded = torch.load(path, weights_only=True)
   read = tensor_io.read_torch(path)
   for name, value in tensors.items():
@@ -326,7 +331,7 @@ def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
       f.write(b'half')
     raise OSError('disk full')
   monkeypatch.setattr(tensor_io, 'write_safetensors', fail)
-  monkeypatch.setattr(tensor_io, 'write_torch', fail)
+  monkeypatch.setattr(torch_writer, 'write_torch', fail)
   config = _config('divided')
   for write, name in ((export_lib.write_hf, 'hf'),
                       (export_lib.write_pyth, 'model.pyth')):
@@ -342,7 +347,7 @@ def test_cli_exports_both_formats(tmp_path, capsys):
   config = _config('divided')
   params = _params(config)
   src = checkpoints.save_checkpoint(tmp_path / 'ours', config, params)
-  assert _run_export(src, tmp_path / 'hf', '--format=hf') == 0
+  assert _run_export(src, tmp_path / 'hf', '--to=hf') == 0
   assert 'ours -> ' in capsys.readouterr().out
   hf = _load_hf(tmp_path / 'hf')
   assert hf.config.id2label == dict(enumerate(NAMES))
@@ -352,16 +357,16 @@ def test_cli_exports_both_formats(tmp_path, capsys):
       hf_logits(hf, clips), atol=ATOL, rtol=0)
   # The Hugging Face directory exports on to the original's layout.
   assert _run_export(tmp_path / 'hf', tmp_path / 'model.pyth',
-                     '--format=pyth') == 0
+                     '--to=pyth') == 0
   _, got = tsformer_jax.load_checkpoint(tmp_path / 'model.pyth', config)
   _assert_params_equal(got, params)
   # An existing OUT stays unless --overwrite.
   capsys.readouterr()
-  assert _run_export(src, tmp_path / 'hf', '--format=hf') == 1
+  assert _run_export(src, tmp_path / 'hf', '--to=hf') == 1
   assert capsys.readouterr().err == (
       f'export: error: {tmp_path / "hf"} exists; pass overwrite=True '
       '(--overwrite) to replace it.\n')
-  assert _run_export(src, tmp_path / 'hf', '--format=hf',
+  assert _run_export(src, tmp_path / 'hf', '--to=hf',
                      '--overwrite') == 0
 
 
@@ -392,9 +397,12 @@ def test_cli_changes_nothing_unasked_as_convert(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('args,status,error', [
-    (['--format=hf'], 1, "Hugging Face's space_only TimeSformer classifies "
+    (['--to=hf'], 1, "Hugging Face's space_only TimeSformer classifies "
      'each frame alone'),
-    (['--format=onnx'], 2, '--format=onnx: export writes hf or pyth.'),
+    (['--to=onnx'], 2, 'flag --to=onnx: value should be one of <hf|pyth>'),
+    # The spelling before --to, where --format named the output's format.
+    (['--format=pyth'], 2, '--format names the format of CHECKPOINT; to '
+     'write pyth, pass --to=pyth.'),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, status, error):
   config = tiny_config('space_only')
@@ -410,12 +418,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, status, error):
       'export: error: Pass CHECKPOINT and OUT')
 
 
+def test_help_lists_the_shared_flags_each_entry_point_takes():
+  def listed(module):
+    text = flags.FLAGS.module_help(module.__name__)
+    return set(re.findall(r'^  --(?:\[no\])?(\w+)', text, re.MULTILINE))
+
+  loading = {'config', 'format', 'num_classes', 'pos_resize', 'adapt',
+             'class_names'}
+  assert listed(export) == loading | {'overwrite', 'to'}
+  assert listed(convert) == loading | {'overwrite'}
+  assert listed(predict) & loading == set()
+  assert {'checkpoint', 'json', 'overwrite', 'top_k'} <= listed(predict)
+
+
 _NO_TORCH = '''
 import importlib.abc, sys
 
 class Blocked(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('torch', 'transformers', 'safetensors'):
+    if name.split('.')[0] in ('torch', 'transformers'):
       raise ImportError(f'{name} is blocked in this test')
 
 sys.meta_path.insert(0, Blocked())
@@ -425,7 +446,7 @@ from tsformer_jax import export
 src, out = sys.argv[1:]
 for fmt in ('hf', 'pyth'):
   assert cli.call(export.main, ['export', src, out + '.' + fmt,
-                                '--format=' + fmt]) == 0
+                                '--to=' + fmt]) == 0
 assert not any(m.split('.')[0] == 'torch' for m in sys.modules)
 '''
 
@@ -439,7 +460,7 @@ def test_export_runs_as_a_program_and_without_torch(tmp_path):
              PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path))
   result = subprocess.run(
       [sys.executable, '-m', 'tsformer_jax.export', src, tmp_path / 'cli',
-       '--format=hf'], capture_output=True, text=True, env=env, timeout=300,
+       '--to=hf'], capture_output=True, text=True, env=env, timeout=300,
       check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert _load_hf(tmp_path / 'cli').config.id2label == dict(enumerate(NAMES))

@@ -19,12 +19,12 @@ from tsformer_jax import train
 from tsformer_jax.datasets import folder
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import tfds_builders
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from conftest import counting_frames
 from conftest import frame_indices
 
-WRITERS = {'mp4': video_files.write_mp4, 'webm': video_files.write_webm}
+WRITERS = {'mp4': video_writer.write_mp4, 'webm': video_writer.write_webm}
 
 
 def _config(data_dir, num_classes, arg='tiny,folder'):
@@ -206,7 +206,7 @@ def test_a_converted_checkpoint_fine_tunes_on_a_folder(demo_workdir,
     for index in range(count):
       frames, label = synthetic_motion.generate(
           {'train': 'train', 'val': 'test'}[split], index)
-      video_files.write_mp4(str(
+      video_writer.write_mp4(str(
           data / split / synthetic_motion.CLASSES[label] / f'{index}.mp4'),
           frames)
   checkpoint = tmp_path / 'kinetics_like'

@@ -31,7 +31,7 @@ from tsformer_jax import predict
 from tsformer_jax import train
 from tsformer_jax.checkpoints import hub
 from tsformer_jax.datasets import synthetic_motion
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from checkpoint_sources import hf_timesformer
 from checkpoint_sources import run_convert
@@ -337,7 +337,7 @@ def test_hub_to_folder_to_pytorch(use_hub, cache, tmp_path, capsys):
           'train' if split == 'train' else 'test', i)
       path = data / split / synthetic_motion.CLASSES[label] / f'{i}.mp4'
       path.parent.mkdir(parents=True, exist_ok=True)
-      video_files.write_mp4(str(path), frames)
+      video_writer.write_mp4(str(path), frames)
   config = config_lib.get_config('divided', 'demo,folder')
   config.data.data_dir = str(data)
   config.model.update(num_classes=2, num_frames=4)

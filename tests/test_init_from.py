@@ -22,7 +22,7 @@ from tsformer_jax import config_lib
 from tsformer_jax import main
 from tsformer_jax import train
 from tsformer_jax.datasets import synthetic_motion
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from checkpoint_sources import ROOT
 from checkpoint_sources import VIT
@@ -58,7 +58,7 @@ def videos(tmp_path_factory):
     for name in synthetic_motion.CLASSES:
       for i in range(count):
         frames, _ = synthetic_motion.generate('train', i)
-        video_files.write_mp4(str(root / split / name / f'{i}.mp4'), frames)
+        video_writer.write_mp4(str(root / split / name / f'{i}.mp4'), frames)
   return root
 
 

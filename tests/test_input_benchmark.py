@@ -10,7 +10,7 @@ from tsformer_jax import cli
 from tsformer_jax import config_lib
 from tsformer_jax.datasets import benchmark
 from tsformer_jax.datasets import tfds_builders
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from conftest import counting_frames
 
@@ -30,7 +30,7 @@ def test_json_reports_throughput_cpu_and_the_breakdown(capsys):
                         '--json')
   assert status == 0
   result = json.loads(out)
-  assert (result['clips'], result['batch_size'], result['mode']) == (
+  assert (result['clips'], result['batch_size'], result['loader']) == (
       64, 32, 'train')
   assert result['clip_dtype'] == 'float32'  # The original's resize.
   assert result['clip_shape'] == [32, 8, 32, 32, 3]
@@ -43,9 +43,9 @@ def test_json_reports_throughput_cpu_and_the_breakdown(capsys):
   assert len(result['load_average']) == 3
 
 
-def test_eval_mode_and_the_table_with_the_cores_to_feed_a_step(capsys):
+def test_eval_loader_and_the_table_with_the_cores_to_feed_a_step(capsys):
   status, out, _ = _run(capsys, DEMO, '--config.data.worker_type=thread',
-                        '--mode=eval', '--batches=1', '--warmup=0',
+                        '--loader=eval', '--batches=1', '--warmup=0',
                         '--breakdown_clips=1', '--step_clips_per_second=1000')
   assert status == 0
   lines = out.splitlines()
@@ -62,6 +62,14 @@ def test_bad_arguments_fail_in_one_line(capsys):
       '--batches must be positive and --warmup not negative.')
   status, _, err = _run(capsys, '--batches=1')
   assert status == 2 and 'Pass --config' in err
+  # --mode is main's: the loader is --loader.
+  status, _, err = _run(capsys, DEMO, '--mode=eval')
+  assert status == 2 and err == (
+      'benchmark: error: --mode is not a flag of benchmark (it takes: '
+      '--config, --json, and those benchmark --help lists).\n')
+  status, _, err = _run(capsys, DEMO, '--loader=test')
+  assert status == 2 and err == ('benchmark: error: flag --loader=test: '
+                                 'value should be one of <train|eval>\n')
 
 
 def test_cpu_seconds_count_the_child_processes():
@@ -79,7 +87,7 @@ def test_mp4_and_prepared_datasets_on_worker_processes(tmp_path, capsys,
   data = tmp_path / 'data'
   lines = []
   for i in range(8):
-    video_files.write_mp4(str(data / f'v{i}.mp4'),
+    video_writer.write_mp4(str(data / f'v{i}.mp4'),
                           counting_frames(30, 48, 64) // (1 + i % 2))
     lines.append(f'v{i}.mp4 {i % 4}\n')
   for split in ('train', 'test'):
@@ -94,12 +102,12 @@ def test_mp4_and_prepared_datasets_on_worker_processes(tmp_path, capsys,
     config.data.data_dir = str(data)
     tfds_builders.prepare(config, str(tmp_path / 'tfds'), num_workers=2)
     capsys.readouterr()  # TFDS's progress bars.
-  for mode in ('train', 'eval'):
-    status, out, _ = _run(capsys, *flags, f'--mode={mode}')
+  for loader in ('train', 'eval'):
+    status, out, _ = _run(capsys, *flags, f'--loader={loader}')
     assert status == 0
     result = json.loads(out)
     assert (result['worker_type'], result['num_workers']) == ('process', 2)
-    per_batch = 8 if mode == 'train' else 8 * 3  # Eval: 3 crops a video.
+    per_batch = 8 if loader == 'train' else 8 * 3  # Eval: 3 crops a video.
     assert result['clips'] == 3 * per_batch
     # The worker processes' CPU time counts: more than this process alone
     # spends on a batch.

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from tsformer_jax import clip_lib
+from tsformer_jax import crops
 from tsformer_jax import input_pipeline as ip
 from tsformer_jax.datasets import synthetic_motion
 
@@ -261,7 +262,7 @@ def _old_train_clip(video, spec, rng):
   h, w = frames.shape[1:3]
   y = int(rng.integers(0, h - spec.crop_size[0] + 1))
   x = int(rng.integers(0, w - spec.crop_size[1] + 1))
-  frames = clip_lib.crop(frames, spec.crop_size, y, x)
+  frames = crops.crop(frames, spec.crop_size, y, x)
   return frames[:, :, ::-1] if spec.flip and rng.random() < 0.5 else frames
 
 
@@ -284,7 +285,7 @@ def _old_eval_views(video, spec):
       offsets = [(cy, 0), (cy, cx), (cy, dx)]
     else:
       offsets = [(0, cx), (cy, cx), (dy, cx)]
-    views.extend(clip_lib.crop(frames, spec.crop_size, y, x)
+    views.extend(crops.crop(frames, spec.crop_size, y, x)
                  for y, x in offsets)
   return np.stack(views)
 
@@ -310,10 +311,10 @@ def test_clips_equal_the_earlier_pipelines_within_one_level(shape):
     difference = np.abs(new.astype(int) - old)
     assert new.dtype == np.uint8 and new.shape == (4, 32, 32, 3)
     assert difference.max() <= 1 and difference.mean() <= 0.05
-  for crops in (3, 1):
-    spec = dataclasses.replace(spec, num_crops=crops)
+  for count in (3, 1):
+    spec = dataclasses.replace(spec, num_crops=count)
     new, old = clip_lib.eval_clips(video, spec), _old_eval_views(video, spec)
-    assert new.shape == old.shape == (2 * crops, 4, 32, 32, 3)
+    assert new.shape == old.shape == (2 * count, 4, 32, 32, 3)
     difference = np.abs(new.astype(int) - old)
     assert difference.max() <= 1 and difference.mean() <= 0.05
   np.testing.assert_array_equal(clip_lib.eval_views(video, spec),
@@ -406,13 +407,13 @@ def test_a_crop_resized_alone_equals_the_whole_frame_resized_and_cut():
   frames = np.random.default_rng(0).integers(0, 256, (2, 48, 64, 3),
                                              np.uint8)
   for short in (33, 37, 41, 48, 55, 61):
-    resized = clip_lib.short_side_size((48, 64), short)
-    whole = clip_lib.resize(frames, resized)
+    resized = crops.short_side_size((48, 64), short)
+    whole = crops.resize(frames, resized)
     for y in (0, resized[0] - 32):
       for x in (0, resized[1] - 32):
         for flip in (False, True):
-          crop = clip_lib.Crop(resized, y, x, (32, 32), flip)
-          alone, = clip_lib.apply_crops(frames, [crop], 'antialias')
+          crop = crops.Crop(resized, y, x, (32, 32), flip)
+          alone, = crops.apply_crops(frames, [crop], 'antialias')
           cut = whole[:, y:y + 32, x:x + 32]
           cut = cut[:, :, ::-1] if flip else cut
           difference = np.abs(alone.astype(int) - cut)

@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import malformed_videos as mv
 import numpy as np
 import psutil
 import pytest
@@ -31,11 +30,13 @@ from tsformer_jax import input_pipeline as ip
 from tsformer_jax import long_video
 from tsformer_jax import predict
 from tsformer_jax import train
+from tsformer_jax import video_io
 from tsformer_jax.datasets import kinetics
 from tsformer_jax.datasets import video_files
 
 from conftest import predicted_metrics
 from conftest import read_both_loaders
+import malformed_videos as mv
 
 SPEC = clip_lib.ClipSpec(num_frames=4, sampling_rate=2, crop_size=(16, 16),
                          train_scales=(16, 20), num_crops=1,
@@ -69,7 +70,7 @@ def _reason(case) -> str:
 @pytest.mark.parametrize('key', GOOD)
 def test_these_decode_as_a_player_shows_them(corpus, key):
   case = corpus[key]
-  video = video_files.VideoFile(case.path)
+  video = video_io.VideoFile(case.path)
   assert video.num_frames == len(case.shown)
   assert video.frame_size == case.shown.shape[1:3]
   expected = _expected_frames(case, video)
@@ -86,7 +87,7 @@ def test_these_decode_as_a_player_shows_them(corpus, key):
 @pytest.mark.parametrize('key', BAD)
 def test_these_are_bad_videos_that_say_why(corpus, key):
   case = corpus[key]
-  video = video_files.VideoFile(case.path)
+  video = video_io.VideoFile(case.path)
   with pytest.raises(clip_lib.BadVideoError, match=f'^{_reason(case)}$'):
     _ = video.num_frames
   with pytest.raises(clip_lib.BadVideoError, match=f'^{_reason(case)}$'):
@@ -104,14 +105,14 @@ def test_a_variable_frame_rate_gives_the_frame_shown_at_each_time(corpus):
   """Frame i is the last frame whose timestamp is at most i / fps, for
   any set of indices (seeks, skipped frames and B-frames included)."""
   path = corpus['vfr'].path
-  video = video_files.VideoFile(path)
+  video = video_io.VideoFile(path)
   assert video.fps == pytest.approx(
       len(mv.VFR_TIMES_MS) / (mv.VFR_DURATION_MS / 1000))
   shown = mv.shown_at(mv.VFR_TIMES_MS, video.fps, video.num_frames)
   # Frames 2, 7, 9 and 11 follow others within a frame period: never shown.
   assert shown == [0, 1, 3, 3, 4, 5, 6, 6, 6, 6, 8, 10]
   for indices in ([9], [2, 9], [5, 11], [8, 9, 10], [11, 0], list(range(12))):
-    got = video_files.decode(path, indices)
+    got = video_io.decode(path, indices)
     levels = np.round(got.reshape(len(got), -1).mean(1) / 16).astype(int)
     assert levels.tolist() == [shown[i] for i in indices], indices
 
@@ -139,7 +140,7 @@ def test_rotated_videos_come_out_upright(tmp_path, rotation, hflip):
   mv.encode(path, stored, pix_fmt='yuv444p', rotation=rotation, hflip=hflip)
   expected = np.rot90(stored, rotation // 90, axes=(1, 2))
   expected = expected[:, :, ::-1] if hflip else expected
-  video = video_files.VideoFile(path)
+  video = video_io.VideoFile(path)
   assert video.frame_size == expected.shape[1:3]
   header = video.header
   assert (header.turns, header.mirror) == (rotation // 90, hflip)
@@ -150,20 +151,20 @@ def test_rotated_videos_come_out_upright(tmp_path, rotation, hflip):
 
 def test_display_orientation_reads_ffmpeg_display_matrices():
   one = 1 << 16
-  assert video_files.display_orientation(None) == (0, False)
-  assert video_files.display_orientation(
+  assert video_io.display_orientation(None) == (0, False)
+  assert video_io.display_orientation(
       [one, 0, 0, 0, one, 0, 0, 0, 1 << 30]) == (0, False)
   # av_display_rotation_set(-90): a counterclockwise quarter turn.
-  assert video_files.display_orientation(
+  assert video_io.display_orientation(
       [0, -one, 0, one, 0, 0, 0, 0, 1 << 30]) == (1, False)
   # Fixed-point rounding leaves a unit or two where a 0 belongs.
-  assert video_files.display_orientation(
+  assert video_io.display_orientation(
       [2, one, 0, -one, -1, 0, 0, 0, 1 << 30]) == (3, False)
-  assert video_files.display_orientation(
+  assert video_io.display_orientation(
       [-one, 0, 0, 0, one, 0, 0, 0, 1 << 30]) == (0, True)
   # 45 degrees: not a quarter turn, shown as coded.
   half = round(one / 2 ** 0.5)
-  assert video_files.display_orientation(
+  assert video_io.display_orientation(
       [half, half, 0, -half, half, 0, 0, 0, 1 << 30]) == (0, False)
 
 
@@ -444,8 +445,8 @@ def test_a_decoder_process_that_dies_fails_its_video_only(corpus,
   """A worker that ends mid-video (a decoder's crash; here killed) fails
   that video with the reason, and the next video gets a fresh worker."""
   spec = clip_lib.ClipSpec(**{**SPEC.__dict__, 'decode_timeout_s': 60.0})
-  videos = [video_files.VideoFile(stalling_file),
-            video_files.VideoFile(corpus['short'].path)]
+  videos = [video_io.VideoFile(stalling_file),
+            video_io.VideoFile(corpus['short'].path)]
   me = psutil.Process()
 
   def kill_the_worker():

@@ -11,9 +11,7 @@ segment of its 30 fps frames).
 """
 
 import jax
-from malformed_videos import real_frames
 import numpy as np
-import original_transforms as original
 import pytest
 import torch
 
@@ -21,9 +19,12 @@ import tsformer_jax
 from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import evaluation
-from tsformer_jax.datasets import video_files
+from tsformer_jax import video_io
+from tsformer_jax.datasets import video_writer
 
 from checkpoint_sources import original_pyth
+from malformed_videos import real_frames
+import original_transforms as original
 
 # On each view's probabilities, tighter than the issue's 1e-4: float32
 # rounding leaves below 1e-7 here.
@@ -42,7 +43,7 @@ def videos(tmp_path_factory):
   for name, shown in zip(ORIENTATIONS, (frames, frames.transpose(0, 2, 1, 3)),
                          strict=True):
     paths[name] = root / f'{name}.mp4'
-    video_files.write_mp4(str(paths[name]), np.ascontiguousarray(shown), 30)
+    video_writer.write_mp4(str(paths[name]), np.ascontiguousarray(shown), 30)
   return paths
 
 
@@ -98,7 +99,7 @@ def _original_kinetics(path, config, torch_model):
 def _our_views(path, config, params):
   """Our evaluation's views (`clip_lib.eval_clips`, which the eval loader
   runs) through our forward: softmax `[V, classes]`."""
-  views = clip_lib.eval_clips(video_files.VideoFile(str(path)),
+  views = clip_lib.eval_clips(video_io.VideoFile(str(path)),
                               clip_lib.clip_spec(config))
   d = config.data
   key = (tuple(d.mean), tuple(d.std), d.channel_order)

@@ -12,17 +12,19 @@ fused multiply-add our sample positions follow; its baseline kernel
 
 import dataclasses
 
-from malformed_videos import real_frames
 import numpy as np
-import original_transforms as original
 import pytest
 import torch
 
 from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
+from tsformer_jax import crops
 from tsformer_jax import datasets
 from tsformer_jax.datasets import tfds_builders
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
+
+from malformed_videos import real_frames
+import original_transforms as original
 
 ATOL = 1e-4  # Of a level.
 
@@ -60,12 +62,12 @@ def test_original_crops_equal_torch_resizing_the_whole_frame(footage, name):
   frames = footage[name]
   size = 224
   for short in (224, 256, 263, 301, 320):
-    resized = clip_lib.short_side_size(frames.shape[1:3], short)
+    resized = crops.short_side_size(frames.shape[1:3], short)
     dy, dx = resized[0] - size, resized[1] - size
     for y, x in sorted({(0, 0), (dy, dx), (dy // 2, dx // 3), (0, dx)}):
       for flip in (False, True):
-        crop = clip_lib.Crop(resized, y, x, (size, size), flip)
-        got = clip_lib.original_crop(frames, crop)
+        crop = crops.Crop(resized, y, x, (size, size), flip)
+        got = crops.original_crop(frames, crop)
         assert got.dtype == np.float32 and got.shape == (3, size, size, 3)
         np.testing.assert_allclose(got, _torch_crop(frames, crop), rtol=0,
                                    atol=ATOL)
@@ -73,8 +75,8 @@ def test_original_crops_equal_torch_resizing_the_whole_frame(footage, name):
 
 def test_a_crop_at_the_frames_own_size_is_the_frame(footage):
   frames = footage['bikes']
-  crop = clip_lib.Crop(frames.shape[1:3], 16, 40, (224, 224), flip=True)
-  np.testing.assert_array_equal(clip_lib.original_crop(frames, crop),
+  crop = crops.Crop(frames.shape[1:3], 16, 40, (224, 224), flip=True)
+  np.testing.assert_array_equal(crops.original_crop(frames, crop),
                                 frames[:, 16:240, 263:39:-1])
 
 
@@ -145,8 +147,8 @@ def test_resize_is_one_of_the_modes():
                      r"\['original', 'antialias'\]\.$"):
     clip_lib.ClipSpec(2, 1, (8, 8), resize='bicubic')
   with pytest.raises(ValueError, match=r"^Unknown resize 'bicubic'"):
-    clip_lib.apply_crops(np.zeros((1, 8, 8, 3), np.uint8),
-                         [clip_lib.Crop((8, 8), 0, 0, (8, 8))], 'bicubic')
+    crops.apply_crops(np.zeros((1, 8, 8, 3), np.uint8),
+                         [crops.Crop((8, 8), 0, 0, (8, 8))], 'bicubic')
 
 
 def test_kinetics_prepared_at_the_originals_short_side(tmp_path):
@@ -155,7 +157,7 @@ def test_kinetics_prepared_at_the_originals_short_side(tmp_path):
   them resizes those frames as the original resized its copies."""
   data = tmp_path / 'data'
   (data / 'v').mkdir(parents=True)
-  video_files.write_mp4(str(data / 'v' / 'a.mp4'),
+  video_writer.write_mp4(str(data / 'v' / 'a.mp4'),
                         real_frames('bigbuckbunny.mp4', 6, size=(456, 342)),
                         fps=30)
   (data / 'train.csv').write_text('v/a.mp4 1\n')

@@ -17,8 +17,9 @@ from tsformer_jax import config_lib
 from tsformer_jax import evaluation
 from tsformer_jax import long_video
 from tsformer_jax import predict
+from tsformer_jax import video_io
 from tsformer_jax.datasets import synthetic_motion
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from conftest import apply
 
@@ -28,7 +29,7 @@ SPAN = 16
 
 
 def _write(path, frames, fps=30.0):
-  video_files.write_mp4(str(path), frames, fps)
+  video_writer.write_mp4(str(path), frames, fps)
   return str(path)
 
 
@@ -60,7 +61,7 @@ def _eval_scores(config, params, path):
   """Evaluation's path: all test views, model, and the default view scores
   ('logit_sum'), the softmax of the views' mean logits: `[C]`."""
   assert config.data.test_view_scores == 'logit_sum'
-  views = clip_lib.eval_views(video_files.VideoFile(path),
+  views = clip_lib.eval_views(video_io.VideoFile(path),
                               clip_lib.clip_spec(config))
   logits = apply(tsformer_jax.create_model(config), params, views)
   return np.asarray(jax.nn.softmax(np.asarray(logits).mean(0)))
@@ -70,7 +71,7 @@ def _features(config, params, path):
   """Per-view features of `model.apply` with num_classes = 0: `[V, D]`."""
   config = copy.deepcopy(config)
   config.model.num_classes = 0
-  views = clip_lib.eval_views(video_files.VideoFile(path),
+  views = clip_lib.eval_views(video_io.VideoFile(path),
                               clip_lib.clip_spec(config))
   headless = {k: v for k, v in params.items() if k != 'head'}
   return np.asarray(apply(tsformer_jax.create_model(config), headless, views))
@@ -147,7 +148,7 @@ def test_one_pass_decoding_equals_decoding_each_clip(tmp_path):
   clips = dict(long_video.decode_clips(path, rows))
   assert sorted(clips) == list(range(len(rows)))
   for k, row in enumerate(rows):
-    np.testing.assert_array_equal(clips[k], video_files.decode(path, row))
+    np.testing.assert_array_equal(clips[k], video_io.decode(path, row))
 
 
 def _fake_logits(clips):
@@ -192,7 +193,7 @@ def test_long_videos_combine_clip_scores_across_batches(tmp_path):
   for video, result, first in zip(videos, results, starts, strict=True):
     if first is None:
       continue
-    video = (video_files.VideoFile(video) if isinstance(video, str)
+    video = (video_io.VideoFile(video) if isinstance(video, str)
              else video)
     clips = []
     for s in first:  # Independently: 8 frames evenly over the 16 from s.
@@ -284,6 +285,9 @@ _TAKES = '(it takes: --checkpoint, --json, --overwrite, and those predict ' \
     (['--out={tmp}/guess.npz'], f'--out is not a flag of predict {_TAKES}'),
     (['--format=hf', '--mode=eval'],
      f'--format, --mode are not flags of predict {_TAKES}'),
+    # convert's and export's: predict reads the checkpoint as it is.
+    (['--adapt', '--num_classes=3'],
+     f'--num_classes, --adapt are not flags of predict {_TAKES}'),
     ([f'--config={ROOT}/configs/divided.py:tiny', '--config.model.depth=2'],
      f'--config is not a flag of predict {_TAKES}'),
     (['--clip_stride=0'], 'flag --clip_stride=0.0: must be above 0 seconds.'),
@@ -382,7 +386,6 @@ def test_forward_and_eval_step_normalise_pixel_clips_on_the_device(
     monkeypatch):
   """Pixel values through the forward (predict) and the eval step, uint8 or
   float32 (the original's resize), give what host-normalised clips give."""
-  from tsformer_jax import train  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(evaluation.model_lib, 'create_model',
                       lambda config: _MeanColourModel())
   config = config_lib.get_config('divided', 'tiny')
@@ -399,7 +402,7 @@ def test_forward_and_eval_step_normalise_pixel_clips_on_the_device(
   np.testing.assert_allclose(forward(None, pixels)['scores'], scores,
                              rtol=1e-5)
   batch = dict(labels=np.array([0, 1, 2]), mask=np.ones(3, bool))
-  step = jax.jit(lambda clips: train.eval_step(
+  step = jax.jit(lambda clips: evaluation.eval_step(
       None, dict(batch, clips=clips[:, None]),
       apply_fn=_MeanColourModel.apply, mean=spec.mean, std=spec.std))
   sums, expected = step(clips), step(pixels)

@@ -23,13 +23,14 @@ from tsformer_jax import checkpoints
 from tsformer_jax import cli
 from tsformer_jax import config_lib
 from tsformer_jax import convert
+from tsformer_jax import evaluation
 from tsformer_jax import export
 from tsformer_jax import main
 from tsformer_jax import predict
 from tsformer_jax import train
 from tsformer_jax import visualize
 from tsformer_jax.checkpoints.training import CheckpointError
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -311,7 +312,7 @@ def test_clis_on_a_damaged_checkpoint_end_in_one_line(tmp_path, state,
   for step in ('2', '4'):
     _truncate_all(directory / step)
   video = tmp_path / 'clip.mp4'
-  video_files.write_mp4(str(video), np.zeros((8, 32, 32, 3), np.uint8), 30.0)
+  video_writer.write_mp4(str(video), np.zeros((8, 32, 32, 3), np.uint8), 30.0)
   mains = dict(predict=predict.main, visualize=visualize.main,
                convert=convert.main, export=export.main)
   args = dict(predict=[f'--checkpoint={directory}', str(video)],
@@ -488,7 +489,7 @@ def test_a_failing_evaluation_loses_no_training(tmp_path, monkeypatch):
     raise RuntimeError('RESOURCE_EXHAUSTED while evaluating')
 
   with monkeypatch.context() as patch:
-    patch.setattr(train, 'evaluate', out_of_memory)
+    patch.setattr(evaluation, 'evaluate', out_of_memory)
     with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
       train.train_and_evaluate(config, str(tmp_path))
   assert os.listdir(tmp_path / 'checkpoints') == ['2']  # Saved regardless.
@@ -642,8 +643,8 @@ def test_main_on_damaged_checkpoints_ends_in_one_line(tmp_path, capsys):
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
   """A library's ValueError (a shape JAX refuses) is no user error."""
   def buggy(*args, **kwargs):
-    return train.video_metrics(jnp.zeros((2, 3)), jnp.zeros(3, jnp.int32),
-                               jnp.ones(2, bool))
+    return evaluation.video_metrics(jnp.zeros((2, 3)),
+                                    jnp.zeros(3, jnp.int32), jnp.ones(2, bool))
   monkeypatch.setattr(train, 'train_and_evaluate', buggy)
   with pytest.raises(ValueError, match='Incompatible shapes'):
     cli.call(main.main, ['main', f'--workdir={tmp_path}',
@@ -664,7 +665,7 @@ def test_expected_problems_are_raised_on_purpose_by_this_package():
   assert cli.expected(error(lambda: open('/nonexistent/file')))
   # The same types raised by a library, or by an expression of ours, are
   # bugs: JAX's shape check under jit, a conversion in the package.
-  assert not cli.expected(error(lambda: jax.jit(train.video_metrics)(
+  assert not cli.expected(error(lambda: jax.jit(evaluation.video_metrics)(
       jnp.zeros((2, 3)), jnp.zeros(3, jnp.int32), jnp.ones(2, bool))))
   assert not cli.expected(error(lambda: checkpoints.resample_time_embedding(
       np.zeros((1, 4, 8)), 'x')))

@@ -30,9 +30,10 @@ from tsformer_jax import cli
 from tsformer_jax import clip_lib
 from tsformer_jax import model as model_lib
 from tsformer_jax import rollout
+from tsformer_jax import video_io
 from tsformer_jax import visualize
 from tsformer_jax.datasets import synthetic_motion
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from conftest import SCHEMES
 from conftest import random_clips
@@ -242,7 +243,7 @@ def test_visualize_cli(tmp_path):
                                            params)
   frames, _ = synthetic_motion.generate('test', 3)
   video = str(tmp_path / 'clip.mp4')
-  video_files.write_mp4(video, frames)
+  video_writer.write_mp4(video, frames)
   out = tmp_path / 'out'
   # Started together: each run spends most of its time importing.
   good = _run_cli(f'--checkpoint={checkpoint}', video, f'--out={out}')
@@ -253,7 +254,7 @@ def test_visualize_cli(tmp_path):
 
   assert good.returncode == 0, good_err
   # The label the CLI prints is the in-process prediction's.
-  found = visualize.explain(config, params, video_files.VideoFile(video))
+  found = visualize.explain(config, params, video_io.VideoFile(video))
   label = synthetic_motion.CLASSES[int(np.argmax(found.probabilities))]
   assert f'predicted: {label} (' in good_out
   for name in (visualize.FRAMES_PNG, visualize.GIF,

@@ -30,15 +30,17 @@ from tsformer_jax import evaluation
 from tsformer_jax import export
 from tsformer_jax import sharding
 from tsformer_jax import train
+from tsformer_jax import video_io
 from tsformer_jax.checkpoints import export as export_lib
 from tsformer_jax.checkpoints.formats import hf as hf_format
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from checkpoint_sources import OriginalModel
 from checkpoint_sources import hf_timesformer
 from checkpoint_sources import randomize
 from conftest import tiny_config
 from conftest import tiny_params
+import original_transforms
 
 ATOL = 1e-4  # float32 logits
 SSV2_NAMES = tuple(datasets.class_names(config_lib.get_config('divided',
@@ -53,8 +55,8 @@ def _gray_video(path, count, fps):
   coding); returns its decoded `(times [F] in seconds, frame ids [F])`."""
   frames = np.stack([np.full((32, 32, 3), 20 + 7 * j, np.uint8)
                      for j in range(count)])
-  writer = (video_files.write_webm if path.endswith('.webm') else
-            video_files.write_mp4)
+  writer = (video_writer.write_webm if path.endswith('.webm') else
+            video_writer.write_mp4)
   writer(path, frames, fps=fps)
   times, ids = [], []
   with av.open(path) as container:
@@ -81,24 +83,13 @@ def _cfr_grid(times, fps, rate=30.0):
   return len(times) - 1 - np.argmin(distance[:, ::-1], axis=1)
 
 
-def _get_seq_frames(video_length, num_frames):
-  """The original's SSv2 test-time `get_seq_frames`, as it writes it."""
-  seg_size = float(video_length - 1) / num_frames
-  seq = []
-  for i in range(num_frames):
-    start = int(np.round(seg_size * i))
-    end = int(np.round(seg_size * (i + 1)))
-    seq.append((start + end) // 2)
-  return seq
-
-
 @pytest.mark.parametrize('name', ['ssv2.webm', 'ssv2.mp4'])
 def test_segments_are_cut_over_the_30fps_frames_of_a_real_decode(tmp_path,
                                                                  name):
   path = str(tmp_path / name)
   times, ids = _gray_video(path, 29, fps=12)
   assert list(ids) == list(range(29))  # Every frame decodes, in order.
-  video = video_files.VideoFile(path)
+  video = video_io.VideoFile(path)
   assert (video.num_frames, video.fps) == (29, 12.0)
   grid = _cfr_grid(times, 12.0)
   assert len(grid) == 72  # 29 / 12 s at 30 fps, the last slot whole.
@@ -109,7 +100,7 @@ def test_segments_are_cut_over_the_30fps_frames_of_a_real_decode(tmp_path,
   spec = clip_lib.clip_spec(config_lib.get_config('divided', 'ssv2'))
   indices = clip_lib.temporal_indices(video.num_frames, video.fps, spec,
                                       clip=0)
-  want = grid[_get_seq_frames(len(grid), 8)]
+  want = grid[original_transforms.get_seq_frames(len(grid), 8)]
   np.testing.assert_array_equal(indices, want)
   assert [_frame_id(f) for f in video.frames(indices)] == list(want)
   # Over the video's own frames the original would have read others.
@@ -304,7 +295,8 @@ def test_train_and_eval_steps_normalise_in_the_configs_order():
 
   def evaluate(config, x):
     mesh = sharding.create_mesh(config)
-    fn = train.jit_eval_step(config, state.params, state.apply_fn, mesh)
+    fn = evaluation.jit_eval_step(config, state.params, state.apply_fn,
+                                  mesh)
     return {k: float(v) for k, v in fn(state.params,
                                        dict(batch, clips=x)).items()}
 
@@ -404,7 +396,7 @@ def test_export_writes_the_order_where_pytorch_users_see_it(tmp_path,
   src = checkpoints.save_checkpoint(str(tmp_path / 'src'), _bgr_config(),
                                     params)
   assert cli.call(export.main, ['export', src, str(tmp_path / 'cli'),
-                                '--format=pyth']) == 0
+                                '--to=pyth']) == 0
   assert capsys.readouterr().out.splitlines()[-1] == (
       'Pixels: BGR (the channels of RGB frames reversed, as cv2 decodes '
       'them), normalised (x / 255 - [0.45, 0.45, 0.45]) / [0.225, 0.225, '

@@ -13,6 +13,7 @@ import tsformer_jax
 from tsformer_jax import cli
 from tsformer_jax import convert
 from tsformer_jax import tensor_io
+from tsformer_jax import torch_writer
 
 from checkpoint_sources import hf_timesformer
 from checkpoint_sources import save_hf
@@ -93,7 +94,7 @@ def test_a_rewritten_storage_type_spoils_no_later_file(tmp_path):
   """BUILD on an allowed global: it must not change that global for every
   file read after it in this process."""
   legit = tmp_path / 'legit.pth'
-  tensor_io.write_torch(legit, {'w': np.arange(4, dtype=np.float32)})
+  torch_writer.write_torch(legit, {'w': np.arange(4, dtype=np.float32)})
   evil = tmp_path / 'evil.pth'  # torch.FloatStorage.__dict__['dtype'] = ...
   evil.write_bytes(
       pickle.PROTO + b'\x02' + pickle.GLOBAL + b'torch\nFloatStorage\n' +

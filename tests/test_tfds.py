@@ -21,11 +21,12 @@ from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline as ip
 from tsformer_jax import train
+from tsformer_jax import video_io
 from tsformer_jax.datasets import prepare
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import tfds_builders
 from tsformer_jax.datasets import tfds_source
-from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from conftest import counting_frames
 from conftest import frame_indices
@@ -188,22 +189,22 @@ def test_subsample_keeps_at_most_the_target_rate():
 
 def test_streamed_frames_equal_decoded_frames(tmp_path):
   path = str(tmp_path / 'count.mp4')
-  video_files.write_mp4(path, counting_frames(20))
+  video_writer.write_mp4(path, counting_frames(20))
   whole = tmp_path / 'whole.webm'
-  video_files.write_webm(str(whole), counting_frames(30))
+  video_writer.write_webm(str(whole), counting_frames(30))
   cut = tmp_path / 'cut.webm'  # Its header still says 30 frames.
   cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
   for video, indices in [
-      (video_files.VideoFile(path), [0, 0, 3, 19]),
-      (video_files.VideoFile(path, 4, 12), [0, 3, 7, 7, 9]),  # A window.
-      (video_files.VideoFile(str(cut)), list(range(30)))]:
+      (video_io.VideoFile(path), [0, 0, 3, 19]),
+      (video_io.VideoFile(path, 4, 12), [0, 3, 7, 7, 9]),  # A window.
+      (video_io.VideoFile(str(cut)), list(range(30)))]:
     streamed = np.stack(list(tfds_builders.iter_frames(video, indices)))
     np.testing.assert_array_equal(streamed, video.frames(np.array(indices)))
   assert frame_indices(streamed)[-1] < 29  # The cut repeats its last frame.
   bad = tmp_path / 'bad.mp4'
   bad.write_bytes(b'not a video')
   with pytest.raises(clip_lib.BadVideoError, match='bad.mp4'):
-    list(tfds_builders.iter_frames(video_files.VideoFile(str(bad)), [0]))
+    list(tfds_builders.iter_frames(video_io.VideoFile(str(bad)), [0]))
 
 
 def _write_csv_split(root, split, good, bad_at):
@@ -249,7 +250,7 @@ def test_a_csv_dataset_converts_with_the_cli(tmp_path):
     assert source.split_metadata['skipped'] == (2 if split == 'train' else 0)
     for index, entry in enumerate(good):
       video, label = source[index]
-      file = video_files.VideoFile(entry.path)
+      file = video_io.VideoFile(entry.path)
       # 25 fps at most 15: frames 0, 1.67, 3.33, ... of the 16.
       kept, _ = tfds_builders.subsample(16, 25.0, 15.0)
       assert (label, video.num_frames, video.fps) == (entry.label, 10, 15.0)
@@ -273,7 +274,7 @@ def test_a_csv_dataset_converts_with_the_cli(tmp_path):
 def test_conversion_shrinks_and_subsamples(tmp_path):
   data = tmp_path / 'data'
   (data / 'v').mkdir(parents=True)
-  video_files.write_mp4(str(data / 'v' / 'a.mp4'),
+  video_writer.write_mp4(str(data / 'v' / 'a.mp4'),
                         counting_frames(30, 48, 64), fps=30)
   (data / 'train.csv').write_text('v/a.mp4 1\n')
   config = _tfds_config('tiny,k400', tmp_path / 'tfds', data_dir=str(data),

@@ -1,4 +1,5 @@
-"""Training: schedules, steps, multi-view evaluation, and whole runs."""
+"""Training: schedules, steps and whole runs (evaluation:
+test_evaluation.py)."""
 
 import functools
 import json
@@ -16,11 +17,10 @@ import pytest
 
 import tsformer_jax
 from tsformer_jax import checkpoints
-from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import datasets
+from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
-from tsformer_jax import sharding
 from tsformer_jax import train
 from tsformer_jax.datasets import synthetic_motion
 
@@ -124,75 +124,6 @@ def test_mixup_mixes_clips_and_targets_alike():
   np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
 
 
-def _softmax(x):
-  e = np.exp(x - x.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
-
-
-@pytest.mark.parametrize('method', ['logit_sum', 'softmax_mean'])
-def test_multi_view_scores_follow_their_formulas(method):
-  """`eval_step`, and `jit_eval_step` with `config.data.test_view_scores`:
-  'logit_sum' ranks by the views' summed logits (the original's test
-  meter) with the loss of the softmax of their mean, 'softmax_mean' by the
-  averaged softmaxes. A fake model's logits are the clip's first pixels."""
-  def apply_fn(variables, clips):
-    del variables
-    return clips.reshape(clips.shape[0], -1)[:, :3]
-
-  # Video 0: views favour class 2 twice, class 0 once strongly: the logits
-  # sum to [5, 0, 4] (class 0), the softmaxes average to [0.40, 0.04, 0.56]
-  # (class 2). Video 1: padding. Float clips: pixel values, normalised
-  # with mean 0 and std 1 / 255 to themselves.
-  views = np.zeros((2, 3, 3), np.float32)
-  views[0] = [[0, 0, 2], [0, 0, 2], [5, 0, 0]]
-  probs = {'logit_sum': _softmax(views[0].mean(0)),
-           'softmax_mean': _softmax(views[0]).mean(0)}[method]
-  best = {'logit_sum': 0, 'softmax_mean': 2}[method]
-  assert int(np.argmax(probs)) == best
-  config = config_lib.get_config('divided', 'tiny')
-  config.data.update(mean=(0.0,) * 3, std=(1 / 255,) * 3,
-                     test_view_scores=method)
-  config.eval_batch_size = 2
-  steps = [functools.partial(train.eval_step, apply_fn=apply_fn,
-                             mean=config.data.mean, std=config.data.std,
-                             view_scores=method),
-           train.jit_eval_step(config, {}, apply_fn,
-                               sharding.create_mesh(config))]
-  for step in steps:
-    for label in range(3):
-      batch = dict(clips=views, labels=np.array([label, 1]),
-                   mask=np.array([True, False]))
-      sums = step({}, batch)
-      assert float(sums['count']) == 1
-      assert float(sums['top1']) == (label == best)
-      assert float(sums['top5']) == 1
-      np.testing.assert_allclose(float(sums['loss']), -np.log(probs[label]),
-                                 rtol=1e-5)
-
-
-def test_unknown_view_scores_name_the_valid_ones():
-  config = config_lib.get_config('divided', 'tiny')
-  config.data.test_view_scores = 'mean'
-  with pytest.raises(ValueError, match=r"Unknown data.test_view_scores "
-                     r"'mean'; valid: \['logit_sum', 'softmax_mean'\]"):
-    train.jit_eval_step(config, {}, None, sharding.create_mesh(config))
-
-
-def test_ties_and_nan_scores_are_no_hits():
-  """Uniform scores (a collapsed model, bf16 ties) and NaN ones count as
-  wrong, not right; a lone top score still counts."""
-  scores = jnp.array([[0.25] * 4,                      # a 4-way tie
-                      [jnp.nan] * 4,                   # a NaN model
-                      [0.1, 0.6, 0.2, 0.1],            # right
-                      [0.4, 0.4, 0.1, 0.1]])           # tied with class 0
-  sums = train.video_metrics(scores, jnp.array([0, 0, 1, 1]),
-                             jnp.ones(4, bool))
-  assert float(sums['count']) == 4
-  assert float(sums['top1']) == 1  # Video 2 only.
-  # Top-5 of 4 classes: every finite video.
-  assert float(sums['top5']) == 3
-
-
 def _main(workdir, *flags, **popen):
   cmd = [sys.executable, '-m', 'tsformer_jax.main',
          '--config=configs/divided.py:demo', f'--workdir={workdir}',
@@ -257,69 +188,13 @@ def test_unknown_mode_lists_the_valid_ones():
                              '/nonexistent', mode='fit')
 
 
-class _ListSource:
-  """Videos in memory; `None` stands for one that fails to open."""
-
-  def __init__(self, videos, labels):
-    self.videos, self.labels = videos, labels
-
-  def __len__(self):
-    return len(self.videos)
-
-  def __getitem__(self, index):
-    if self.videos[index] is None:
-      raise clip_lib.BadVideoError('unreadable')
-    return self.videos[index], self.labels[index]
-
-
-@pytest.mark.slow
-def test_long_videos_are_evaluated_whole_with_combined_clip_scores():
-  config = config_lib.get_config('divided', 'tiny')
-  config.data.update(test_clip_stride=0.5, test_num_crops=1,
-                     sampling_rate=2, target_fps=30.0)
-  config.eval_batch_size = 4
-  params = train.create_train_state(config, jax.random.key(0), 1).params
-  model = tsformer_jax.create_model(config)
-  rng = np.random.default_rng(0)
-  lengths = [100, 8, 47]  # 30 fps: a clip spans 8 frames, stride 15.
-  videos = [clip_lib.ArrayVideo(
-      rng.integers(0, 255, (n, 40, 48, 3), np.uint8)) for n in lengths]
-  labels = [3, 1, 7]
-  skipped = input_pipeline.SkipCounter()
-  metrics = train.evaluate(config, params, model.apply,
-                           _ListSource(videos + [None], labels + [0]),
-                           skipped)
-  # Independently: clips at 0, 15, 30, ... and one ending on the last frame,
-  # each spanning 8 frames (4 frames at rate 2: offsets linspace(0, 7, 4)
-  # truncated), centre-cropped after the short-side resize.
-  spec = clip_lib.clip_spec(config)
-  expected_nll, expected_top1 = [], []
-  for video, label, n in zip(videos, labels, lengths, strict=True):
-    starts = list(range(0, n - 8 + 1, 15))
-    if starts[-1] != n - 8:
-      starts.append(n - 8)
-    clips = np.stack([
-        clip_lib.normalize(clip_lib.eval_crops(
-            video.array[s + np.array([0, 2, 4, 7])], spec)[0], spec)
-        for s in starts])
-    # The default 'logit_sum': ranked by the clips' summed logits, the loss
-    # from the softmax of their mean.
-    logits = np.asarray(model.apply({'params': params}, clips), np.float64)
-    expected_nll.append(-np.log(_softmax(logits.mean(0))[label]))
-    expected_top1.append(np.argmax(logits.sum(0)) == label)
-  assert metrics['videos'] == 3 and len(skipped) == 1
-  np.testing.assert_allclose(metrics['loss'], np.mean(expected_nll),
-                             rtol=1e-4)
-  assert metrics['top1'] == np.mean(expected_top1)
-
-
 def test_demo_divided_model_learns_the_frame_order(demo_workdir):
   """The shared demo run (conftest.DEMO_STEPS steps) classifies held-out
   synthetic_motion clips, whose class only the order of frames tells."""
   config, params = checkpoints.load_checkpoint(str(demo_workdir /
                                                    'checkpoints'))
   model = tsformer_jax.create_model(config)
-  metrics = train.evaluate(
+  metrics = evaluation.evaluate(
       config, params, model.apply,
       datasets.get_source(config, config.data.eval_split),
       input_pipeline.SkipCounter())

@@ -17,16 +17,18 @@ from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import train
+from tsformer_jax import video_io
 from tsformer_jax.datasets import kinetics
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 from conftest import counting_frames
 from conftest import frame_indices
 from conftest import predicted_metrics
 from conftest import write_csv_split
 
-WRITERS = {'mp4': video_files.write_mp4, 'webm': video_files.write_webm}
+WRITERS = {'mp4': video_writer.write_mp4, 'webm': video_writer.write_webm}
 
 
 def _pool(frames, size=4):
@@ -47,7 +49,7 @@ def test_round_trip_keeps_frames_rate_and_content(tmp_path, ext):
   frames, _ = synthetic_motion.generate('train', 3)  # [16, 32, 32, 3]
   path = str(tmp_path / f'clip.{ext}')
   WRITERS[ext](path, frames, fps=25)
-  video = video_files.VideoFile(path)
+  video = video_io.VideoFile(path)
   assert (video.num_frames, video.fps) == (16, 25.0)
   decoded = video.frames(np.arange(16))
   assert decoded.shape == frames.shape and decoded.dtype == np.uint8
@@ -63,7 +65,7 @@ def test_round_trip_keeps_frames_rate_and_content(tmp_path, ext):
 def test_frames_are_the_requested_indices(tmp_path, ext):
   path = str(tmp_path / f'count.{ext}')
   WRITERS[ext](path, counting_frames(30))
-  video = video_files.VideoFile(path)
+  video = video_io.VideoFile(path)
   assert video.num_frames == 30
   for indices in ([0, 3, 3, 7, 29], [12, 2, 2, 0], [5]):
     assert frame_indices(video.frames(np.array(indices))) == indices
@@ -73,10 +75,10 @@ def test_frames_are_the_requested_indices(tmp_path, ext):
 def test_an_over_estimated_length_repeats_the_last_decoded_frame(tmp_path):
   """A webm cut in half: its header still says 30 frames."""
   whole = tmp_path / 'whole.webm'
-  video_files.write_webm(str(whole), counting_frames(30))
+  video_writer.write_webm(str(whole), counting_frames(30))
   cut = tmp_path / 'cut.webm'
   cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
-  video = video_files.VideoFile(str(cut))
+  video = video_io.VideoFile(str(cut))
   assert video.num_frames == 30
   shown = frame_indices(video.frames(np.arange(30)))
   last = shown[-1]
@@ -86,8 +88,8 @@ def test_an_over_estimated_length_repeats_the_last_decoded_frame(tmp_path):
 
 def test_odd_sizes_are_padded_to_even(tmp_path):
   path = str(tmp_path / 'odd.mp4')
-  video_files.write_mp4(path, counting_frames(4, 15, 17))
-  assert video_files.VideoFile(path).frames([1]).shape == (1, 16, 18, 3)
+  video_writer.write_mp4(path, counting_frames(4, 15, 17))
+  assert video_io.VideoFile(path).frames([1]).shape == (1, 16, 18, 3)
 
 
 def test_unreadable_files_are_bad_videos(tmp_path):
@@ -96,17 +98,17 @@ def test_unreadable_files_are_bad_videos(tmp_path):
       np.random.default_rng(0).bytes(4096))
   (tmp_path / 'text.webm').write_text('not a video')
   for name in ('empty.mp4', 'noise.mp4', 'text.webm', 'absent.mp4'):
-    video = video_files.VideoFile(str(tmp_path / name))
+    video = video_io.VideoFile(str(tmp_path / name))
     with pytest.raises(clip_lib.BadVideoError, match=name):
       _ = video.num_frames
     with pytest.raises(clip_lib.BadVideoError, match=name):
       video.frames(np.array([0]))
   # An mp4 cut after its index: 16 frames announced, none to decode.
   whole = tmp_path / 'whole.mp4'
-  video_files.write_mp4(str(whole), counting_frames(16))
+  video_writer.write_mp4(str(whole), counting_frames(16))
   data = whole.read_bytes()
   (tmp_path / 'no_frames.mp4').write_bytes(data[:data.index(b'mdat') + 4])
-  video = video_files.VideoFile(str(tmp_path / 'no_frames.mp4'))
+  video = video_io.VideoFile(str(tmp_path / 'no_frames.mp4'))
   assert video.num_frames == 16
   with pytest.raises(clip_lib.BadVideoError, match='no decodable frame'):
     video.frames(np.array([0]))
@@ -211,7 +213,7 @@ def test_a_csv_dataset_trains_and_evaluates_skipping_bad_files(tmp_path):
 
 def test_csv_lines_paths_and_labels_are_checked(tmp_path):
   (tmp_path / 'a b').mkdir()
-  video_files.write_mp4(str(tmp_path / 'a b' / 'v.mp4'), counting_frames(4))
+  video_writer.write_mp4(str(tmp_path / 'a b' / 'v.mp4'), counting_frames(4))
   (tmp_path / 'train.csv').write_text(
       f'a b/v.mp4 3\n\n{tmp_path}/a b/v.mp4 1\n')
   source = datasets.get_source(_config('k400', tmp_path), 'train')
@@ -299,7 +301,7 @@ def test_ssv2_layout_loads_with_its_labels(tmp_path, video_dir):
   (tmp_path / 'something-something-v2-validation.json').write_text(
       json.dumps(items[1:]))
   for item in items:
-    video_files.write_webm(str(tmp_path / video_dir / f'{item["id"]}.webm'),
+    video_writer.write_webm(str(tmp_path / video_dir / f'{item["id"]}.webm'),
                            counting_frames(24), fps=12)
   config = _config('ssv2', tmp_path)
   train_source = datasets.get_source(config, 'train')
@@ -327,7 +329,7 @@ def test_ssv2_layout_loads_with_its_labels(tmp_path, video_dir):
 
 def test_diving48_layout_loads_its_frame_windows(tmp_path):
   for name in ('a', 'b'):
-    video_files.write_mp4(str(tmp_path / 'rgb' / f'{name}.mp4'),
+    video_writer.write_mp4(str(tmp_path / 'rgb' / f'{name}.mp4'),
                           counting_frames(16))
   (tmp_path / 'Diving48_V2_train.json').write_text(json.dumps([
       dict(vid_name='a', label=47, start_frame=0, end_frame=16),
@@ -440,7 +442,7 @@ def test_seeking_and_skipping_decode_the_frames_asked_for(tmp_path,
   cases += [np.linspace(s, s + 63, 8).astype(int).tolist()
             for s in rng.integers(0, 86, 6)]
   for indices in cases:
-    got = video_files.decode(str(path), indices)
+    got = video_io.decode(str(path), indices)
     want = every[np.minimum(indices, 149)]
     np.testing.assert_array_equal(got, want, err_msg=str(indices))
 

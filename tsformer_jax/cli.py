@@ -2,12 +2,13 @@
 
 Every entry point is an absl program. absl keeps flags in one registry in
 which two modules may not define the same name, so the flags that several
-entry points take are defined here, once; each entry point declares those
-it reads (`takes`), and the others are refused rather than ignored. `run`
-ends an expected failure (`Error`: a missing file, a bad value) with one
-line on stderr instead of a traceback, and `expected` tells such a failure
-from a bug; `call` runs an entry point within this process, as the shell
-would (tests, notebooks).
+entry points take are defined here, once, each with one meaning; each entry
+point declares those it reads (`takes`), and the others are refused rather
+than ignored. `load_checkpoint` reads a checkpoint as the loading flags
+(`LOADING`) ask. `run` ends an expected failure (`Error`: a missing file, a
+bad value) with one line on stderr instead of a traceback, and `expected`
+tells such a failure from a bug; `call` runs an entry point within this
+process, as the shell would (tests, notebooks).
 Only entry points import this module.
 """
 
@@ -34,6 +35,9 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from tsformer_jax import checkpoints
+from tsformer_jax import config_lib
+
 # TensorFlow's C++ INFO lines, in this process and every loader worker it
 # starts; set before anything imports TensorFlow. Its oneDNN notice is
 # printed before the level applies, and only while oneDNN's ops are on:
@@ -51,21 +55,34 @@ CHECKPOINT = flags.DEFINE_string(
     'checkpoints/ (its latest step).')
 OUT = flags.DEFINE_string('out', None, 'Where the output goes.')
 JSON = flags.DEFINE_bool('json', False, 'Print one JSON document.')
-# convert reads SRC in a checkpoint format, export writes OUT in one; each
-# checks the value (absl lets one module alone define a flag name).
-FORMAT = flags.DEFINE_string(
-    'format', None, 'Checkpoint format: of SRC for convert (auto, the '
-    'default, or one of checkpoints.FORMATS), of OUT for export (hf, the '
-    'default, or pyth).')
 OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing OUT.')
-# main runs train, eval or train_and_eval (its default), the input
-# benchmark train (its default) or eval loaders; each checks the value.
-MODE = flags.DEFINE_enum('mode', None, ['train', 'eval', 'train_and_eval'],
-                         'What to run: main trains and evaluates by '
-                         'default; datasets.benchmark times the train '
-                         '(default) or eval loader.')
+MODE = flags.DEFINE_enum('mode', 'train_and_eval',
+                         ['train', 'eval', 'train_and_eval'],
+                         'What the job runs: train, eval (the checkpoint in '
+                         '--workdir) or both.')
 
-SHARED = (CONFIG, CHECKPOINT, OUT, JSON, FORMAT, OVERWRITE, MODE)
+# How a checkpoint is read and fitted to --config (convert, export).
+FORMAT = flags.DEFINE_string(
+    'format', 'auto', 'Format of the checkpoint read: auto (from its files) '
+    'or one of checkpoints.FORMATS.')
+NUM_CLASSES = flags.DEFINE_integer('num_classes', None,
+                                   'Overrides the class count.')
+POS_RESIZE = flags.DEFINE_enum(
+    'pos_resize', '2d', list(checkpoints.POS_RESIZE_MODES),
+    "Position embedding resampling: 2d grid or the original's 1d sequence "
+    '(both nearest).')
+ADAPT = flags.DEFINE_bool(
+    'adapt', False, 'Fit a video checkpoint to --config where it differs: '
+    'resample its embeddings, inflate its scheme, draw a new head. Without '
+    'it such a conversion stops and names the changes.')
+CLASS_NAMES = flags.DEFINE_string(
+    'class_names', None, 'A text file of class names, one per line in class '
+    'order, for a checkpoint that does not carry its own (an original '
+    '.pyth).')
+LOADING = (CONFIG, FORMAT, NUM_CLASSES, POS_RESIZE, ADAPT, CLASS_NAMES)
+
+SHARED = (CONFIG, CHECKPOINT, OUT, JSON, FORMAT, OVERWRITE, MODE, NUM_CLASSES,
+          POS_RESIZE, ADAPT, CLASS_NAMES)
 
 Main = Callable[[list[str]], int | None]
 
@@ -75,10 +92,16 @@ def takes(*shared: flags.FlagHolder) -> Callable[[Main], Main]:
 
   `run` and `call` refuse any other of them given on the command line: the
   registry is shared, so the tool would otherwise accept and ignore it
-  (`predict --out=x.npz`, where `--features_out` was meant).
+  (`predict --out=x.npz`, where `--features_out` was meant). `--help` lists
+  them with the entry point's own flags.
   """
   def declare(main: Main) -> Main:
     main.shared_flags = tuple(holder.name for holder in shared)
+    # absl files a script's own flags under its path, not '__main__'.
+    module = sys.argv[0] if main.__module__ == '__main__' else main.__module__
+    for holder in shared:
+      flags.FLAGS.register_key_flag_for_module(module,
+                                               flags.FLAGS[holder.name])
     return main
   return declare
 
@@ -312,6 +335,47 @@ def _refuse_shared_flags_not_taken(main: Main, argv: Sequence[str]):
     listed = ''.join(f'--{name}, ' for name in taken)
     raise Error(f'{", ".join(refused)} {verb} of {program} (it takes: '
                 f'{listed}and those {program} --help lists).')
+
+
+def load_checkpoint(src: str, program: str):
+  """`(config, params)` of SRC as the loading flags ask (`LOADING`), each
+  change printed as 'PROGRAM: ...': fitted to --config (where a video
+  checkpoint differs, only with --adapt), --num_classes, --pos_resize,
+  --class_names.
+
+  Raises:
+    ValueError: SRC does not fit --config without changes --adapt allows.
+  """
+  _log_adaptations(program)
+  config, params = checkpoints.load_checkpoint(
+      src, CONFIG.value, format=FORMAT.value, num_classes=NUM_CLASSES.value,
+      pos_resize=POS_RESIZE.value, fit=ADAPT.value)
+  if CLASS_NAMES.value:
+    config = config_lib.with_class_names(config,
+                                         _read_names(CLASS_NAMES.value))
+  return config, params
+
+
+def _read_names(path: str) -> list[str]:
+  with open(path, encoding='utf-8') as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def _log_adaptations(program: str):
+  """Prints what `checkpoints` changes in the weights (not orbax's logs)."""
+  logger = logging.getLogger('tsformer_jax')
+  handler = next((h for h in logger.handlers if h.get_name() == 'adaptations'),
+                 None)
+  if handler is None:
+    handler = logging.StreamHandler()
+    handler.set_name('adaptations')
+    logger.addHandler(handler)
+    logger.propagate = False
+  handler.setFormatter(logging.Formatter(f'{program}: %(message)s'))
+  # The current stderr (an in-process run may have swapped it); the last
+  # one may be closed, so no flush as setStream would.
+  handler.stream = sys.stderr
+  logger.setLevel(logging.INFO)
 
 
 def describe(config, params) -> str:

@@ -3,10 +3,10 @@
 Sampling and crops follow the original (PySlowFast); evaluation's clip
 positions are the paper's or the original code's (`CLIP_POSITIONS`). A
 clip's crop is planned before its frames are decoded, and only the crop's
-pixels are computed (`RESIZE_MODES`): by default as the original resizes
-whole frames (bilinear, no antialiasing) into float32 pixel values; or by
-PIL's antialiased bilinear filter into uint8, from frames decoded at a
-reduced scale (JPEG) where the crop allows it. Clips stay pixel values
+pixels are computed (`crops.py`): by default as the original resizes whole
+frames (bilinear, no antialiasing) into float32 pixel values; or by PIL's
+antialiased bilinear filter into uint8, from frames decoded at a reduced
+scale (JPEG) where the crop allows it. Clips stay pixel values
 until the jitted steps normalise them on the device
 (`device_normalize`)."""
 
@@ -20,7 +20,8 @@ import time
 from typing import Protocol
 
 import numpy as np
-import PIL.Image
+
+from tsformer_jax import crops
 
 
 class Video(Protocol):
@@ -77,11 +78,6 @@ class WorkerLostError(BadVideoError):
   """The worker process decoding a video ended (a decoder's crash)."""
 
 
-# Seconds a video may take to load where a config sets none: far above a
-# clip's decoding (well under a second), so only a stall reaches it.
-DEFAULT_DECODE_TIMEOUT_S = 60.0
-
-
 def decode_timeout_error(seconds: float) -> DecodeTimeoutError:
   return DecodeTimeoutError(
       f'decoding stalled: no result within {seconds:g} s (the time bound; '
@@ -96,7 +92,6 @@ CLIP_POSITIONS = ('paper', 'original')
 # code (`torch.nn.functional.interpolate`, bilinear, align_corners=False, no
 # antialiasing) into float32; 'antialias' by PIL's antialiased bilinear
 # filter, rounded to uint8.
-RESIZE_MODES = ('original', 'antialias')
 # How the training short side is drawn (`ClipSpec.scale_jitter`).
 SCALE_JITTERS = ('uniform', 'inverse_uniform')
 # The channel order a model takes its pixels in (`config.data.channel_order`);
@@ -148,7 +143,7 @@ class ClipSpec:
     channel_order: the order of the channels the model takes
       (`CHANNEL_ORDERS`); clips are decoded RGB and reversed on
       normalising for 'bgr'.
-    resize: how frames are resized (`RESIZE_MODES`): 'original' gives
+    resize: how frames are resized (`crops.RESIZE_MODES`): 'original' gives
       float32 clips, 'antialias' uint8 ones.
   """
   num_frames: int
@@ -171,9 +166,9 @@ class ClipSpec:
 
   def __post_init__(self):
     check_channel_order(self.channel_order)
-    if self.resize not in RESIZE_MODES:
+    if self.resize not in crops.RESIZE_MODES:
       raise ValueError(f'Unknown resize {self.resize!r}; valid: '
-                       f'{list(RESIZE_MODES)}.')
+                       f'{list(crops.RESIZE_MODES)}.')
     if self.scale_jitter not in SCALE_JITTERS:
       raise ValueError(f'Unknown scale_jitter {self.scale_jitter!r}; valid: '
                        f'{list(SCALE_JITTERS)}.')
@@ -194,14 +189,11 @@ def clip_spec(config) -> ClipSpec:
       crop_size=tuple(config.model.image_size), target_fps=d.target_fps,
       train_scales=tuple(d.train_scales), flip=d.flip, mean=tuple(d.mean),
       std=tuple(d.std), num_clips=d.test_num_clips,
-      num_crops=d.test_num_crops, sampling=d.get('sampling', 'rate'),
-      clip_positions=d.get('test_clip_positions', 'paper'),
-      decode_timeout_s=time_bound(d.get('decode_timeout_s',
-                                        DEFAULT_DECODE_TIMEOUT_S)),
-      segment_fps=float(d.get('segment_fps', 0.0)),
-      scale_jitter=d.get('scale_jitter', 'uniform'),
-      channel_order=d.get('channel_order', 'rgb'),
-      resize=d.get('resize', 'original'))
+      num_crops=d.test_num_crops, sampling=d.sampling,
+      clip_positions=d.test_clip_positions,
+      decode_timeout_s=time_bound(d.decode_timeout_s),
+      segment_fps=float(d.segment_fps), scale_jitter=d.scale_jitter,
+      channel_order=d.channel_order, resize=d.resize)
 
 
 def time_bound(seconds: float | None) -> float | None:
@@ -302,52 +294,20 @@ def resampled_frames(video_frames: int, video_fps: float, fps: float
   return np.minimum(nearest, video_frames - 1).astype(np.int64)
 
 
-@dataclasses.dataclass(frozen=True)
-class Crop:
-  """A crop of frames resized as a whole to `resized`.
-
-  Attributes:
-    resized: `(height, width)` the whole frame is resized to.
-    y: the crop's first row in the resized frame.
-    x: its first column.
-    size: its `(height, width)`.
-    flip: whether it is mirrored left to right.
-  """
-  resized: tuple[int, int]
-  y: int
-  x: int
-  size: tuple[int, int]
-  flip: bool = False
-
-
-def short_side_size(frame_size: tuple[int, int], short: int,
-                    at_least: tuple[int, int] = (0, 0)) -> tuple[int, int]:
-  """`(height, width)` with min(H, W) == short and the long side scaled
-  alike, rounded down as the original rounds it, then grown where smaller
-  than `at_least`."""
-  h, w = frame_size
-  if min(h, w) != short:
-    if w < h:
-      h, w = math.floor(h / w * short), short
-    else:
-      h, w = short, math.floor(w / h * short)
-  return max(h, at_least[0]), max(w, at_least[1])
-
-
 def train_crop(frame_size: tuple[int, int], spec: ClipSpec,
-               rng: np.random.Generator) -> Crop:
+               rng: np.random.Generator) -> crops.Crop:
   """Short-side scale jitter (`draw_short_side`), a random crop and a random
   flip, drawn from `rng` in the original's order.
 
   The crop may also take the last offset, which the original's
   `randint(0, H - size)` never draws.
   """
-  resized = short_side_size(frame_size, draw_short_side(spec, rng),
+  resized = crops.short_side_size(frame_size, draw_short_side(spec, rng),
                             spec.crop_size)
   y = int(rng.integers(0, resized[0] - spec.crop_size[0] + 1))
   x = int(rng.integers(0, resized[1] - spec.crop_size[1] + 1))
   flip = bool(spec.flip and rng.random() < 0.5)
-  return Crop(resized, y, x, tuple(spec.crop_size), flip)
+  return crops.Crop(resized, y, x, tuple(spec.crop_size), flip)
 
 
 def draw_short_side(spec: ClipSpec, rng: np.random.Generator) -> int:
@@ -367,7 +327,7 @@ def draw_short_side(spec: ClipSpec, rng: np.random.Generator) -> int:
 
 
 def eval_crop_list(frame_size: tuple[int, int], spec: ClipSpec
-                   ) -> list[Crop]:
+                   ) -> list[crops.Crop]:
   """`spec.num_crops` test crops, as the original's test loaders take them.
 
   Three are the start, centre and end of the long side after resizing the
@@ -379,7 +339,7 @@ def eval_crop_list(frame_size: tuple[int, int], spec: ClipSpec
   short = min(spec.crop_size)
   if spec.num_crops == 1 and spec.sampling == 'rate':
     short = max(short, spec.train_scales[0])
-  resized = short_side_size(frame_size, short, spec.crop_size)
+  resized = crops.short_side_size(frame_size, short, spec.crop_size)
   dy, dx = resized[0] - spec.crop_size[0], resized[1] - spec.crop_size[1]
   cy, cx = -(-dy // 2), -(-dx // 2)
   if spec.num_crops == 1:
@@ -390,153 +350,8 @@ def eval_crop_list(frame_size: tuple[int, int], spec: ClipSpec
                [(y, cx) for y in (0, cy, dy)])
   else:
     raise ValueError(f'test_num_crops must be 1 or 3, got {spec.num_crops}.')
-  return [Crop(resized, y, x, tuple(spec.crop_size)) for y, x in offsets]
-
-
-def resize(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-  """uint8 `[N, H, W, 3]` -> `[N, *shape, 3]`, antialiased bilinear
-  (`resize_frame`)."""
-  if tuple(frames.shape[1:3]) == tuple(shape):
-    return frames
-  return np.stack([resize_frame(f, shape) for f in frames])
-
-
-def resize_frame(frame: np.ndarray, shape: tuple[int, int],
-                 box: tuple[float, float, float, float] | None = None,
-                 flip: bool = False) -> np.ndarray:
-  """uint8 `[H, W, 3]` -> `[*shape, 3]`: PIL's antialiased bilinear filter
-  over `box` (left, top, right, bottom; None for the whole frame), then
-  mirrored if `flip`.
-
-  Each channel is filtered in float32 (PIL's mode 'F') and rounded once,
-  as TensorFlow's `resize(antialias=True)` is: the clips of the earlier
-  TensorFlow pipeline, within float rounding. (PIL's uint8 RGB filter,
-  which rounds between its two passes, costs 40% less but differs by up to
-  two levels, enough to change where a run from scratch ends.)
-  """
-  out = np.empty(tuple(shape) + (3,), np.uint8)
-  for c in range(3):
-    channel = PIL.Image.fromarray(np.ascontiguousarray(frame[..., c]))
-    channel = channel.convert('F').resize(
-        (shape[1], shape[0]), PIL.Image.Resampling.BILINEAR, box=box)
-    if flip:  # In PIL: a strided copy in numpy costs more.
-      channel = channel.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-    np.clip(np.round(np.asarray(channel)), 0, 255, out=out[..., c],
-            casting='unsafe')
-  return out
-
-
-def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize so that min(H, W) == size; uint8 in, uint8 out."""
-  return resize(frames, short_side_size(frames.shape[1:3], size))
-
-
-def bilinear_taps(in_size: int, out_size: int, start: int, count: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Where outputs `start` to `start + count - 1` of a bilinear resize from
-  `in_size` to `out_size` pixels read, as torch's `interpolate(mode=
-  'bilinear', align_corners=False)` computes it on the CPU.
-
-  Output `k` sits at source position `s = max((k + 0.5) * in / out - 0.5,
-  0)`: pixel centres, clamped at the first. It reads pixels `i0 =
-  floor(s)` and `i1 = min(i0 + 1, in - 1)` with weights `1 - w` and
-  `w = s - i0`.
-
-  Returns:
-    `(i0, i1, 1 - w, w)`: int64 `[count]` twice, float32 `[count]` twice.
-  """
-  scale = np.float32(in_size) / np.float32(out_size)
-  # float32 as torch's, rounded once as the fused multiply-add of its AVX2
-  # and AVX-512 kernels rounds (its baseline kernel rounds twice, which
-  # moves `w` by an ulp: up to 4e-3 of a level at a sharp edge).
-  position = np.float64(scale) * (np.arange(start, start + count) + 0.5)
-  source = np.maximum((position - 0.5).astype(np.float32), np.float32(0))
-  first = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
-  second = np.minimum(first + 1, in_size - 1)
-  weight = np.clip(source - first, 0, 1).astype(np.float32)
-  return first, second, np.float32(1) - weight, weight
-
-
-def _lerp(x: np.ndarray, taps: tuple[np.ndarray, ...], axis: int
-          ) -> np.ndarray:
-  """`x` resampled along `axis` by `bilinear_taps`' `taps`: float32."""
-  first, second, w0, w1 = taps
-  # The weights spelled out over the axes after `axis`: broadcast along
-  # the channels, numpy's inner loop would run 3 values at a time.
-  trailing = x.shape[axis + 1:]
-  ones = np.ones(trailing, np.float32)
-  spell = lambda w: w.reshape(w.shape + (1,) * len(trailing)) * ones
-  out = np.take(x, first, axis) * spell(w0)
-  out += np.take(x, second, axis) * spell(w1)
-  return out
-
-
-def original_crop(frames: np.ndarray, crop: Crop) -> np.ndarray:
-  """The original's pixels: `frames` (uint8 or float `[N, h, w, 3]`) resized
-  as a whole to `crop.resized` by `bilinear_taps`, cut to the crop and
-  mirrored if `crop.flip`: float32 `[N, *crop.size, 3]`, pixel values.
-
-  Only the crop's pixels are computed, rows then columns: each from two
-  source rows of the columns the crop reads, then from two of those
-  columns. Equal to `torch.nn.functional.interpolate(frames, crop.resized,
-  mode='bilinear', align_corners=False)` cut to the crop, within float
-  rounding (torch takes columns first).
-  """
-  (h, w), (ch, cw) = frames.shape[1:3], crop.size
-  rows = bilinear_taps(h, crop.resized[0], crop.y, ch)
-  cols = bilinear_taps(w, crop.resized[1], crop.x, cw)
-  if crop.flip:
-    cols = tuple(t[::-1] for t in cols)
-  left, right = int(cols[0].min()), int(cols[1].max()) + 1
-  tall = _lerp(frames[:, :, left:right], rows, axis=1)  # [N, ch, box, 3]
-  return _lerp(tall, (cols[0] - left, cols[1] - left) + cols[2:], axis=2)
-
-
-def apply_crops(frames: np.ndarray, crops: Sequence[Crop],
-                resize_mode: str = 'original') -> list[np.ndarray]:
-  """Each crop of `frames` (uint8 `[N, h, w, 3]`), resized as `resize_mode`
-  says (`RESIZE_MODES`): `[N, *size, 3]`, float32 ('original',
-  `original_crop`) or uint8 ('antialias', `antialias_crops`)."""
-  if resize_mode == 'original':
-    return [original_crop(frames, c) for c in crops]
-  if resize_mode != 'antialias':
-    raise ValueError(f'Unknown resize {resize_mode!r}; valid: '
-                     f'{list(RESIZE_MODES)}.')
-  return antialias_crops(frames, crops)
-
-
-def antialias_crops(frames: np.ndarray, crops: Sequence[Crop]
-                    ) -> list[np.ndarray]:
-  """Each crop of `frames` (uint8 `[N, h, w, 3]`) by PIL's antialiased
-  filter (`resize_frame`): uint8 `[N, *size, 3]`.
-
-  A single crop is resized alone, from its box in `frames` (pixels outside
-  it still weigh in at its edges, so it equals resizing the whole frame
-  and cropping); several share one resize of the whole frame. `frames` may
-  be smaller than the frame the crops were planned for (decoded at a
-  reduced scale): the boxes scale with it.
-  """
-  if not crops:
-    return []
-  resized = crops[0].resized
-  if len(crops) > 1 or tuple(frames.shape[1:3]) == tuple(resized):
-    whole = resize(frames, resized)
-    cut = [whole[:, c.y:c.y + c.size[0], c.x:c.x + c.size[1]]
-           for c in crops]
-    return [x[:, :, ::-1] if c.flip else x
-            for x, c in zip(cut, crops, strict=True)]
-  c = crops[0]
-  h, w = frames.shape[1:3]
-  sy, sx = h / resized[0], w / resized[1]
-  # Clamped: rounding must not put the box past the frame (PIL refuses).
-  box = (c.x * sx, c.y * sy, min((c.x + c.size[1]) * sx, w),
-         min((c.y + c.size[0]) * sy, h))
-  return [np.stack([resize_frame(f, c.size, box, c.flip) for f in frames])]
-
-
-def crop(frames: np.ndarray, size: tuple[int, int], y: int, x: int
-         ) -> np.ndarray:
-  return frames[:, y:y + size[0], x:x + size[1]]
+  return [crops.Crop(resized, y, x, tuple(spec.crop_size))
+          for y, x in offsets]
 
 
 def frame_size(video: Video) -> tuple[int, int] | None:
@@ -575,8 +390,8 @@ def train_transform(frames: np.ndarray, spec: ClipSpec,
                     rng: np.random.Generator) -> np.ndarray:
   """Short-side scale jitter, random crop, random flip: `[T, h, w, 3]` of
   `clip_dtype(spec)`."""
-  frames, = apply_crops(frames, [train_crop(frames.shape[1:3], spec, rng)],
-                        spec.resize)
+  plan = train_crop(frames.shape[1:3], spec, rng)
+  frames, = crops.apply_crops(frames, [plan], spec.resize)
   return frames
 
 
@@ -609,7 +424,7 @@ def train_clip(video: Video, spec: ClipSpec, rng: np.random.Generator,
   with _timed(timer, 'decode'):
     frames = decode_frames(video, indices, spec, plan.resized)
   with _timed(timer, 'transform'):
-    return apply_crops(frames, [plan], spec.resize)[0]
+    return crops.apply_crops(frames, [plan], spec.resize)[0]
 
 
 def eval_crops(frames: np.ndarray, spec: ClipSpec) -> list[np.ndarray]:
@@ -618,7 +433,7 @@ def eval_crops(frames: np.ndarray, spec: ClipSpec) -> list[np.ndarray]:
   One is the centre; three are the start, centre and end of the long side,
   as the original tests.
   """
-  return apply_crops(frames, eval_crop_list(frames.shape[1:3], spec),
+  return crops.apply_crops(frames, eval_crop_list(frames.shape[1:3], spec),
                      spec.resize)
 
 
@@ -633,16 +448,16 @@ def eval_clips(video: Video, spec: ClipSpec,
     num_frames, fps, size = video.num_frames, video.fps, frame_size(video)
   indices = np.stack([temporal_indices(num_frames, fps, spec, clip=k)
                       for k in range(spec.num_clips)])
-  crops = eval_crop_list(size, spec) if size is not None else None
+  plans = eval_crop_list(size, spec) if size is not None else None
   with _timed(timer, 'decode'):
     frames = decode_frames(video, indices.reshape(-1), spec,
-                           crops[0].resized if crops else None)
+                           plans[0].resized if plans else None)
   frames = frames.reshape(indices.shape + frames.shape[1:])
   views = []
   with _timed(timer, 'transform'):
     for clip_frames in frames:
-      views.extend(apply_crops(clip_frames, crops, spec.resize) if crops
-                   else eval_crops(clip_frames, spec))
+      views.extend(crops.apply_crops(clip_frames, plans, spec.resize)
+                   if plans else eval_crops(clip_frames, spec))
     return np.stack(views)
 
 

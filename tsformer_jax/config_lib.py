@@ -2,7 +2,8 @@
 
 `get_config('divided', 'hr,ssv2')` is `configs/divided.py:hr,ssv2`: the
 recipe in `configs/default.py` (installed as `tsformer_jax.configs`) with
-that attention scheme.
+that attention scheme. `upgrade` gives a saved or hand-made config every
+field of today's recipe, so that code reads each field directly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from tsformer_jax import attention
+from tsformer_jax.configs import dataset_facts
 from tsformer_jax.configs import default
 
 VARIANTS = default.VARIANTS
@@ -23,11 +25,16 @@ DEFAULT_VARIANT = 'base'
 IMAGENET_VIT = default.IMAGENET_VIT
 SCRATCH = default.SCRATCH
 
-# `config.data` fields that configs saved before them lack, with the value
-# those runs used: RGB pixels, segments of the video's own frames, uniform
-# scale jitter.
-_ADDED_DATA_FIELDS = {'channel_order': 'rgb', 'segment_fps': 0.0,
-                      'scale_jitter': 'uniform'}
+# `config.data` fields added since configs were first saved whose recipe
+# value would change an older run's numbers, with the value it used: RGB
+# pixels, segments of the video's own frames, uniform scale jitter (all
+# three differ for SSv2), antialiased resizing, softmax scores averaged over
+# views. Every other field an older config lacks had, or has, its recipe's
+# value in that run (`_recipe_of`); the ones that decide only how a job runs
+# (workers, time bounds, sharding) take today's.
+_OLDER_RUNS_DATA = {'channel_order': 'rgb', 'segment_fps': 0.0,
+                    'scale_jitter': 'uniform', 'resize': 'antialias',
+                    'test_view_scores': 'softmax_mean'}
 # `config.dataset` of configs saved before it joined `config.data`: old
 # field -> new field.
 _OLD_DATASET_FIELDS = {'name': 'dataset', 'data_dir': 'data_dir',
@@ -61,17 +68,57 @@ def with_class_names(config: ml_collections.ConfigDict,
   return config
 
 
-def upgrade(values: Mapping[str, Any]) -> dict[str, Any]:
-  """A saved config's dict in today's layout: the `dataset` section of
-  older configs moves into `data`, and `data` fields added since take the
-  values that older runs used (`_ADDED_DATA_FIELDS`)."""
-  values = dict(values)
+def upgrade(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A saved or hand-made config (a dict or ConfigDict; not changed) in
+  today's layout, with every field of today's recipe.
+
+  The `dataset` section of older configs moves into `data`. A missing field
+  takes the value its run used: in a `data` section, `_OLDER_RUNS_DATA` for
+  the fields whose recipe value changed those runs' numbers; otherwise the
+  recipe of the config's own variant and dataset (a config without a `data`
+  section was made by hand, not saved by a run). Fields the recipe lacks
+  are kept. Upgrading twice changes nothing.
+  """
+  if isinstance(values, ml_collections.ConfigDict):
+    values = values.to_dict()
+  values = _moved_dataset_section(copy.deepcopy(dict(values)))
+  return ml_collections.ConfigDict(_filled(values, _recipe_of(values)))
+
+
+def _moved_dataset_section(values: dict[str, Any]) -> dict[str, Any]:
   old = values.pop('dataset', None)
   if isinstance(old, Mapping):
     data = dict(values.get('data', {}))
     for key, value in old.items():
       data.setdefault(_OLD_DATASET_FIELDS.get(key, key), value)
     values['data'] = data
-  if isinstance(values.get('data'), Mapping):
-    values['data'] = {**_ADDED_DATA_FIELDS, **values['data']}
   return values
+
+
+def _recipe_of(values: Mapping[str, Any]) -> dict[str, Any]:
+  """The recipe of `values`' variant and dataset (the defaults where they
+  name none we know); a saved `data` section's with `_OLDER_RUNS_DATA`."""
+  variant = str(values.get('variant', DEFAULT_VARIANT)).lower()
+  data = values.get('data')
+  saved = isinstance(data, Mapping)
+  dataset = str(data.get('dataset', '')).lower() if saved else ''
+  arg = [f'variant={variant if variant in VARIANTS else DEFAULT_VARIANT}']
+  if dataset in {*dataset_facts.DATASETS, *dataset_facts.ALIASES}:
+    arg.append(f'dataset={dataset}')
+  recipe = default.get_config(','.join(arg)).to_dict()
+  if saved:
+    recipe['data'].update(_OLDER_RUNS_DATA)
+  return recipe
+
+
+def _filled(values: dict[str, Any], recipe: Mapping[str, Any]
+            ) -> dict[str, Any]:
+  """`values` with the fields of `recipe` it lacks, section by section."""
+  filled = dict(values)
+  for key, default_value in recipe.items():
+    if key not in filled:
+      filled[key] = default_value
+    elif isinstance(default_value, Mapping) and isinstance(filled[key],
+                                                           Mapping):
+      filled[key] = _filled(dict(filled[key]), default_value)
+  return filled

@@ -1,12 +1,18 @@
-"""Running a model over whole videos: views, batches, per-video averages.
+"""Evaluation: the eval step, its metrics, and models run over whole videos.
+
+`evaluate` measures top-1 / top-5 and the loss over a dataset split with
+multi-view testing: `eval_step` scores a batch of videos, each cut into
+`config.data.test_num_clips` x `test_num_crops` views, whose scores
+combine as `config.data.test_view_scores` says (`combine_views`); with
+`config.data.test_clip_stride` set, it takes the paper's long-video
+protocol instead (`evaluate_long_videos`). Both paths end in `summarize`.
 
 `predict_videos` classifies videos (files or arrays) and extracts their
 features: it cuts each into the views a `long_video.Coverage` names
 (evaluation's own views by default), runs them through one compiled
 forward pass in fixed-size batches shared across videos, and combines the
-views' scores (`combine_views`) and averages their features per video. The
-main job's whole-video evaluation and `python -m tsformer_jax.predict` both
-call it.
+views' scores and averages their features per video. The long-video
+protocol and `python -m tsformer_jax.predict` both call it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 import dataclasses
+import functools
 import os
 
 import jax
@@ -22,9 +29,11 @@ import numpy as np
 
 from tsformer_jax import clip_lib
 from tsformer_jax import datasets
+from tsformer_jax import input_pipeline
 from tsformer_jax import long_video
 from tsformer_jax import model as model_lib
-from tsformer_jax.datasets import video_files
+from tsformer_jax import sharding
+from tsformer_jax import video_io
 
 # forward(params, clips [B, T, H, W, 3] of pixel values, uint8 or float32)
 # -> {'logits': [B, C], 'scores': [B, C] their softmax, 'features': [B, D]};
@@ -38,9 +47,8 @@ VIEW_SCORES = ('logit_sum', 'softmax_mean')
 
 
 def view_scores(config) -> str:
-  """`config.data.test_view_scores`, checked ('logit_sum' where the config
-  has none, as an older checkpoint's)."""
-  method = config.data.get('test_view_scores', 'logit_sum')
+  """`config.data.test_view_scores`, checked."""
+  method = config.data.test_view_scores
   if method not in VIEW_SCORES:
     raise ValueError(f'Unknown data.test_view_scores {method!r}; valid: '
                      f'{list(VIEW_SCORES)}.')
@@ -64,6 +72,186 @@ def combine_views(logits: jax.Array, method: str
     return probs, probs
   raise ValueError(f'Unknown view scores {method!r}; valid: '
                    f'{list(VIEW_SCORES)}.')
+
+
+def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable,
+              mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225),
+              channel_order: str = 'rgb', view_scores: str = 'logit_sum'
+              ) -> dict[str, jax.Array]:
+  """Multi-view scores: each video's views combined as `view_scores` says.
+
+  Args:
+    params: model parameters.
+    batch: `clips [B, V, T, H, W, 3]` (V views per video; pixel values,
+      uint8 or float32, normalised here with `mean` / `std`),
+      `labels [B]`, `mask [B]` (False for padding).
+    apply_fn: the model's apply.
+    mean: per-channel mean (`config.data.mean`).
+    std: per-channel standard deviation (`config.data.std`).
+    channel_order: the model's (`config.data.channel_order`): clips are
+      RGB, reversed for 'bgr'.
+    view_scores: `config.data.test_view_scores`: 'logit_sum' ranks the
+      classes by the views' summed logits (the original's), 'softmax_mean'
+      by their averaged softmaxes (`combine_views`).
+
+  Returns:
+    Sums over the batch: `count`, `top1`, `top5` (correct videos) and
+    `loss` (cross-entropy of the video's probabilities: the softmax of the
+    mean logits, or the mean softmax).
+  """
+  b, v = batch['clips'].shape[:2]
+  clips = clip_lib.device_normalize(batch['clips'], mean, std, channel_order)
+  logits = apply_fn({'params': params},
+                    clips.reshape((b * v,) + clips.shape[2:]))
+  scores, probs = combine_views(
+      logits.astype(jnp.float32).reshape(b, v, -1), view_scores)  # [B, C]
+  return video_metrics(scores, batch['labels'], batch['mask'], probs)
+
+
+def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array,
+                  probs: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Sums of top-1 / top-5 hits and of the loss over unmasked videos.
+
+  `scores [B, C]` rank the classes; the loss is the label's negative
+  log-probability in `probs [B, C]` (`scores` where None). A class scoring
+  as high as the label's ranks before it, and a video with a NaN score is
+  never a hit: uniform or NaN scores give no accuracy.
+  """
+  label_scores = jnp.take_along_axis(scores, labels[:, None], 1)  # [B, 1]
+  rank = jnp.sum(scores >= label_scores, -1) - 1
+  mask = mask.astype(jnp.float32)
+  valid = jnp.all(jnp.isfinite(scores), -1)
+  hits = lambda k: jnp.sum(((rank < k) & valid) * mask)
+  probs = scores if probs is None else probs
+  nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], 1)[:, 0] + 1e-9)
+  return dict(count=mask.sum(), top1=hits(1), top5=hits(5),
+              loss=jnp.sum(nll * mask))
+
+
+def summarize(sums: dict[str, jax.Array] | None) -> dict[str, float]:
+  """The per-video means of `video_metrics` sums: `top1`, `top5`, `loss`,
+  and `videos`, their count. Every evaluation ends here.
+
+  Raises:
+    clip_lib.BadVideoError: no video was counted (`sums` None or empty).
+  """
+  count = 0.0 if sums is None else float(sums['count'])
+  if not count:
+    raise clip_lib.BadVideoError('No evaluation video could be read.')
+  return dict(top1=float(sums['top1']) / count,
+              top5=float(sums['top5']) / count,
+              loss=float(sums['loss']) / count, videos=count)
+
+
+def jit_eval_step(config, params, apply_fn: Callable,
+                  mesh: jax.sharding.Mesh) -> Callable:
+  """`eval_step` jitted for `params` laid out as on `mesh`."""
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  num_views = clip_lib.clip_spec(config).num_views
+  step = functools.partial(eval_step, apply_fn=apply_fn,
+                           mean=tuple(config.data.mean),
+                           std=tuple(config.data.std),
+                           channel_order=config.data.channel_order,
+                           view_scores=view_scores(config))
+  return jax.jit(step,
+                 in_shardings=(sharding.state_shardings(params, mesh, config),
+                               sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh),
+                 # Per device: every view of each video in the batch.
+                 compiler_options=model_lib.inference_compiler_options(
+                     config, config.eval_batch_size * num_views // mesh.size))
+
+
+def evaluate(config, params, apply_fn: Callable,
+             source: clip_lib.Source,
+             skipped: input_pipeline.SkipCounter,
+             step: Callable | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+  """Top-1 / top-5 and the loss over the videos of `source` (`summarize`).
+
+  Multi-view testing in batches of `config.eval_batch_size` videos; the
+  long-video protocol (`evaluate_long_videos`) where
+  `config.data.test_clip_stride` is set. `step` is `eval_step` compiled for
+  `params` (`jit_eval_step`); compiled here when None. With a `mesh`, every
+  process reads its share of each batch, which is then split over the
+  mesh's devices. Videos that fail to load are counted in `skipped`.
+  """
+  if config.data.test_clip_stride > 0:
+    return evaluate_long_videos(config, params, source, skipped)
+  if mesh is None:
+    mesh = sharding.create_mesh(config)
+  if step is None:
+    step = jit_eval_step(config, params, apply_fn, mesh)
+  batches = sharding.batch_sharding(mesh)
+  loaded = input_pipeline.eval_batches(
+      source, clip_lib.clip_spec(config), config.eval_batch_size,
+      config.data.num_workers, skipped, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      worker_type=config.data.worker_type)
+  totals = None
+  for batch in input_pipeline.prefetch_to_device(
+      loaded, lambda b: sharding.global_batch(b, batches)):
+    sums = step(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return summarize(totals)
+
+
+def long_video_coverage(config) -> long_video.Coverage:
+  """The clips of the long-video protocol (`config.data.test_clip_stride`
+  seconds apart), checked against the rest of the config.
+
+  Raises:
+    ValueError: several processes, or a sampling that takes no stride.
+  """
+  if jax.process_count() > 1:
+    raise ValueError('Long-video evaluation (data.test_clip_stride > 0) '
+                     'runs in one process; run --mode=eval without '
+                     '--num_processes.')
+  coverage = long_video.Coverage(stride_seconds=config.data.test_clip_stride,
+                                 num_crops=config.data.test_num_crops)
+  long_video.check_coverage(clip_lib.clip_spec(config), coverage)
+  return coverage
+
+
+def evaluate_long_videos(config, params, source: clip_lib.Source,
+                         skipped: input_pipeline.SkipCounter
+                         ) -> dict[str, float]:
+  """The long-video protocol (HowTo100M in the paper): every video is
+  covered from start to end by clips every `config.data.test_clip_stride`
+  seconds (x `test_num_crops` crops), whose scores combine as
+  `config.data.test_view_scores` says (as the views of `eval_step`).
+
+  Videos hold different numbers of clips, so this runs the clips of all
+  videos through `predict_videos` in one process.
+  """
+  coverage = long_video_coverage(config)
+  videos, labels, indices = [], [], []
+  for index in range(len(source)):
+    try:
+      video, label = source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      skipped.add(index, e)  # As the batched pipeline: count, go on.
+      continue
+    videos.append(video)
+    labels.append(label)
+    indices.append(index)
+  predictions = predict_videos(config, params, videos, coverage=coverage)
+  # 'logit_sum' ranks by the mean logits: as their sum, whatever the count.
+  by_logits = view_scores(config) == 'logit_sum'
+  scores, probs, good = [], [], []
+  for index, label, prediction in zip(indices, labels, predictions,
+                                      strict=True):
+    if prediction.error is not None:
+      skipped.add(index, clip_lib.BadVideoError(prediction.error))
+    else:
+      scores.append(prediction.logits if by_logits else prediction.scores)
+      probs.append(prediction.scores)
+      good.append(label)
+  if not good:
+    return summarize(None)
+  return summarize(video_metrics(
+      jnp.asarray(np.stack(scores)), jnp.asarray(good),
+      jnp.ones(len(good), bool), jnp.asarray(np.stack(probs))))
 
 
 @dataclasses.dataclass
@@ -134,7 +322,7 @@ def forward_fn(config, with_features: bool = False) -> Forward:
   """
   model = model_lib.create_model(config)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
-  channel_order = config.data.get('channel_order', 'rgb')
+  channel_order = config.data.channel_order
 
   def forward(params, clips):
     clips = clip_lib.device_normalize(clips, mean, std, channel_order)
@@ -189,7 +377,7 @@ def predict_videos(config, params, videos: Sequence[str | clip_lib.Video],
         compiler_options=model_lib.inference_compiler_options(config,
                                                              batch_size))
     params = jax.device_put(params)  # Once, not with every batch.
-  videos = [video_files.VideoFile(os.fspath(v))
+  videos = [video_io.VideoFile(os.fspath(v))
             if isinstance(v, (str, os.PathLike)) else v for v in videos]
   errors: dict[int, str] = {}
   parts: dict[str, list[np.ndarray]] = {}
@@ -250,7 +438,7 @@ def label_names(config) -> list[str]:
     ValueError: their count is not the model's class count.
   """
   count = config.model.num_classes
-  names = list(config.data.get('class_names') or ())
+  names = list(config.data.class_names)
   if names:
     source = 'the checkpoint'
   else:

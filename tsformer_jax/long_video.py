@@ -19,16 +19,11 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 import dataclasses
 
-import av
 import numpy as np
 
 from tsformer_jax import clip_lib
+from tsformer_jax import video_io
 from tsformer_jax import workers
-from tsformer_jax.datasets import video_files
-
-# What PyAV and the file system raise on a bad file (as video_files.decode).
-DECODE_ERRORS = (clip_lib.BadVideoError, av.FFmpegError, OSError,
-                 ValueError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +132,7 @@ def clip_indices(video_frames: int, video_fps: float,
                    for s in starts])
 
 
-def decode_clips(video: str | video_files.VideoFile, indices: np.ndarray
+def decode_clips(video: str | video_io.VideoFile, indices: np.ndarray
                  ) -> Iterator[tuple[int, np.ndarray]]:
   """Decodes `video` (a file, or its path) once and yields each clip as
   soon as it is complete.
@@ -158,7 +153,7 @@ def decode_clips(video: str | video_files.VideoFile, indices: np.ndarray
       decodable frame, or fails to decode (possibly after some clips).
   """
   if isinstance(video, str):
-    video = video_files.VideoFile(video)
+    video = video_io.VideoFile(video)
   indices = np.asarray(indices, np.int64)
   if indices.size and indices.min() < 0:
     raise ValueError(f'Negative frame index {indices.min()} for '
@@ -190,8 +185,8 @@ def decode_clips(video: str | video_files.VideoFile, indices: np.ndarray
 def video_clips(video: clip_lib.Video, indices: np.ndarray
                 ) -> Iterator[tuple[int, np.ndarray]]:
   """`(k, uint8 [T, H, W, 3])` for each row `k` of `indices` `[K, T]`; a
-  `video_files.VideoFile` is decoded in one pass (`decode_clips`)."""
-  if isinstance(video, video_files.VideoFile):
+  `video_io.VideoFile` is decoded in one pass (`decode_clips`)."""
+  if isinstance(video, video_io.VideoFile):
     yield from decode_clips(video, indices)
   else:
     for k, row in enumerate(indices):
@@ -228,7 +223,7 @@ def video_views(video: clip_lib.Video, index: int,
       yield View(index, k, c, int(indices[k, 0])), crop
 
 
-def file_views(video: video_files.VideoFile, index: int,
+def file_views(video: video_io.VideoFile, index: int,
                spec: clip_lib.ClipSpec, coverage: Coverage
                ) -> Iterator[tuple[View, np.ndarray]]:
   """`video_views` of a file, run in a worker process: its decoding errors
@@ -237,7 +232,7 @@ def file_views(video: video_files.VideoFile, index: int,
     yield from video_views(video, index, spec, coverage)
   except clip_lib.BadVideoError:
     raise
-  except DECODE_ERRORS as e:
+  except video_io.DECODE_ERRORS as e:
     raise clip_lib.BadVideoError(str(e) or type(e).__name__) from None
 
 
@@ -268,7 +263,7 @@ def clip_batches(videos: Sequence[clip_lib.Video],
     for index, video in enumerate(videos):
       views = (worker.stream(file_views, (video, index, spec, coverage),
                              timeout)
-               if worker and isinstance(video, video_files.VideoFile) else
+               if worker and isinstance(video, video_io.VideoFile) else
                video_views(video, index, spec, coverage))
       try:
         for view in views:
@@ -276,7 +271,7 @@ def clip_batches(videos: Sequence[clip_lib.Video],
           if len(chunk) == batch_size:
             yield _stack(chunk, batch_size)
             chunk = []
-      except DECODE_ERRORS as e:
+      except video_io.DECODE_ERRORS as e:
         errors[index] = str(e) or type(e).__name__
       finally:
         views.close()  # A worker's stream left part way ends there.

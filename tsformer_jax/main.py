@@ -57,7 +57,7 @@ def main(argv):
   # NaN: one line. Anything else is a bug and keeps its traceback.
   with cli.expected_as_error():
     results = train.train_and_evaluate(cli.CONFIG.value, _WORKDIR.value,
-                                       cli.MODE.value or 'train_and_eval')
+                                       cli.MODE.value)
   logging.info('Results: %s', results)
 
 

@@ -55,12 +55,6 @@ from tsformer_jax import cli
 from tsformer_jax import evaluation
 from tsformer_jax import long_video
 
-# Kept here for callers of `predict.X`; they live in `evaluation`.
-Prediction = evaluation.Prediction
-forward_fn = evaluation.forward_fn
-label_names = evaluation.label_names
-predict_videos = evaluation.predict_videos
-
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes to show per video (at '
                               'most the class count).', lower_bound=1)
 _CLIPS = flags.DEFINE_integer('clips', None, 'Clips evenly spaced over each '
@@ -90,7 +84,7 @@ _DECODE_TIMEOUT_S = flags.DEFINE_float(
     'data.decode_timeout_s).')
 
 
-def error_line(prediction: Prediction) -> str:
+def error_line(prediction: evaluation.Prediction) -> str:
   """`PATH: why.` on one line, the path once, for a video that could not
   be read."""
   message = prediction.error or 'unreadable'
@@ -103,8 +97,8 @@ def error_line(prediction: Prediction) -> str:
   return f'{prediction.path}: {message}'
 
 
-def format_text(predictions: Sequence[Prediction], names: Sequence[str],
-                top_k: int) -> str:
+def format_text(predictions: Sequence[evaluation.Prediction],
+                names: Sequence[str], top_k: int) -> str:
   """Per video: its path and views, then one `probability  label` line per
   class of its top k."""
   lines = []
@@ -117,7 +111,7 @@ def format_text(predictions: Sequence[Prediction], names: Sequence[str],
   return '\n'.join(lines)
 
 
-def to_json(predictions: Sequence[Prediction], names: Sequence[str],
+def to_json(predictions: Sequence[evaluation.Prediction], names: Sequence[str],
             top_k: int, checkpoint: str) -> dict:
   """One JSON-ready document: per video its path, error (or null), number
   of views and top-k `{index, label, probability}`."""
@@ -128,7 +122,7 @@ def to_json(predictions: Sequence[Prediction], names: Sequence[str],
       for p in predictions])
 
 
-def feature_arrays(predictions: Sequence[Prediction]
+def feature_arrays(predictions: Sequence[evaluation.Prediction]
                    ) -> dict[str, np.ndarray]:
   """The arrays `--features_out` writes (see the module doc)."""
   ok = [(i, p) for i, p in enumerate(predictions) if p.error is None]

@@ -9,13 +9,11 @@ views, so its "TFLOPs" equal `3 * flops_per_clip / 2 / 1e12`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import json
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 import tsformer_jax
 from tsformer_jax import cli
@@ -47,75 +45,6 @@ def summarize(config) -> dict[str, Any]:
       flops_per_clip=float(_first(compiled.cost_analysis())['flops']),
       temp_bytes=int(memory.temp_size_in_bytes) if memory else None,
   )
-
-
-# The plain step's optimizer: SGD, Nesterov momentum 0.9, this rate.
-SGD_LEARNING_RATE = 0.005
-
-
-def sgd_train_step(config) -> Callable:
-  """A plain training step of `config.model`: cross-entropy, backward and
-  SGD with momentum, kept in `config.optimizer.state_dtype`.
-  `step(params, opt_state, clips, labels, rng)` returns the new params and
-  optimizer state and the loss."""
-  model = tsformer_jax.create_model(config)
-  tx = optax.sgd(SGD_LEARNING_RATE, momentum=0.9, nesterov=True,
-                 accumulator_dtype=config.optimizer.get('state_dtype',
-                                                        'float32'))
-
-  def step(params, opt_state, clips, labels, rng):
-    def loss_fn(p):
-      logits = model.apply({'params': p}, clips, train=True,
-                           rngs={'dropout': rng})
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step, tx
-
-
-def lower_sgd_train_step(config, batch_size: int = 1,
-                         compiler_options: dict[str, str] | None = None
-                         ) -> jax.stages.Lowered:
-  """`sgd_train_step` of `config.model`, jitted with params and optimizer
-  state donated and lowered on abstract shapes of `(params, opt_state,
-  clips, labels, rng)` for `batch_size` clips; nothing is allocated.
-  `compiler_options` go to XLA (None: its defaults, as training uses)."""
-  step, tx = sgd_train_step(config)
-  params = jax.eval_shape(
-      lambda: tsformer_jax.init_params(config, jax.random.key(0)))
-  opt_state = jax.eval_shape(tx.init, params)
-  clips = jax.ShapeDtypeStruct(
-      tsformer_jax.dummy_clips(config, batch_size).shape, np.float32)
-  labels = jax.ShapeDtypeStruct((batch_size,), np.int32)
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  return jax.jit(step, donate_argnums=(0, 1),
-                 compiler_options=compiler_options).lower(
-                     params, opt_state, clips, labels, rng)
-
-
-def train_step_memory(config, batch_size: int = 1) -> dict[str, int]:
-  """XLA's memory analysis of `sgd_train_step` compiled for `batch_size`
-  clips on the default backend; nothing is allocated.
-
-  Returns bytes: `arguments` (params, optimizer state, clips), `temp`
-  (activations kept for the backward pass and scratch), `output`, `alias`
-  (outputs written over donated arguments) and `peak`, their sum less the
-  aliased part.
-  """
-  compiled = lower_sgd_train_step(config, batch_size).compile()
-  memory = compiled.memory_analysis()
-  sizes = dict(arguments=memory.argument_size_in_bytes,
-               temp=memory.temp_size_in_bytes,
-               output=memory.output_size_in_bytes,
-               alias=memory.alias_size_in_bytes)
-  sizes = {k: int(v) for k, v in sizes.items()}
-  sizes['peak'] = (sizes['arguments'] + sizes['temp'] + sizes['output'] -
-                   sizes['alias'])
-  return sizes
 
 
 def format_table(config, summary: dict[str, Any]) -> str:

@@ -1,9 +1,10 @@
-"""Training and evaluation: train state, steps, and the main loop.
+"""Training: the train state, the optimizer, the train step and the loop.
 
 `train_and_evaluate(config, workdir)` runs a whole job: it resumes from the
 last checkpoint in `workdir` if there is one, trains with the paper's recipe
-(or whatever `config.optimizer` says), evaluates with multi-view testing,
-writes TensorBoard summaries and `workdir/results.json`.
+(or whatever `config.optimizer` says), evaluates with multi-view testing
+(`evaluation.evaluate`), writes TensorBoard summaries and
+`workdir/results.json`.
 
 Determinism: the batch of step `s` and the dropout / mixup randomness of
 step `s` are functions of (config.seed, s) only, so a run resumed from a
@@ -13,6 +14,7 @@ checkpoint continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Iterator
 import copy
 import functools
 import json
@@ -39,7 +41,6 @@ from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
-from tsformer_jax import long_video
 from tsformer_jax import model as model_lib
 from tsformer_jax import sharding
 
@@ -87,7 +88,7 @@ def create_optimizer(config, steps_per_epoch: int
   schedule = learning_rate_schedule(config, steps_per_epoch)
   clip = ([optax.clip_by_global_norm(opt.grad_clip_norm)]
           if opt.grad_clip_norm else [])
-  state_dtype = opt.get('state_dtype', 'float32')
+  state_dtype = opt.state_dtype
   if state_dtype not in STATE_DTYPES:
     raise ValueError(f'Unknown optimizer.state_dtype {state_dtype!r}; '
                      f'valid: {list(STATE_DTYPES)}.')
@@ -161,8 +162,8 @@ NONFINITE_POLICIES = ('skip', 'stop')
 
 
 def nonfinite_policy(config) -> str:
-  """`config.on_nonfinite`, checked ('stop' for a config without it)."""
-  policy = config.get('on_nonfinite', 'stop')
+  """`config.on_nonfinite`, checked."""
+  policy = config.on_nonfinite
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f'Unknown config.on_nonfinite {policy!r}; valid: '
                      f'{list(NONFINITE_POLICIES)}.')
@@ -201,7 +202,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   # Clips leave the host as pixel values and normalise here.
   clips = clip_lib.device_normalize(
       batch['clips'], config.data.mean, config.data.std,
-      config.data.get('channel_order', 'rgb'))
+      config.data.channel_order)
   if config.mixup_alpha > 0:
     clips, targets = mixup(mix_rng, clips, targets, config.mixup_alpha)
   micro = config.grad_accum_steps
@@ -253,178 +254,6 @@ def _unless(finite: jax.Array, new, old):
   return jax.tree.map(
       lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer)
       else jnp.where(finite, n, o), new, old)
-
-
-def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable,
-              mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225),
-              channel_order: str = 'rgb', view_scores: str = 'logit_sum'
-              ) -> dict[str, jax.Array]:
-  """Multi-view scores: each video's views combined as `view_scores` says.
-
-  Args:
-    params: model parameters.
-    batch: `clips [B, V, T, H, W, 3]` (V views per video; pixel values,
-      uint8 or float32, normalised here with `mean` / `std`),
-      `labels [B]`, `mask [B]` (False for padding).
-    apply_fn: the model's apply.
-    mean: per-channel mean (`config.data.mean`).
-    std: per-channel standard deviation (`config.data.std`).
-    channel_order: the model's (`config.data.channel_order`): clips are
-      RGB, reversed for 'bgr'.
-    view_scores: `config.data.test_view_scores`: 'logit_sum' ranks the
-      classes by the views' summed logits (the original's), 'softmax_mean'
-      by their averaged softmaxes (`evaluation.combine_views`).
-
-  Returns:
-    Sums over the batch: `count`, `top1`, `top5` (correct videos) and
-    `loss` (cross-entropy of the video's probabilities: the softmax of the
-    mean logits, or the mean softmax).
-  """
-  b, v = batch['clips'].shape[:2]
-  clips = clip_lib.device_normalize(batch['clips'], mean, std, channel_order)
-  logits = apply_fn({'params': params},
-                    clips.reshape((b * v,) + clips.shape[2:]))
-  scores, probs = evaluation.combine_views(
-      logits.astype(jnp.float32).reshape(b, v, -1), view_scores)  # [B, C]
-  return video_metrics(scores, batch['labels'], batch['mask'], probs)
-
-
-def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array,
-                  probs: jax.Array | None = None) -> dict[str, jax.Array]:
-  """Sums of top-1 / top-5 hits and of the loss over unmasked videos.
-
-  `scores [B, C]` rank the classes; the loss is the label's negative
-  log-probability in `probs [B, C]` (`scores` where None). A class scoring
-  as high as the label's ranks before it, and a video with a NaN score is
-  never a hit: uniform or NaN scores give no accuracy.
-  """
-  label_scores = jnp.take_along_axis(scores, labels[:, None], 1)  # [B, 1]
-  rank = jnp.sum(scores >= label_scores, -1) - 1
-  mask = mask.astype(jnp.float32)
-  valid = jnp.all(jnp.isfinite(scores), -1)
-  hits = lambda k: jnp.sum(((rank < k) & valid) * mask)
-  probs = scores if probs is None else probs
-  nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], 1)[:, 0] + 1e-9)
-  return dict(count=mask.sum(), top1=hits(1), top5=hits(5),
-              loss=jnp.sum(nll * mask))
-
-
-def evaluate(config, params, apply_fn: Callable,
-             source: clip_lib.Source,
-             skipped: input_pipeline.SkipCounter,
-             step: Callable | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
-  """Top-1 / top-5 over the videos of `source` with multi-view testing.
-
-  `step` is `eval_step` compiled for `params` (`jit_eval_step`); compiled
-  here when None. With a `mesh`, every process reads its share of each
-  batch, which is then split over the mesh's devices.
-  """
-  if config.data.get('test_clip_stride', 0.0) > 0:
-    return evaluate_long_videos(config, params, source, skipped)
-  spec = clip_lib.clip_spec(config)
-  if mesh is None:
-    mesh = sharding.create_mesh(config)
-  if step is None:
-    step = jit_eval_step(config, params, apply_fn, mesh)
-  batches = sharding.batch_sharding(mesh)
-  totals = None
-  loaded = input_pipeline.eval_batches(
-      source, spec, config.eval_batch_size, config.data.num_workers,
-      skipped, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      worker_type=config.data.get('worker_type', 'thread'))
-  for batch in input_pipeline.prefetch_to_device(
-      loaded, lambda b: sharding.global_batch(b, batches)):
-    sums = step(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None or not int(totals['count']):
-    raise clip_lib.BadVideoError('No evaluation video could be read.')
-  count = float(totals['count'])
-  return dict(top1=float(totals['top1']) / count,
-              top5=float(totals['top5']) / count,
-              loss=float(totals['loss']) / count, videos=count)
-
-
-def long_video_coverage(config) -> long_video.Coverage:
-  """The clips of the long-video protocol (`config.data.test_clip_stride`
-  seconds apart), checked against the rest of the config.
-
-  Raises:
-    ValueError: several processes, or a sampling that takes no stride.
-  """
-  if jax.process_count() > 1:
-    raise ValueError('Long-video evaluation (data.test_clip_stride > 0) '
-                     'runs in one process; run --mode=eval without '
-                     '--num_processes.')
-  coverage = long_video.Coverage(stride_seconds=config.data.test_clip_stride,
-                                 num_crops=config.data.test_num_crops)
-  long_video.check_coverage(clip_lib.clip_spec(config), coverage)
-  return coverage
-
-
-def evaluate_long_videos(config, params, source: clip_lib.Source,
-                         skipped: input_pipeline.SkipCounter
-                         ) -> dict[str, float]:
-  """The long-video protocol (HowTo100M in the paper): every video is
-  covered from start to end by clips every `config.data.test_clip_stride`
-  seconds (x `test_num_crops` crops), whose scores combine as
-  `config.data.test_view_scores` says (as the views of `eval_step`).
-
-  Videos hold different numbers of clips, so this runs the clips of all
-  videos through `evaluation.predict_videos` in one process.
-  """
-  coverage = long_video_coverage(config)
-  videos, labels, indices = [], [], []
-  for index in range(len(source)):
-    try:
-      video, label = source[index]
-    except Exception as e:  # pylint: disable=broad-except
-      skipped.add(index, e)  # As the batched pipeline: count, go on.
-      continue
-    videos.append(video)
-    labels.append(label)
-    indices.append(index)
-  predictions = evaluation.predict_videos(config, params, videos,
-                                          coverage=coverage)
-  # 'logit_sum' ranks by the mean logits: as their sum, whatever the count.
-  by_logits = evaluation.view_scores(config) == 'logit_sum'
-  scores, probs, good = [], [], []
-  for index, label, prediction in zip(indices, labels, predictions,
-                                      strict=True):
-    if prediction.error is not None:
-      skipped.add(index, clip_lib.BadVideoError(prediction.error))
-    else:
-      scores.append(prediction.logits if by_logits else prediction.scores)
-      probs.append(prediction.scores)
-      good.append(label)
-  if not scores:
-    raise clip_lib.BadVideoError('No evaluation video could be read.')
-  sums = video_metrics(jnp.asarray(np.stack(scores)), jnp.asarray(good),
-                       jnp.ones(len(good), bool), jnp.asarray(np.stack(probs)))
-  count = float(sums['count'])
-  return dict(top1=float(sums['top1']) / count,
-              top5=float(sums['top5']) / count,
-              loss=float(sums['loss']) / count, videos=count)
-
-
-def jit_eval_step(config, params, apply_fn: Callable,
-                  mesh: jax.sharding.Mesh) -> Callable:
-  """`eval_step` jitted for `params` laid out as on `mesh`."""
-  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn,
-                                   mean=tuple(config.data.mean),
-                                   std=tuple(config.data.std),
-                                   channel_order=config.data.get(
-                                       'channel_order', 'rgb'),
-                                   view_scores=evaluation.view_scores(config)),
-                 in_shardings=(sharding.state_shardings(params, mesh, config),
-                               sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh),
-                 # Per device: every view of each video in the batch.
-                 compiler_options=model_lib.inference_compiler_options(
-                     config, config.eval_batch_size *
-                     clip_lib.clip_spec(config).num_views // mesh.size))
 
 
 def jit_train_step(config, state: TrainState, schedule: optax.Schedule,
@@ -504,7 +333,7 @@ def _with_class_names(config: ml_collections.ConfigDict,
   `config.data.class_names`, else those of `source` (the training split)
   where it has them (prepared TFDS data), else the dataset's; where they fit
   the head."""
-  if config.data.get('class_names') or not config.model.num_classes:
+  if config.data.class_names or not config.model.num_classes:
     return config
   names = getattr(source, 'class_names', None)
   try:
@@ -514,10 +343,7 @@ def _with_class_names(config: ml_collections.ConfigDict,
     return config
   if len(names) != config.model.num_classes:
     return config
-  config = copy.deepcopy(config)
-  with config.unlocked():
-    config.data.class_names = tuple(names)
-  return config
+  return config_lib.with_class_names(config, names)
 
 
 def _start_config(config: ml_collections.ConfigDict, mode: str,
@@ -554,8 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"Unknown mode {mode!r}; valid: ['eval', 'train', "
                      "'train_and_eval'].")
   nonfinite = _NonFiniteSteps(nonfinite_policy(config))
-  if mode != 'train' and config.data.get('test_clip_stride', 0.0) > 0:
-    long_video_coverage(config)  # Fails now, not after training.
+  if mode != 'train' and config.data.test_clip_stride > 0:
+    evaluation.long_video_coverage(config)  # Fails now, not after training.
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -566,28 +392,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch = len(train_source) // config.batch_size
   num_steps = total_steps(config, steps_per_epoch)
   manager = checkpoints.training.checkpoint_manager(workdir, config)
-  start_config = _start_config(config, mode, manager)
   mesh = sharding.create_mesh(config)
   logging.info('Mesh %s over %d devices in %d processes.', dict(mesh.shape),
                mesh.size, jax.process_count())
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  state = create_train_state(start_config, init_rng, steps_per_epoch, mesh)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  state = create_train_state(_start_config(config, mode, manager), init_rng,
+                             steps_per_epoch, mesh)
+  # The newest step that restores; damaged newer ones are moved aside.
+  state = checkpoints.training.restore_latest(manager, state)
   logging.info('%d steps (%d per epoch); checkpoints every %d steps, the '
                'last %d kept, in %s; summaries in %s (TensorBoard).',
                num_steps, steps_per_epoch, config.checkpoint_every_steps,
                config.keep_checkpoints, manager.directory, workdir)
-  # The newest step that restores; damaged newer ones are moved aside.
-  state = checkpoints.training.restore_latest(manager, state)
   # Per split: the counters know videos by their index in the split.
   skipped = input_pipeline.SkipCounter()
   eval_skipped = input_pipeline.SkipCounter()
-
-  eval_step_fn = jit_eval_step(config, state.params, state.apply_fn, mesh)
+  eval_step = evaluation.jit_eval_step(config, state.params, state.apply_fn,
+                                       mesh)
 
   def evaluate_and_log(state):
-    metrics = evaluate(config, state.params, state.apply_fn, eval_source,
-                       eval_skipped, eval_step_fn, mesh)
+    metrics = evaluation.evaluate(config, state.params, state.apply_fn,
+                                  eval_source, eval_skipped, eval_step, mesh)
     writer.write_scalars(int(state.step),
                          {f'eval/{k}': v for k, v in metrics.items()})
     return metrics
@@ -630,16 +455,7 @@ def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
   Returns the state, the last logged training loss and eval metrics.
   """
   step_fn = jit_train_step(config, state, schedule, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  batches = input_pipeline.train_batches(
-      source, clip_lib.clip_spec(config), config.batch_size, config.seed,
-      start_step=int(state.step), num_workers=config.data.num_workers,
-      skipped=skipped, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      worker_type=config.data.get('worker_type', 'thread'))
-  # The next batches go to the devices, sharded, while a step runs.
-  batches = input_pipeline.prefetch_to_device(
-      batches, lambda b: sharding.global_batch(b, batch_sharding))
+  batches = _train_batches(config, source, int(state.step), skipped, mesh)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps,
                                            writer=writer)]
   if jax.process_index() == 0 and config.profile:
@@ -684,6 +500,22 @@ def _train(config, workdir, state, rng, num_steps, schedule, source, manager,
   return state, last_loss, metrics
 
 
+def _train_batches(config, source: clip_lib.Source, start_step: int,
+                   skipped: input_pipeline.SkipCounter,
+                   mesh: jax.sharding.Mesh) -> Iterator[dict[str, jax.Array]]:
+  """The batches of steps `start_step + 1, ...`, sharded over `mesh`; the
+  next ones go to the devices while a step runs."""
+  batches = input_pipeline.train_batches(
+      source, clip_lib.clip_spec(config), config.batch_size, config.seed,
+      start_step=start_step, num_workers=config.data.num_workers,
+      skipped=skipped, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      worker_type=config.data.worker_type)
+  batch_sharding = sharding.batch_sharding(mesh)
+  return input_pipeline.prefetch_to_device(
+      batches, lambda b: sharding.global_batch(b, batch_sharding))
+
+
 def skipped_everywhere(skipped: input_pipeline.SkipCounter) -> int:
   """The distinct videos that failed in any process: each process counts
   only those it read. A collective: every process calls it in turn."""
@@ -704,7 +536,7 @@ def _write_train_metrics(writer, step, history, tick, batch_size, skipped,
                          skipped_updates=0) -> float:
   history = jax.device_get(history)
   # Dropped updates ('skip') would make the means NaN.
-  kept = [h for h in history if not h.get('nonfinite', False)] or history
+  kept = [h for h in history if not h['nonfinite']] or history
   means = {k: float(np.mean([h[k] for h in kept])) for k in history[0]}
   seconds = time.time() - tick
   writer.write_scalars(step, {

@@ -33,7 +33,7 @@ from tsformer_jax import clip_lib
 from tsformer_jax import evaluation
 from tsformer_jax import model as model_lib
 from tsformer_jax import rollout
-from tsformer_jax.datasets import video_files
+from tsformer_jax import video_io
 
 _ALPHA = flags.DEFINE_float('alpha', 0.5, 'Opacity of the heatmap overlay.',
                             lower_bound=0.0, upper_bound=1.0)
@@ -210,7 +210,7 @@ def visualize(checkpoint: str, video_path: str, out_dir: str, *,
   if not os.path.isfile(video_path):
     raise FileNotFoundError(f'No video file at {video_path}.')
   # The video's header first: a bad file fails before the model loads.
-  video = video_files.VideoFile(video_path)
+  video = video_io.VideoFile(video_path)
   if video.num_frames < 1:
     raise clip_lib.BadVideoError(f'{video_path}: no frames.')
   config, params = checkpoints.load_checkpoint(checkpoint)

@@ -69,8 +69,10 @@ WORKER_TYPES = ('process', 'thread')
 def _process_context() -> multiprocessing.context.BaseContext:
   # A fork server imports this module once; workers fork from it, so each
   # pool starts fast, and never from this (multithreaded, JAX) process.
+  # Preloaded: the decoder, and the file source that a pickled job holds.
   context = multiprocessing.get_context('forkserver')
   context.set_forkserver_preload(['tsformer_jax.input_pipeline',
+                                  'tsformer_jax.video_io',
                                   'tsformer_jax.datasets.video_files'])
   return context
 

@@ -10,6 +10,9 @@ model in `IMAGE_MODEL_SCHEMES` only: `space_only` (frame by frame) and
 attend over exactly one frame, so these start near the image model, not at
 it, and a warning says so. The original inflates into divided attention
 only.
+
+`adapt_params` runs the steps in turn, each a function of its own: the
+scheme (inflation), the position embedding, the time embedding, the head.
 """
 
 from __future__ import annotations
@@ -93,90 +96,146 @@ def adapt_params(params, src_config, config, *, rng: jax.Array | None = None,
   a change beyond them is a ValueError naming every change needed. Returns
   float32 numpy params for `create_model(config)`.
   """
-  changes = []
-
-  def note(kind, message, *args):
-    changes.append((kind, message % args))
-    if allowed is None or kind in allowed:
-      _LOG.info('%s: ' + message, source, *args)
-
   src, dst = src_config.model, config.model
-  sizes = ('hidden_size', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
-  if any(src[k] != dst[k] for k in sizes):
-    raise ValueError(
-        f'{source} does not fit config.model: the checkpoint has '
-        f'{", ".join(f"{k}={src[k]}" for k in sizes)} but config.model '
-        f'{", ".join(f"{k}={dst[k]}" for k in sizes)}.')
-  src_scheme = attention.get_scheme(src.attention)
-  dst_scheme = attention.get_scheme(dst.attention)
+  _check_sizes(src, dst, source)
+  changes = _Changes(source, allowed)
   flat = {k: np.asarray(v, np.float32) for k, v in
           flax.traverse_util.flatten_dict(params, sep='/').items()}
-  same = src.attention == dst.attention
-  if not same and len(src_scheme.steps) != 1:
-    raise ValueError(f'{source}: cannot load {src.attention!r} weights into '
-                     f'a {dst.attention!r} model: only single-step weights '
-                     '(an image ViT, space_only or joint) inflate into '
-                     'another scheme.')
-  if not same:
-    flat = _inflate(flat, src_scheme, dst_scheme, source)
-    note('scheme', 'inflated %s into %s: steps %s start as copies of its '
-         'attention, their output layers at zero.', src.attention,
-         dst.attention, [s.grouping for s in dst_scheme.steps])
-    if dst.attention not in IMAGE_MODEL_SCHEMES and (
-        allowed is None or 'scheme' in allowed):
-      _LOG.warning(
-          '%s: inflated into %s, the model does not start as the image '
-          'model: its last step (%s attention) does not attend over exactly '
-          'one frame. Only %s start as the image model.', source,
-          dst.attention, dst_scheme.steps[-1].grouping,
-          ' and '.join(IMAGE_MODEL_SCHEMES))
-
-  old, new = spec.patch_grid(src), spec.patch_grid(dst)
-  pos = flat.get('pos_embedding')
-  if old != new and pos is not None and pos.shape[1] == 1 + old[0] * old[1]:
-    flat['pos_embedding'] = resample_pos_embedding(pos, old, new, pos_resize)
-    note('pos_embedding', 'resampled pos_embedding from %s to %s patches '
-         '(nearest, %s).', old, new, pos_resize)
-
-  time = flat.pop('time_embedding', None)
-  if not dst_scheme.per_frame:
-    if time is None:
-      width = flat['cls'].shape[-1] if 'cls' in flat else dst.hidden_size
-      time = np.zeros((1, dst.num_frames, width), np.float32)
-      note('scheme', 'time_embedding starts at zero.')
-    elif time.shape[1] != dst.num_frames:
-      note('time_embedding', 'resampled time_embedding from %d to %d frames '
-           '(nearest).', time.shape[1], dst.num_frames)
-      time = resample_time_embedding(time, dst.num_frames)
-    flat['time_embedding'] = time
-  elif time is not None:
-    note('scheme', 'dropped time_embedding (%s has none).', dst.attention)
-
-  kernel = flat.pop('head/kernel', None)
-  bias = flat.pop('head/bias', None)
-  if dst.num_classes:
-    if kernel is not None and kernel.shape[-1] == dst.num_classes:
-      flat['head/kernel'], flat['head/bias'] = kernel, bias
-    else:
-      width = flat['cls'].shape[-1] if 'cls' in flat else dst.hidden_size
-      rng = jax.random.key(0) if rng is None else rng
-      flat['head/kernel'] = np.asarray(
-          _HEAD_INIT(rng, (width, dst.num_classes)), np.float32)
-      flat['head/bias'] = np.zeros((dst.num_classes,), np.float32)
-      note('head', 'new head for %d classes (checkpoint: %s).',
-           dst.num_classes, 'no head' if kernel is None else kernel.shape[-1])
-  elif kernel is not None:
-    note('head', 'dropped the head (num_classes=0).')
-
-  refused = [m for kind, m in changes
-             if allowed is not None and kind not in allowed]
-  if refused:
+  flat = _fit_scheme(flat, src, dst, changes)
+  flat = _fit_pos_embedding(flat, src, dst, pos_resize, changes)
+  flat = _fit_time_embedding(flat, dst, changes)
+  flat = _fit_head(flat, dst, rng, changes)
+  if changes.refused:
     raise ValueError(f'{source} does not fit that config as it is; fitting '
-                     f'it would change: {" ".join(refused)} Pass --adapt '
-                     '(load_checkpoint(..., fit=True)) to change them.')
-
+                     f'it would change: {" ".join(changes.refused)} Pass '
+                     '--adapt (load_checkpoint(..., fit=True)) to change '
+                     'them.')
   spec.check_params(flat, config, source)
   return flax.traverse_util.unflatten_dict(flat, sep='/')
+
+
+class _Changes:
+  """The changes `adapt_params` makes, each logged as it is made where
+  `allowed` (None: any of `CHANGES`) admits its kind, else kept in
+  `refused`."""
+
+  def __init__(self, source: str, allowed: Collection[str] | None):
+    self.source, self.allowed = source, allowed
+    self.refused: list[str] = []
+
+  def admits(self, kind: str) -> bool:
+    return self.allowed is None or kind in self.allowed
+
+  def note(self, kind: str, message: str, *args):
+    if self.admits(kind):
+      _LOG.info('%s: ' + message, self.source, *args)
+    else:
+      self.refused.append(message % args)
+
+
+_SIZES = ('hidden_size', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
+
+
+def _check_sizes(src, dst, source: str):
+  """Raises a ValueError where `src` and `dst` (`config.model`s) differ in
+  what no adaptation changes: width, depth, heads, MLP, patch size."""
+  if any(src[k] != dst[k] for k in _SIZES):
+    raise ValueError(
+        f'{source} does not fit config.model: the checkpoint has '
+        f'{", ".join(f"{k}={src[k]}" for k in _SIZES)} but config.model '
+        f'{", ".join(f"{k}={dst[k]}" for k in _SIZES)}.')
+
+
+def _width(flat: dict[str, np.ndarray], dst) -> int:
+  return flat['cls'].shape[-1] if 'cls' in flat else dst.hidden_size
+
+
+def _fit_scheme(flat: dict[str, np.ndarray], src, dst, changes: _Changes
+                ) -> dict[str, np.ndarray]:
+  """`src.attention`'s blocks as `dst.attention`'s: unchanged where the two
+  agree, inflated from a single-step scheme otherwise."""
+  if src.attention == dst.attention:
+    return flat
+  src_scheme = attention.get_scheme(src.attention)
+  dst_scheme = attention.get_scheme(dst.attention)
+  if len(src_scheme.steps) != 1:
+    raise ValueError(f'{changes.source}: cannot load {src.attention!r} '
+                     f'weights into a {dst.attention!r} model: only '
+                     'single-step weights (an image ViT, space_only or '
+                     'joint) inflate into another scheme.')
+  flat = _inflate(flat, src_scheme, dst_scheme, changes.source)
+  changes.note('scheme', 'inflated %s into %s: steps %s start as copies of '
+               'its attention, their output layers at zero.', src.attention,
+               dst.attention, [s.grouping for s in dst_scheme.steps])
+  if dst.attention not in IMAGE_MODEL_SCHEMES and changes.admits('scheme'):
+    _LOG.warning(
+        '%s: inflated into %s, the model does not start as the image '
+        'model: its last step (%s attention) does not attend over exactly '
+        'one frame. Only %s start as the image model.', changes.source,
+        dst.attention, dst_scheme.steps[-1].grouping,
+        ' and '.join(IMAGE_MODEL_SCHEMES))
+  return flat
+
+
+def _fit_pos_embedding(flat: dict[str, np.ndarray], src, dst,
+                       pos_resize: str, changes: _Changes
+                       ) -> dict[str, np.ndarray]:
+  """`pos_embedding` `[1, 1 + h*w, D]` resampled to `dst`'s patch grid."""
+  old, new = spec.patch_grid(src), spec.patch_grid(dst)
+  pos = flat.get('pos_embedding')
+  # An embedding of another length is spec.check_params' to report.
+  if old == new or pos is None or pos.shape[1] != 1 + old[0] * old[1]:
+    return flat
+  pos = resample_pos_embedding(pos, old, new, pos_resize)
+  changes.note('pos_embedding', 'resampled pos_embedding from %s to %s '
+               'patches (nearest, %s).', old, new, pos_resize)
+  return dict(flat, pos_embedding=pos)
+
+
+def _fit_time_embedding(flat: dict[str, np.ndarray], dst, changes: _Changes
+                        ) -> dict[str, np.ndarray]:
+  """`time_embedding` `[1, T, D]` resampled to `dst.num_frames`, at zero
+  where the checkpoint has none, dropped where `dst`'s scheme takes none."""
+  flat = dict(flat)
+  time = flat.pop('time_embedding', None)
+  if attention.get_scheme(dst.attention).per_frame:
+    if time is not None:
+      changes.note('scheme', 'dropped time_embedding (%s has none).',
+                   dst.attention)
+    return flat
+  if time is None:
+    time = np.zeros((1, dst.num_frames, _width(flat, dst)), np.float32)
+    changes.note('scheme', 'time_embedding starts at zero.')
+  elif time.shape[1] != dst.num_frames:
+    changes.note('time_embedding', 'resampled time_embedding from %d to %d '
+                 'frames (nearest).', time.shape[1], dst.num_frames)
+    time = resample_time_embedding(time, dst.num_frames)
+  flat['time_embedding'] = time
+  return flat
+
+
+def _fit_head(flat: dict[str, np.ndarray], dst, rng: jax.Array | None,
+              changes: _Changes) -> dict[str, np.ndarray]:
+  """The head kept where it has `dst.num_classes` outputs, else drawn anew
+  from `rng` (key 0 when None), or dropped for `num_classes=0`."""
+  flat = dict(flat)
+  kernel = flat.pop('head/kernel', None)
+  bias = flat.pop('head/bias', None)
+  if not dst.num_classes:
+    if kernel is not None:
+      changes.note('head', 'dropped the head (num_classes=0).')
+    return flat
+  if kernel is not None and kernel.shape[-1] == dst.num_classes:
+    flat['head/kernel'], flat['head/bias'] = kernel, bias
+    return flat
+  rng = jax.random.key(0) if rng is None else rng
+  flat['head/kernel'] = np.asarray(
+      _HEAD_INIT(rng, (_width(flat, dst), dst.num_classes)), np.float32)
+  flat['head/bias'] = np.zeros((dst.num_classes,), np.float32)
+  changes.note('head', 'new head for %d classes (checkpoint: %s).',
+               dst.num_classes,
+               'no head' if kernel is None else kernel.shape[-1])
+  return flat
 
 
 def _inflate(flat: dict[str, np.ndarray], src_scheme: attention.Scheme,

@@ -153,9 +153,11 @@ def load_checkpoint(path: str, config=None, *, format: str = 'auto',
 
   Args:
     path: a checkpoint file or directory, or a Hugging Face Hub id.
-    config: the config to load into, or None for the checkpoint's own (for
-      an image ViT: divided attention over 8 frames of its frame size, its
-      class count, or 400 classes when it has no head).
+    config: the config to load into (fields it lacks take their values as
+      `config_lib.upgrade` gives them), or None for the checkpoint's own
+      (for an image ViT: the recipe's divided attention over 8 frames of
+      its frame size, its class count, or the recipe's when it has no
+      head).
     format: one of `FORMATS`, or 'auto' to detect it.
     num_classes: overrides `config.model.num_classes`.
     rng: PRNG key for a new head; from `config.seed` when None.
@@ -169,15 +171,15 @@ def load_checkpoint(path: str, config=None, *, format: str = 'auto',
     The config (a copy; never the one passed) and the params (float32 numpy)
     of `create_model(config)`.
   """
+  if config is not None:
+    config = config_lib.upgrade(config)  # A copy, whole.
   fmt, src_config, params = read_checkpoint(path, format, hint=config)
   if config is None:
     config = _default_config(fmt, src_config)
-  else:
-    config = copy.deepcopy(config)
   if num_classes is not None:
     config.model.num_classes = int(num_classes)
   if rng is None:
-    rng = jax.random.key(config.get('seed', 0))
+    rng = jax.random.key(config.seed)
   allowed = None
   if not fit and fmt not in IMAGE_FORMATS:
     allowed = ('head',) if num_classes is not None else ()
@@ -193,23 +195,19 @@ def _log_channel_order(config, src_config, source: str):
   """Warns where `config` gives the weights pixels in another channel order
   than theirs (`config.data.channel_order`; the checkpoint's own config
   keeps theirs)."""
-  order = lambda c: (c.get('data') or {}).get('channel_order', 'rgb')
-  if 'data' in config and order(config) != order(src_config):
+  ours, theirs = config.data.channel_order, src_config.data.channel_order
+  if ours != theirs:
     _LOG.warning(
         '%s takes %s pixels but config.data.channel_order is %r, so it will '
         'be given %s (--config.data.channel_order=%s keeps its own).', source,
-        order(src_config).upper(), order(config), order(config).upper(),
-        order(src_config))
+        theirs.upper(), ours, ours.upper(), theirs)
 
 
 def _name_classes(config, src_config) -> ml_collections.ConfigDict:
   """`config` with the class names that fit its head: its own, else the
   checkpoint's; none where the head has another size."""
-  if 'data' not in config:
-    return config
   count = config.model.num_classes
-  names = [n for n in (config.data.get('class_names', ()),
-                       src_config.get('data', {}).get('class_names', ()))
+  names = [n for n in (config.data.class_names, src_config.data.class_names)
            if n and len(n) == count]
   with config.unlocked():
     config.data.class_names = tuple(names[0]) if names else ()
@@ -220,11 +218,12 @@ def _default_config(fmt, src_config) -> ml_collections.ConfigDict:
   if fmt not in IMAGE_FORMATS:
     return copy.deepcopy(src_config)
   config = config_lib.get_config('divided')
-  sizes = {k: src_config.model[k] for k in (
+  config.model.update({k: src_config.model[k] for k in (
       'image_size', 'patch_size', 'hidden_size', 'depth', 'num_heads',
-      'mlp_dim', 'num_classes')}
-  config.model.update(sizes)
-  config.model.num_classes = sizes['num_classes'] or 400
+      'mlp_dim')})
+  # A headless image model gets the recipe's classes.
+  if src_config.model.num_classes:
+    config.model.num_classes = src_config.model.num_classes
   return config
 
 
@@ -243,8 +242,8 @@ def init_source(config) -> str | None:
       network). Each message says how to fetch the weights and how to
       start from random ones instead.
   """
-  init_from = config.get('init_from') or {}
-  path = os.fspath(init_from.get('path', ''))
+  init_from = config.init_from
+  path = os.fspath(init_from.path)
   scratch = f'--config.init_from.path={config_lib.SCRATCH}'
   if not path:
     raise ValueError(
@@ -252,11 +251,11 @@ def init_source(config) -> str | None:
         '(a checkpoint or a Hugging Face Hub id; the paper\'s is '
         f'{config_lib.IMAGENET_VIT}), or train from random weights: '
         f'{scratch}.')
-  fmt = init_from.get('format', 'auto')
+  fmt = init_from.format
   if fmt not in ('auto', *FORMATS):
     raise ValueError(f'Unknown config.init_from.format {fmt!r}; valid: '
                      f'{["auto", *FORMATS]}.')
-  pos_resize = init_from.get('pos_resize', '2d')
+  pos_resize = init_from.pos_resize
   if pos_resize not in adapt.POS_RESIZE_MODES:
     raise ValueError(f'Unknown config.init_from.pos_resize {pos_resize!r}; '
                      f'valid: {list(adapt.POS_RESIZE_MODES)}.')
@@ -290,7 +289,7 @@ def init_params_from(config, rng: jax.Array):
     return model_lib.init_params(config, rng)
   init_from = config.init_from
   _, params = load_checkpoint(
-      source, config, format=init_from.get('format', 'auto'),
-      rng=rng, pos_resize=init_from.get('pos_resize', '2d'))
+      source, config, format=init_from.format, rng=rng,
+      pos_resize=init_from.pos_resize)
   _LOG.info('Initialised from %s.', init_from.path)
   return jax.tree.map(jnp.asarray, params)

@@ -4,7 +4,7 @@ original TimeSformer's `.pyth`.
 Each writer is the exact inverse of its reader (`formats.hf`,
 `formats.original`): the same name tables (`state_dicts.torch_names`), the
 layout changes undone, float32 values copied bit for bit. Both write without
-torch (`tensor_io.write_safetensors`, `tensor_io.write_torch`).
+torch (`tensor_io.write_safetensors`, `torch_writer.write_torch`).
 
 Hugging Face's `TimesformerForVideoClassification` computes divided and
 joint attention as we do. Its `space_only` does not: it classifies every
@@ -35,6 +35,7 @@ import numpy as np
 
 from tsformer_jax import datasets
 from tsformer_jax import tensor_io
+from tsformer_jax import torch_writer
 from tsformer_jax.checkpoints import spec
 from tsformer_jax.checkpoints.formats import hf
 from tsformer_jax.checkpoints.formats import original
@@ -59,36 +60,33 @@ def class_names(config) -> list[str]:
   ('LABEL_0', ...), which `formats.hf` reads back as no names.
   """
   count = config.model.num_classes
-  data = config.get('data') or {}
-  names = list(data.get('class_names', ()) or ())
+  names = list(config.data.class_names)
   if names:
     if len(names) != count:
       raise ValueError(f'config.data.class_names holds {len(names)} names '
                        f'but the model has {count} classes.')
     return [str(n) for n in names]
-  if 'dataset' in data:
-    try:
-      names = datasets.class_names(config)
-    except (ValueError, KeyError, OSError):
-      names = []
-    if len(names) == count:
-      return list(names)
+  try:
+    names = datasets.class_names(config)
+  except (ValueError, KeyError, OSError):
+    names = []
+  if len(names) == count:
+    return list(names)
   return [f'LABEL_{i}' for i in range(count)]
 
 
 def channel_order(config) -> str:
   """The channel order the model takes (`config.data.channel_order`)."""
-  return (config.get('data') or {}).get('channel_order', 'rgb')
+  return config.data.channel_order
 
 
 def pixels_note(config) -> str:
   """One line on the pixels the model takes, for whoever runs it in
   PyTorch: 'bgr' models (the original's SSv2 ones) take the channels of
   RGB frames reversed, as cv2 decodes them."""
-  data = config.get('data') or {}
-  mean, std = data.get('mean'), data.get('std')
-  scale = (f', normalised (x / 255 - {[float(v) for v in mean]}) / '
-           f'{[float(v) for v in std]}' if mean and std else '')
+  mean = [float(v) for v in config.data.mean]
+  std = [float(v) for v in config.data.std]
+  scale = f', normalised (x / 255 - {mean}) / {std}'
   if channel_order(config) == 'bgr':
     return ('Pixels: BGR (the channels of RGB frames reversed, as cv2 '
             f'decodes them){scale}.')
@@ -104,7 +102,7 @@ def check_hf(config) -> None:
         "Hugging Face's space_only TimeSformer classifies each frame alone "
         '(logits [B * T, C]) where ours, like the original, averages the '
         "frames' class tokens before the norm and head; export it with "
-        '--format=pyth.')
+        '--to=pyth.')
   if m.attention not in HF_EXPORT_TYPES:
     raise ValueError(
         f"Hugging Face's TimeSformer has no {m.attention!r} attention; it has "
@@ -261,7 +259,7 @@ def original_cfg(config) -> str:
   else `DATA.CHANNEL_ORDER` (`formats.original.CHANNELS_KEY`), also a key
   the original lacks.
   """
-  m, data = config.model, config.get('data') or {}
+  m, data = config.model, config.data
   height, width = _image_size(m)
   sizes = dict(hidden_size=m.hidden_size, depth=m.depth,
                num_heads=m.num_heads, mlp_dim=m.mlp_dim,
@@ -269,18 +267,15 @@ def original_cfg(config) -> str:
   lines = [f'# tsformer_jax: {m.attention}, image_size {height}x{width}, ' +
            ', '.join(f'{k} {v}' for k, v in sizes.items()),
            f'# {pixels_note(config)}',
-           'DATA:', f'  NUM_FRAMES: {m.num_frames}']
-  if 'sampling_rate' in data:
-    lines.append(f'  SAMPLING_RATE: {data.sampling_rate}')
+           'DATA:', f'  NUM_FRAMES: {m.num_frames}',
+           f'  SAMPLING_RATE: {data.sampling_rate}']
   if height == width:
     lines += [f'  TRAIN_CROP_SIZE: {height}', f'  TEST_CROP_SIZE: {height}']
   for key in ('mean', 'std'):
-    if key in data:
-      lines.append(f'  {key.upper()}: {[float(x) for x in data[key]]}')
-  if 'scale_jitter' in data:
-    inverse = data.scale_jitter == 'inverse_uniform'
-    lines.append(f'  INV_UNIFORM_SAMPLE: {inverse}')
-  theirs = original.DATASETS.get(data.get('dataset'))
+    lines.append(f'  {key.upper()}: {[float(x) for x in data[key]]}')
+  inverse = data.scale_jitter == 'inverse_uniform'
+  lines.append(f'  INV_UNIFORM_SAMPLE: {inverse}')
+  theirs = original.DATASETS.get(data.dataset)
   order = channel_order(config)
   if order != original.channel_order(theirs):
     lines.append(f'  CHANNEL_ORDER: {order}')  # original.CHANNELS_KEY
@@ -294,9 +289,8 @@ def original_cfg(config) -> str:
   if sizes == _VIT_BASE:
     lines.append('  MODEL_NAME: vit_base_patch16_224')
   lines.append(f'  NUM_CLASSES: {m.num_classes}')
-  if 'test_num_clips' in data:
-    lines += ['TEST:', f'  NUM_ENSEMBLE_VIEWS: {data.test_num_clips}',
-              f'  NUM_SPATIAL_CROPS: {data.test_num_crops}']
+  lines += ['TEST:', f'  NUM_ENSEMBLE_VIEWS: {data.test_num_clips}',
+            f'  NUM_SPATIAL_CROPS: {data.test_num_crops}']
   return '\n'.join(lines) + '\n'
 
 
@@ -321,7 +315,7 @@ def write_pyth(out_path: str, config, params, *, epoch: int = -1,
   checkpoint = {'model_state': state, 'epoch': int(epoch),
                 'cfg': original_cfg(config)}
   return tensor_io.write_atomically(
-      out_path, lambda staging: tensor_io.write_torch(staging, checkpoint),
+      out_path, lambda staging: torch_writer.write_torch(staging, checkpoint),
       overwrite)
 
 

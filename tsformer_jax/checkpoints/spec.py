@@ -31,14 +31,17 @@ def config_to_json(config) -> dict:
 
 def config_from_json(value: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """The inverse of `config_to_json`: lists become tuples again, and an
-  older config's layout is brought up to date (`config_lib.upgrade`)."""
-  def tuples(v):
-    if isinstance(v, Mapping):
-      return {k: tuples(x) for k, x in v.items()}
-    if isinstance(v, list):
-      return tuple(tuples(x) for x in v)
-    return v
-  return ml_collections.ConfigDict(tuples(config_lib.upgrade(value)))
+  older config gets the fields added since (`config_lib.upgrade`)."""
+  return config_lib.upgrade(_tuples(value))
+
+
+def _tuples(value):
+  """JSON's lists as the config's tuples, at any depth."""
+  if isinstance(value, Mapping):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
 
 
 def template(config) -> dict[str, jax.ShapeDtypeStruct]:
@@ -48,8 +51,9 @@ def template(config) -> dict[str, jax.ShapeDtypeStruct]:
 
 @functools.lru_cache(maxsize=16)
 def _model_template(model_json: str) -> dict[str, jax.ShapeDtypeStruct]:
+  # `config.model` alone: the shapes need no other section.
   config = ml_collections.ConfigDict(
-      {'model': config_from_json(json.loads(model_json))})
+      {'model': _tuples(json.loads(model_json))})
   shapes = jax.eval_shape(
       lambda: model_lib.init_params(config, jax.random.key(0)))
   return flax.traverse_util.flatten_dict(shapes, sep='/')

@@ -46,7 +46,7 @@ def get_source(config, split: str) -> clip_lib.Source:
     FileNotFoundError: the dataset's files are missing; the message names
       the files expected, where, and how to prepare them.
   """
-  data_format = config.data.get('format', 'files')
+  data_format = config.data.format
   if data_format not in FORMATS:
     raise ValueError(f'Unknown config.data.format {data_format!r}; '
                      f'valid: {list(FORMATS)}.')

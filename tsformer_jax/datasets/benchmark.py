@@ -2,10 +2,10 @@ r"""How fast the input pipeline feeds clips, and where its CPU time goes.
 
   python -m tsformer_jax.datasets.benchmark --config=configs/divided.py \
       --config.data.data_dir=DIR [--config.data.format=tfds] \
-      [--config.data.num_workers=N] --batches=N [--mode=train|eval] [--json] \
-      [--step_clips_per_second=R]
+      [--config.data.num_workers=N] --batches=N [--loader=train|eval] \
+      [--json] [--step_clips_per_second=R]
 
-Runs the loader that training (`--mode=train`) or evaluation (`eval`) uses
+Runs the loader that training (`--loader=train`) or evaluation (`eval`) uses
 on the config's dataset, in batches of the clips one device step takes
 (`batch_size / grad_accum_steps` in training, `eval_batch_size` in
 evaluation), and puts each batch on the devices as training does. After
@@ -44,6 +44,8 @@ from tsformer_jax import datasets
 from tsformer_jax import input_pipeline
 from tsformer_jax import sharding
 
+_LOADER = flags.DEFINE_enum('loader', 'train', ['train', 'eval'],
+                            "The loader timed: training's or evaluation's.")
 _BATCHES = flags.DEFINE_integer('batches', 8, 'Batches to time.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Batches run before timing.')
 _BREAKDOWN_CLIPS = flags.DEFINE_integer(
@@ -90,17 +92,18 @@ def spent(start: dict[int, float], end: dict[int, float]) -> float:
   return sum(t - start.get(pid, 0.0) for pid, t in end.items())
 
 
-def batch_size(config, mode: str) -> int:
-  """The clips one device step takes."""
-  if mode == 'train':
+def batch_size(config, loader: str) -> int:
+  """The clips one device step of `loader` ('train' or 'eval') takes."""
+  if loader == 'train':
     return config.batch_size // config.grad_accum_steps
   return config.eval_batch_size
 
 
-def loader(config, source, mode: str, size: int, total: int):
-  """The pipeline's own batches, `size` clips (videos in eval) each."""
+def pipeline(config, source, loader: str, size: int, total: int):
+  """The batches of `loader` ('train' or 'eval'), `size` clips (videos in
+  eval) each."""
   spec = clip_lib.clip_spec(config)
-  if mode == 'train':
+  if loader == 'train':
     return input_pipeline.train_batches(
         source, spec, size, config.seed,
         num_workers=config.data.num_workers,
@@ -112,13 +115,13 @@ def loader(config, source, mode: str, size: int, total: int):
       worker_type=config.data.worker_type)
 
 
-def throughput(config, source, mode: str, batches: int, warmup: int
+def throughput(config, source, loader: str, batches: int, warmup: int
                ) -> dict:
   """Times the loader and the host-to-device copy of each batch."""
-  size = batch_size(config, mode)
+  size = batch_size(config, loader)
   mesh = sharding.create_mesh(config)
   target = sharding.batch_sharding(mesh)
-  iterator = loader(config, source, mode, size, batches + warmup)
+  iterator = pipeline(config, source, loader, size, batches + warmup)
   for _ in range(warmup):
     jax.block_until_ready(sharding.global_batch(next(iterator), target))
   clips, transfer = 0, 0.0
@@ -143,12 +146,13 @@ def throughput(config, source, mode: str, batches: int, warmup: int
               clip_shape=list(batch['clips'].shape))
 
 
-def breakdown(config, source, mode: str, count: int) -> dict[str, float]:
+def breakdown(config, source, loader: str, count: int
+              ) -> dict[str, float]:
   """CPU seconds per clip in read, decode and transform, one clip at a time
   in this process (an eval video counts its views as clips)."""
   spec = clip_lib.clip_spec(config)
   # One clip untimed first: readers open lazily (TFDS's, on first use).
-  if mode == 'train':
+  if loader == 'train':
     clip_lib.train_clip(source[0][0], spec, np.random.default_rng(0))
   else:
     clip_lib.eval_clips(source[0][0], spec)
@@ -159,7 +163,7 @@ def breakdown(config, source, mode: str, count: int) -> dict[str, float]:
     tick = time.process_time()
     video, _ = source[index]
     totals['read'] += time.process_time() - tick
-    if mode == 'train':
+    if loader == 'train':
       rng = np.random.default_rng([config.seed, 0, index])
       clip_lib.train_clip(video, spec, rng, timer=totals)
       clips += 1
@@ -168,21 +172,21 @@ def breakdown(config, source, mode: str, count: int) -> dict[str, float]:
   return {k: v / max(clips, 1) for k, v in totals.items()}
 
 
-def run(config, mode: str, batches: int, warmup: int = 2,
+def run(config, loader: str, batches: int, warmup: int = 2,
         breakdown_clips: int = 8,
         step_clips_per_second: float | None = None) -> dict:
   """The benchmark's result (see the module doc)."""
-  split = config.data.train_split if mode == 'train' else \
+  split = config.data.train_split if loader == 'train' else \
       config.data.eval_split
   source = datasets.get_source(config, split)
   load = os.getloadavg()
-  result = dict(mode=mode, dataset=config.data.dataset,
+  result = dict(loader=loader, dataset=config.data.dataset,
                 format=config.data.format, split=split, videos=len(source),
                 num_workers=config.data.num_workers,
                 worker_type=config.data.worker_type,
                 cpu_count=os.cpu_count(), load_average=list(load))
-  result.update(throughput(config, source, mode, batches, warmup))
-  stages = (breakdown(config, source, mode, breakdown_clips)
+  result.update(throughput(config, source, loader, batches, warmup))
+  stages = (breakdown(config, source, loader, breakdown_clips)
             if breakdown_clips else {})
   stages['transfer'] = result.pop('transfer_seconds_per_clip')
   result['breakdown'] = {k: stages[k] for k in STAGES if k in stages}
@@ -196,7 +200,7 @@ def run(config, mode: str, batches: int, warmup: int = 2,
 def table(result: dict) -> str:
   """The result as a few lines of text."""
   lines = [
-      f'{result["mode"]} {result["dataset"]} ({result["format"]}), '
+      f'{result["loader"]} {result["dataset"]} ({result["format"]}), '
       f'{result["num_workers"]} {result["worker_type"]} workers, batches of '
       f'{result["batch_size"]}, load {result["load_average"][0]:.2f}',
       f'  {result["clips"]} clips in {result["wall_seconds"]:.2f} s wall, '
@@ -211,19 +215,15 @@ def table(result: dict) -> str:
   return '\n'.join(lines)
 
 
-@cli.takes(cli.CONFIG, cli.MODE, cli.JSON)
+@cli.takes(cli.CONFIG, cli.JSON)
 def main(argv):
   if len(argv) > 1 or cli.CONFIG.value is None:
     raise cli.Error('Pass --config=configs/<scheme>.py[:arg] and no other '
                     f'arguments (got {argv[1:]}); --help shows more.')
   if _BATCHES.value < 1 or _WARMUP.value < 0:
     raise cli.Error('--batches must be positive and --warmup not negative.')
-  mode = cli.MODE.value or 'train'
-  if mode not in ('train', 'eval'):
-    raise cli.Error(f'--mode={mode}: the benchmark times the train or the '
-                    'eval loader.')
   try:
-    result = run(cli.CONFIG.value, mode, _BATCHES.value,
+    result = run(cli.CONFIG.value, _LOADER.value, _BATCHES.value,
                  _WARMUP.value, _BREAKDOWN_CLIPS.value, _STEP_RATE.value)
   except (FileNotFoundError, ValueError) as e:
     raise cli.Error(str(e)) from e

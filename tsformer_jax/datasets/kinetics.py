@@ -12,6 +12,7 @@ import os
 
 from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import video_files
+from tsformer_jax.datasets import video_writer
 
 HOW_TO = (
     'Each line of a split file is "path label": a video path (relative to '
@@ -125,7 +126,7 @@ def prepare_synthetic_motion(data_dir: str, split: str,
   for index in range(count):
     frames, label = synthetic_motion.generate(split, index)
     path = os.path.join(data_dir, split, f'{index:05d}.mp4')
-    video_files.write_mp4(path, frames, fps)
+    video_writer.write_mp4(path, frames, fps)
     entries.append(video_files.Entry(path, label))
   write_csv(csv, entries, data_dir)
   return csv

@@ -2,11 +2,11 @@
 read them.
 
 `DATASETS` describes each dataset once: its splits and the file each reads,
-its class count, the files it needs, how to obtain them, and where its
-class names come from. `file_source(config, split)` reads a split from the
-dataset's own files, failing at once, with the layout it expects, when
-files are missing. The recipe of each dataset (flips, temporal sampling,
-frames) is the config's: `configs/default.py`.
+the files it needs, how to obtain them, and where its class names come
+from. `file_source(config, split)` reads a split from the dataset's own
+files, failing at once, with the layout it expects, when files are missing.
+What each dataset is (its classes, flips, temporal sampling, pixels) is
+written in `configs/dataset_facts.py`, which the config's recipe also reads.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import importlib.resources
 import os
 
 from tsformer_jax import clip_lib
+from tsformer_jax.configs import dataset_facts
 from tsformer_jax.datasets import diving48
 from tsformer_jax.datasets import folder
 from tsformer_jax.datasets import kinetics
@@ -31,9 +32,8 @@ class Dataset:
   """One dataset of the registry.
 
   Attributes:
-    name: its key in `DATASETS` (`config.data.dataset`).
-    num_classes: the number of classes; 0 where the data tells them
-      (`names`), and the model must have exactly those.
+    name: its key in `DATASETS` and `dataset_facts.DATASETS`
+      (`config.data.dataset`).
     splits: split name -> the file listing it, relative to `data_dir`
       (for a dataset not on disk, what `load` takes).
     load: `(data_dir, split_file) -> Source`.
@@ -55,7 +55,6 @@ class Dataset:
       otherwise it must have exactly as many.
   """
   name: str
-  num_classes: int
   splits: dict[str, str]
   load: Callable[[str, str], clip_lib.Source]
   on_disk: bool = True
@@ -68,18 +67,26 @@ class Dataset:
   default_dir: Callable[[], str] | None = None
   subsets: bool = False
 
+  @property
+  def num_classes(self) -> int:
+    """Its classes (`dataset_facts`); 0 where the data tells them (`names`),
+    and the model must have exactly those."""
+    return dataset_facts.DATASETS[self.name].num_classes
 
-def _kinetics(num_classes: int) -> Dataset:
+
+def _kinetics(name: str, labels_file: str | None = None) -> Dataset:
+  """Kinetics as its CSVs list it; its class names from `labels_file` where
+  one is shipped, else from the folders of its training videos."""
+  names = None
+  if labels_file is None:
+    names = functools.partial(
+        kinetics.class_names_from_csv, split_file='train.csv',
+        num_classes=dataset_facts.DATASETS[name].num_classes)
   return Dataset(
-      name=f'kinetics{num_classes}', num_classes=num_classes,
-      splits={s: f'{s}.csv' for s in ('train', 'val', 'test')},
+      name=name, splits={s: f'{s}.csv' for s in ('train', 'val', 'test')},
       load=kinetics.load,
       layout='{data_dir}/{train,val,test}.csv listing the videos',
-      how_to=kinetics.HOW_TO,
-      names=None if num_classes == 400 else functools.partial(
-          kinetics.class_names_from_csv, split_file='train.csv',
-          num_classes=num_classes),
-      labels_file='kinetics400.txt' if num_classes == 400 else None,
+      how_to=kinetics.HOW_TO, names=names, labels_file=labels_file,
       subsets=True)
 
 
@@ -92,14 +99,13 @@ _DIVING48_LISTS = {'train': 'Diving48_V2_train.json',
 
 DATASETS = {d.name: d for d in [
     Dataset(
-        name='synthetic_motion', num_classes=len(synthetic_motion.CLASSES),
+        name='synthetic_motion',
         splits={s: s for s in synthetic_motion.SPLITS},
         load=lambda data_dir, split: synthetic_motion.Source(split),
         on_disk=False,
         names=lambda data_dir: list(synthetic_motion.CLASSES)),
     Dataset(
         name='synthetic_motion_videos',
-        num_classes=len(synthetic_motion.CLASSES),
         splits={s: f'{s}.csv' for s in synthetic_motion.SPLITS},
         load=kinetics.load,
         names=lambda data_dir: list(synthetic_motion.CLASSES),
@@ -108,10 +114,10 @@ DATASETS = {d.name: d for d in [
         'them again.',
         prepare=kinetics.prepare_synthetic_motion,
         default_dir=kinetics.default_synthetic_dir),
-    _kinetics(400),
-    _kinetics(600),
+    _kinetics('kinetics400', labels_file='kinetics400.txt'),
+    _kinetics('kinetics600'),
     Dataset(
-        name='ssv2', num_classes=174, splits=_SSV2_LISTS, load=ssv2.load,
+        name='ssv2', splits=_SSV2_LISTS, load=ssv2.load,
         required=(ssv2.LABELS_FILE, '|'.join(ssv2.VIDEO_DIRS)),
         layout=(f'{{data_dir}}/{ssv2.LABELS_FILE}, '
                 f'{{data_dir}}/{_SSV2_LISTS["train"]}, '
@@ -121,30 +127,28 @@ DATASETS = {d.name: d for d in [
         how_to=ssv2.HOW_TO, names=ssv2.class_names,
         labels_file='something_something_v2.txt'),
     Dataset(
-        name='diving48', num_classes=48, splits=_DIVING48_LISTS,
-        load=diving48.load, required=(diving48.VIDEO_DIR,),
+        name='diving48', splits=_DIVING48_LISTS, load=diving48.load,
+        required=(diving48.VIDEO_DIR,),
         layout=(f'{{data_dir}}/{_DIVING48_LISTS["train"]}, '
                 f'{{data_dir}}/{_DIVING48_LISTS["test"]} and the videos as '
                 f'{{data_dir}}/{diving48.VIDEO_DIR}/{{vid_name}}.mp4'),
         how_to=diving48.HOW_TO, labels_file='diving48.txt'),
     Dataset(
-        name='folder', num_classes=0, splits=folder.SPLITS, load=folder.load,
+        name='folder', splits=folder.SPLITS, load=folder.load,
         required=(folder.SPLITS['train'],), layout=folder.LAYOUT,
         how_to=folder.HOW_TO, names=folder.class_names),
 ]}
 # Other names accepted for a dataset (`config.data.dataset`).
-ALIASES = {'k400': 'kinetics400', 'k600': 'kinetics600',
-           'something_something_v2': 'ssv2'}
+ALIASES = dataset_facts.ALIASES
 
 
 def get_dataset(name: str) -> Dataset:
-  """The registry's entry for `name` (or an alias of it)."""
-  key = name.strip().lower()
-  key = ALIASES.get(key, key)
-  if key not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; valid: {sorted(DATASETS)} '
-                     f'(aliases: {sorted(ALIASES)}).')
-  return DATASETS[key]
+  """The registry's entry for `name` (or an alias of it).
+
+  Raises:
+    ValueError: an unknown name, listing the valid ones.
+  """
+  return DATASETS[dataset_facts.get(name).name]
 
 
 def data_dir(config) -> str:

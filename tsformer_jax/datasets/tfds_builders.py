@@ -35,9 +35,10 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from tsformer_jax import clip_lib
+from tsformer_jax import crops
+from tsformer_jax import video_io
 from tsformer_jax.datasets import registry
 from tsformer_jax.datasets import synthetic_motion
-from tsformer_jax.datasets import video_files
 
 DATA_VERSION = '2.0.0'
 # Earlier layouts, refused with the command that prepares the data again.
@@ -69,8 +70,7 @@ def default_tfds_dir() -> str:
 
 def tfds_dir(config) -> str:
   """`config.data.tfds_dir`, else `default_tfds_dir()`."""
-  return os.path.expanduser(config.data.get('tfds_dir', '') or
-                            default_tfds_dir())
+  return os.path.expanduser(config.data.tfds_dir or default_tfds_dir())
 
 
 def builder_dir(config, root: str | None = None,
@@ -100,7 +100,7 @@ def prepare_command(config, splits: Sequence[str] | None = None) -> str:
   """The shell command that prepares `config.data.dataset` where `load`
   looks."""
   name = registry.get_dataset(config.data.dataset).name
-  arg = ','.join(p for p in (config.get('variant', ''), name) if p)
+  arg = ','.join(p for p in (config.variant, name) if p)
   words = ['python', '-m', 'tsformer_jax.datasets.prepare',
            f'--config=configs/{config.model.attention}.py:{arg}',
            f'--out={tfds_dir(config)}']
@@ -156,17 +156,17 @@ def shrink(frame: np.ndarray, short_side: int) -> np.ndarray:
   """Resizes `[H, W, 3]` so that min(H, W) <= short_side; never enlarges."""
   if not short_side or min(frame.shape[:2]) <= short_side:
     return frame
-  return clip_lib.resize_short_side(frame[None], short_side)[0]
+  return crops.resize_short_side(frame[None], short_side)[0]
 
 
 def iter_frames(video: clip_lib.Video, indices: Sequence[int]
                 ) -> Iterator[np.ndarray]:
   """The frames at ascending `indices`, one at a time: uint8 `[H, W, 3]`.
 
-  As `video.frames(indices)`, but a `video_files.VideoFile` is decoded in
+  As `video.frames(indices)`, but a `video_io.VideoFile` is decoded in
   one pass, never holding the whole full-size video in memory.
   """
-  if not isinstance(video, video_files.VideoFile):
+  if not isinstance(video, video_io.VideoFile):
     yield from video.frames(np.asarray(indices, np.int64))
     return
   for _, frame in video.iter_frames(list(indices)):

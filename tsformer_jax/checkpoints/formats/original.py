@@ -19,11 +19,13 @@ import yaml
 from tsformer_jax import clip_lib
 from tsformer_jax import config_lib
 from tsformer_jax.checkpoints.formats import state_dicts
+from tsformer_jax.configs import dataset_facts
 
 # Ours -> the original's `TRAIN.DATASET`, which names Kinetics without its
 # class count.
-DATASETS = {'kinetics400': 'kinetics', 'kinetics600': 'kinetics',
-            'ssv2': 'ssv2', 'diving48': 'diving48'}
+DATASETS = {name: facts.original_name
+            for name, facts in dataset_facts.DATASETS.items()
+            if facts.original_name}
 # Where a `.pyth` of ours records a head count that no model name fixes. The
 # original has no such key, and yacs refuses unknown keys in a cfg it
 # merges, so it is written only for models the original cannot build.
@@ -33,10 +35,13 @@ HEADS_KEY = ('TIMESFORMER', 'NUM_HEADS')
 CHANNELS_KEY = ('DATA', 'CHANNEL_ORDER')
 
 
-def channel_order(dataset: str) -> str:
+def channel_order(dataset: str | None) -> str:
   """The channel order of the original's models trained on `dataset` (its
-  `TRAIN.DATASET`): 'bgr' for 'ssv2' (cv2's JPEGs), else 'rgb'."""
-  return 'bgr' if dataset == 'ssv2' else 'rgb'
+  `TRAIN.DATASET`): that of our dataset of that name ('bgr' for 'ssv2',
+  cv2's JPEGs), else 'rgb'."""
+  orders = {dataset_facts.DATASETS[ours].channel_order
+            for ours, theirs in DATASETS.items() if theirs == dataset}
+  return orders.pop() if len(orders) == 1 else 'rgb'
 
 
 def params_from_original_state_dict(state_dict: Mapping[str, Any], config,

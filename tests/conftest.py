@@ -245,3 +245,18 @@ def read_both_loaders(source, spec, batch_size, steps, num_workers,
       source, spec, batch_size, skipped=eval_skipped,
       num_workers=num_workers, worker_type=worker_type))
   return read, len(skipped), len(eval_skipped)
+
+
+# Opens a `python -c` script that must run without PyTorch: importing torch
+# or transformers (the references) fails, and the script checks at its end
+# that no torch module was loaded.
+WITHOUT_TORCH = '''
+import importlib.abc, sys
+
+class Blocked(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('torch', 'transformers'):
+      raise ImportError(f'{name} is blocked in this test')
+
+sys.meta_path.insert(0, Blocked())
+'''

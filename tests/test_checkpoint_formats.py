@@ -40,6 +40,7 @@ from checkpoint_sources import run_convert
 from checkpoint_sources import save_hf
 from checkpoint_sources import save_vits
 from checkpoint_sources import torch_nearest_2d
+from conftest import WITHOUT_TORCH
 from conftest import apply
 from conftest import hf_logits
 from conftest import random_clips
@@ -245,17 +246,10 @@ def test_vit_head_default_config_pre_logits_and_resolution(vit_files):
 # ----------------------------------------------------------------------------
 # Without torch
 
-_NO_TORCH = '''
-import importlib.abc, json, sys
+_NO_TORCH = WITHOUT_TORCH + '''
+import json
 import flax
 import numpy as np
-
-class Blocked(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('torch', 'transformers'):
-      raise ImportError(f'{name} is blocked in this test')
-
-sys.meta_path.insert(0, Blocked())
 import tsformer_jax
 from tsformer_jax import config_lib
 sums = {}

@@ -38,6 +38,7 @@ from checkpoint_sources import ROOT
 from checkpoint_sources import OriginalModel
 from checkpoint_sources import config_file
 from checkpoint_sources import hf_timesformer
+from conftest import WITHOUT_TORCH
 from conftest import apply
 from conftest import hf_logits
 from conftest import random_clips
@@ -431,15 +432,7 @@ def test_help_lists_the_shared_flags_each_entry_point_takes():
   assert {'checkpoint', 'json', 'overwrite', 'top_k'} <= listed(predict)
 
 
-_NO_TORCH = '''
-import importlib.abc, sys
-
-class Blocked(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('torch', 'transformers'):
-      raise ImportError(f'{name} is blocked in this test')
-
-sys.meta_path.insert(0, Blocked())
+_NO_TORCH = WITHOUT_TORCH + '''
 from tsformer_jax import cli
 from tsformer_jax import config_lib
 from tsformer_jax import export

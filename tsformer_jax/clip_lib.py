@@ -99,10 +99,12 @@ SCALE_JITTERS = ('uniform', 'inverse_uniform')
 CHANNEL_ORDERS = ('rgb', 'bgr')
 
 
-def check_channel_order(channel_order: str) -> str:
-  """`channel_order` if one of `CHANNEL_ORDERS`, else a ValueError."""
+def check_channel_order(channel_order: str,
+                        given_as: str = 'Unknown channel_order') -> str:
+  """`channel_order` if one of `CHANNEL_ORDERS`, else a ValueError whose
+  line starts with `given_as` (where the value came from)."""
   if channel_order not in CHANNEL_ORDERS:
-    raise ValueError(f'Unknown channel_order {channel_order!r}; valid: '
+    raise ValueError(f'{given_as} {channel_order!r}; valid: '
                      f'{list(CHANNEL_ORDERS)}.')
   return channel_order
 

@@ -69,10 +69,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
                                          config.model.num_classes)
   order = hf_config.get(CHANNEL_ORDER_KEY)
   if order is not None:
-    if order not in clip_lib.CHANNEL_ORDERS:
-      raise ValueError(f'config.json gives {CHANNEL_ORDER_KEY} {order!r}; '
-                       f'valid: {list(clip_lib.CHANNEL_ORDERS)}.')
-    config.data.channel_order = order
+    config.data.channel_order = clip_lib.check_channel_order(
+        order, f'config.json gives {CHANNEL_ORDER_KEY}')
   return config
 
 

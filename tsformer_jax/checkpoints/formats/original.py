@@ -105,10 +105,8 @@ def config_from_cfg(text: str, scheme: str, source: str
   order = get(*CHANNELS_KEY)
   config.data.channel_order = channel_order(theirs)
   if order is not None:
-    if order not in clip_lib.CHANNEL_ORDERS:
-      raise ValueError(f'{source}: its cfg gives {".".join(CHANNELS_KEY)} '
-                       f'{order!r}; valid: {list(clip_lib.CHANNEL_ORDERS)}.')
-    config.data.channel_order = order
+    config.data.channel_order = clip_lib.check_channel_order(
+        order, f'{source}: its cfg gives {".".join(CHANNELS_KEY)}')
   return config
 
 

@@ -4,6 +4,7 @@ import fcntl
 import functools
 import itertools
 import math
+import os
 
 import jax
 import numpy as np
@@ -96,11 +97,13 @@ DEMO_STEPS = 320
 
 
 @pytest.fixture(scope='session')
-def demo_workdir(tmp_path_factory, worker_id):
+def demo_workdir(tmp_path_factory):
   """The workdir of a finished divided demo training run (DEMO_STEPS)."""
   from tsformer_jax import train  # pylint: disable=g-import-not-at-top
   shared = tmp_path_factory.getbasetemp()
-  if worker_id != 'master':
+  # An xdist worker's base is one of the run's; without xdist (-p no:xdist)
+  # there is no worker and no `worker_id` fixture.
+  if 'PYTEST_XDIST_WORKER' in os.environ:
     shared = shared.parent
   workdir = shared / 'demo_divided'
   with open(shared / 'demo_divided.lock', 'w') as lock:

@@ -350,15 +350,14 @@ def _start_config(config: ml_collections.ConfigDict, mode: str,
                   manager) -> ml_collections.ConfigDict:
   """The config whose `init_from` builds the first state.
 
-  A new run fetches its initial weights here, before the state is built or
-  a clip is read, so that weights it cannot have (offline, not downloaded)
-  stop it at once, in one line. A run that resumes reads none: the
-  checkpoint replaces every weight.
+  A new run fetches its initial weights here, before any compute: weights
+  it cannot have stop it in one line, and the state is built from their
+  local copy (the Hub asked once). A resumed run reads none.
   """
+  start = copy.deepcopy(config)
   if manager.latest_step() is not None:
-    config = copy.deepcopy(config)
-    config.init_from.path = config_lib.SCRATCH
-    return config
+    start.init_from.path = config_lib.SCRATCH
+    return start
   source = checkpoints.init_source(config)
   if mode == 'eval' and (source is None or checkpoints.detect_format(source)
                          in checkpoints.IMAGE_FORMATS):
@@ -370,7 +369,9 @@ def _start_config(config: ml_collections.ConfigDict, mode: str,
         f'config.init_from.path {weights}, so it would evaluate random '
         'weights: point --workdir at a trained run, or set '
         '--config.init_from.path to the weights to evaluate.')
-  return config
+  if source is not None:
+    start.init_from.path = source
+  return start
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -49,6 +49,8 @@ setuptools.setup(
         'tensorboard>=2.16',
         'tensorflow-cpu>=2.16',
         'tensorflow-datasets>=4.9.3',
+        # Feature extraction's progress bar (videos/s, ETA).
+        'tqdm>=4.60',
     ],
     extras_require={
         # JAX for an accelerator, in place of the CPU build install_requires

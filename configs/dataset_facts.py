@@ -36,6 +36,8 @@ class Facts:
       runs; generated shapes resemble nothing in ImageNet.
     original_name: the original code's `TRAIN.DATASET` for it ('' where it
       has none).
+    multi_label: whether a video has any number of its classes (labels are
+      multi-hot, the loss per-class sigmoid); otherwise exactly one.
   """
   name: str
   num_classes: int
@@ -47,6 +49,7 @@ class Facts:
   frames: dict[str, int] = dataclasses.field(default_factory=dict)
   pretrained: bool = True
   original_name: str = ''
+  multi_label: bool = False
 
   def data_fields(self) -> dict[str, object]:
     """Its `config.data` fields (`DATA_FIELDS`)."""
@@ -59,12 +62,16 @@ class Facts:
 DATASETS = {facts.name: facts for facts in [
     Facts('synthetic_motion', 2, pretrained=False),
     Facts('synthetic_motion_videos', 2, pretrained=False),
+    # The multi-label demo: three independent attributes per video.
+    Facts('synthetic_attributes', 3, pretrained=False, multi_label=True),
     Facts('kinetics400', 400, original_name='kinetics'),
     Facts('kinetics600', 600, original_name='kinetics'),
     Facts('ssv2', 174, flip=False, sampling='segments', segment_fps=30.0,
           scale_jitter='inverse_uniform', channel_order='bgr',
           frames=dict(base=8, hr=16, l=64), original_name='ssv2'),
     Facts('diving48', 48, original_name='diving48'),
+    # PySlowFast's Charades: its frames (24 fps JPEGs) and frame lists.
+    Facts('charades', 157, multi_label=True, original_name='charades'),
     # Your videos, {data_dir}/{train,val}/{class}/*.
     Facts('folder', 0),
 ]}

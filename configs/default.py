@@ -96,6 +96,10 @@ def get_config(arg: str | None = None, **defaults
       time_embedding_std=0.0,
       # Block rematerialisation: 'none', 'full', 'dots', 'dots_no_batch'.
       remat='none',
+      # The head's loss and scores: 'softmax' (one class per video: cross-
+      # entropy) or 'sigmoid' (several: per-class binary cross-entropy,
+      # sigmoid probabilities, mAP). Multi-label datasets set 'sigmoid'.
+      loss='softmax',
   ))
   # The dataset's fields (flips, temporal sampling, pixels; the classes):
   # `_set_dataset`, from `dataset_facts`.
@@ -208,6 +212,8 @@ def _set_dataset(config: ml_collections.ConfigDict, name: str):
   config.data.dataset = facts.name
   config.data.update(facts.data_fields())
   config.model.num_classes = facts.num_classes
+  # Several classes per video: per-class sigmoid (`config.model.loss`).
+  config.model.loss = 'sigmoid' if facts.multi_label else 'softmax'
   config.model.num_frames = facts.frames.get(config.variant,
                                              config.model.num_frames)
   if not facts.pretrained:

@@ -84,7 +84,7 @@ def test_every_dataset_recipe_matches_the_registry():
   for read in (datasets.get_dataset,
                lambda n: config_lib.get_config('divided', f'dataset={n}')):
     with pytest.raises(ValueError, match=r"^Unknown dataset 'k700'; valid: "
-                       r"\['diving48', .*\(aliases: \['k400', "):
+                       r"\['charades', 'diving48', .*\(aliases: \['k400', "):
       read('k700')
 
 

@@ -134,6 +134,23 @@ class Stand:
     return folder
 
   @functools.cached_property
+  def listings(self):
+    """train.csv and test.csv: labelled synthetic_motion videos."""
+    from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
+    from tsformer_jax.datasets import video_writer  # pylint: disable=g-import-not-at-top
+    folder = self.path('listed')
+    folder.mkdir()
+    for split, count in (('train', 16), ('test', 6)):
+      lines = []
+      for i in range(count):
+        frames, label = synthetic_motion.generate(split, i)
+        video_writer.write_mp4(str(folder / f'{split}{i}.mp4'), frames)
+        lines.append(f'{split}{i}.mp4 {synthetic_motion.CLASSES[label]}\n')
+      (folder / f'{split}.csv').write_text(''.join(lines))
+    return {f'{split}.csv': folder / f'{split}.csv'
+            for split in ('train', 'test')}
+
+  @functools.cached_property
   def folder(self):
     """A folder dataset: two classes, train/ and val/."""
     from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
@@ -346,6 +363,38 @@ def _run_ssv2_tfds(stand, argv):
   assert (stand.path('ssv2_run') / 'results.json').is_file()
 
 
+def _run_attributes_demo(stand, argv):
+  workdir = stand.path('attributes')
+  run(_bind(argv, {'DIR': workdir}) + list(FEW_STEPS))
+  assert 'eval_map' in json.loads((workdir / 'results.json').read_text())
+
+
+def _run_threshold(stand, argv):
+  workdir = stand.path('attributes')
+  if not (workdir / 'results.json').is_file():
+    _run_attributes_demo(stand, shlex.split(next(
+        c for c in RUNS if 'synthetic_attributes' in c)))
+  run(_bind(argv, {'DIR': workdir, 'a.mp4': stand.videos / 'a.mp4'}))
+
+
+def _run_features(stand, argv):
+  out = stand.path(f'features_{len(list(stand.root.glob("features_*")))}')
+  argv = _bind(argv, {'CKPT': stand.demo_run / 'checkpoints',
+                      'LIST_OR_DIR': stand.videos, 'DIR': out, 'S': 8,
+                      'feats': stand.path('feats'), **stand.listings})
+  run(argv)
+  written = next(a for a in argv if a.startswith('--out=')).split('=', 1)[1]
+  assert any(pathlib.Path(written).glob('*.npy'))
+
+
+def _run_probe(stand, argv):
+  for split in ('train', 'test'):
+    if not (stand.path('feats') / split).is_dir():
+      _run_features(stand, shlex.split(next(
+          c for c in RUNS if f'--out=feats/{split}' in c)))
+  run(_bind(argv, {'feats': stand.path('feats')}))
+
+
 def _run_benchmark(stand, argv):
   run(_bind(argv, {'DIR': stand.kinetics, '16': 2}))
 
@@ -393,6 +442,19 @@ RUNS = {
         _run_ssv2_tfds,
     'python -m tsformer_jax.datasets.benchmark --config=configs/divided.py '
     '--config.data.data_dir=DIR --batches=16': _run_benchmark,
+    'python -m tsformer_jax.main '
+    '--config=configs/divided.py:demo,dataset=synthetic_attributes '
+    '--workdir=DIR': _run_attributes_demo,
+    'python -m tsformer_jax.predict --checkpoint=DIR/checkpoints a.mp4 '
+    '--threshold=0.5': _run_threshold,
+    'python -m tsformer_jax.features --checkpoint=CKPT --videos=LIST_OR_DIR '
+    '--out=DIR --stride_frames=S': _run_features,
+    'python -m tsformer_jax.features --checkpoint=CKPT --videos=train.csv '
+    '--out=feats/train --stride_frames=16': _run_features,
+    'python -m tsformer_jax.features --checkpoint=CKPT --videos=test.csv '
+    '--out=feats/test --stride_frames=16': _run_features,
+    'python -m tsformer_jax.probe --train=feats/train --test=feats/test':
+        _run_probe,
 }
 
 

@@ -140,8 +140,9 @@ def _test_names():
 
 
 def test_every_test_the_docs_cite_exists():
-  # Config fields such as `config.data.test_num_clips` follow a dot.
-  cited = _named(r'(?<![.\w])(test_\w+)')
+  # Config fields such as `config.data.test_num_clips` follow a dot, and
+  # flags such as `--test_labels` a dash.
+  cited = _named(r'(?<![.\w-])(test_\w+)')
   assert 'test_killed_run_resumes_to_the_same_parameters' in cited
   missing = {n: p for n, p in cited.items() if n not in _test_names()}
   assert not missing, f'no such test (or test file): {missing}'

@@ -21,6 +21,7 @@ from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
+from tsformer_jax import losses
 from tsformer_jax import train
 from tsformer_jax.datasets import synthetic_motion
 
@@ -117,7 +118,7 @@ def test_bfloat16_optimizer_state_halves_it_and_follows_float32(name):
 def test_mixup_mixes_clips_and_targets_alike():
   clips = jnp.arange(4.0).reshape(4, 1)
   targets = jax.nn.one_hot(jnp.arange(4), 4)
-  mixed, soft = train.mixup(jax.random.key(0), clips, targets, 0.4)
+  mixed, soft = losses.mixup(jax.random.key(0), clips, targets, 0.4)
   lam = float(soft[0, 0])
   np.testing.assert_allclose(mixed[:, 0], lam * clips[:, 0] +
                              (1 - lam) * clips[::-1, 0], rtol=1e-6)

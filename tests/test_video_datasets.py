@@ -181,7 +181,8 @@ def test_configs_select_the_dataset():
   assert (demo.data.dataset, demo.model.num_classes) == ('synthetic_motion',
                                                           2)
   assert config_lib.get_config('divided').data.sampling == 'rate'
-  with pytest.raises(ValueError, match=r"'ssv3'.*dataset: \['diving48', "):
+  with pytest.raises(ValueError,
+                     match=r"'ssv3'.*dataset: \['charades', 'diving48', "):
     config_lib.get_config('divided', 'hr,ssv3')
   with pytest.raises(ValueError, match="'dataset' given twice"):
     config_lib.get_config('divided', 'k400,ssv2')

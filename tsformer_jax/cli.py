@@ -80,9 +80,13 @@ CLASS_NAMES = flags.DEFINE_string(
     'order, for a checkpoint that does not carry its own (an original '
     '.pyth).')
 LOADING = (CONFIG, FORMAT, NUM_CLASSES, POS_RESIZE, ADAPT, CLASS_NAMES)
+# Labels of listings (features, probe): the class names they index.
+CLASSES = flags.DEFINE_string(
+    'classes', None, 'A text file of class names, one per line, that the '
+    'listings\' labels name (default: classes.txt beside the listing).')
 
 SHARED = (CONFIG, CHECKPOINT, OUT, JSON, FORMAT, OVERWRITE, MODE, NUM_CLASSES,
-          POS_RESIZE, ADAPT, CLASS_NAMES)
+          POS_RESIZE, ADAPT, CLASS_NAMES, CLASSES)
 
 Main = Callable[[list[str]], int | None]
 

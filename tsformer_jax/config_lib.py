@@ -35,6 +35,9 @@ SCRATCH = default.SCRATCH
 _OLDER_RUNS_DATA = {'channel_order': 'rgb', 'segment_fps': 0.0,
                     'scale_jitter': 'uniform', 'resize': 'antialias',
                     'test_view_scores': 'softmax_mean'}
+# `config.model` fields added since, likewise: runs before `model.loss`
+# trained and scored a softmax head.
+_OLDER_RUNS_MODEL = {'loss': 'softmax'}
 # `config.dataset` of configs saved before it joined `config.data`: old
 # field -> new field.
 _OLD_DATASET_FIELDS = {'name': 'dataset', 'data_dir': 'data_dir',
@@ -73,8 +76,9 @@ def upgrade(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
   today's layout, with every field of today's recipe.
 
   The `dataset` section of older configs moves into `data`. A missing field
-  takes the value its run used: in a `data` section, `_OLDER_RUNS_DATA` for
-  the fields whose recipe value changed those runs' numbers; otherwise the
+  takes the value its run used: in a saved config (one with a `data`
+  section), `_OLDER_RUNS_DATA` and `_OLDER_RUNS_MODEL` for the fields whose
+  recipe value changed those runs' numbers; otherwise the
   recipe of the config's own variant and dataset (a config without a `data`
   section was made by hand, not saved by a run). Fields the recipe lacks
   are kept. Upgrading twice changes nothing.
@@ -97,7 +101,8 @@ def _moved_dataset_section(values: dict[str, Any]) -> dict[str, Any]:
 
 def _recipe_of(values: Mapping[str, Any]) -> dict[str, Any]:
   """The recipe of `values`' variant and dataset (the defaults where they
-  name none we know); a saved `data` section's with `_OLDER_RUNS_DATA`."""
+  name none we know); a saved config's with `_OLDER_RUNS_DATA` and
+  `_OLDER_RUNS_MODEL`."""
   variant = str(values.get('variant', DEFAULT_VARIANT)).lower()
   data = values.get('data')
   saved = isinstance(data, Mapping)
@@ -108,6 +113,7 @@ def _recipe_of(values: Mapping[str, Any]) -> dict[str, Any]:
   recipe = default.get_config(','.join(arg)).to_dict()
   if saved:
     recipe['data'].update(_OLDER_RUNS_DATA)
+    recipe['model'].update(_OLDER_RUNS_MODEL)
   return recipe
 
 

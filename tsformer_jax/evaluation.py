@@ -6,6 +6,9 @@ multi-view testing: `eval_step` scores a batch of videos, each cut into
 combine as `config.data.test_view_scores` says (`combine_views`); with
 `config.data.test_clip_stride` set, it takes the paper's long-video
 protocol instead (`evaluate_long_videos`). Both paths end in `summarize`.
+A sigmoid head (`config.model.loss='sigmoid'`) averages the views' sigmoid
+probabilities; on multi-label data (labels `[B, C]`) it reports the mean
+average precision over the whole split (`metrics.mean_average_precision`).
 
 `predict_videos` classifies videos (files or arrays) and extracts their
 features: it cuts each into the views a `long_video.Coverage` names
@@ -31,12 +34,15 @@ from tsformer_jax import clip_lib
 from tsformer_jax import datasets
 from tsformer_jax import input_pipeline
 from tsformer_jax import long_video
+from tsformer_jax import losses
+from tsformer_jax import metrics
 from tsformer_jax import model as model_lib
 from tsformer_jax import sharding
 from tsformer_jax import video_io
 
 # forward(params, clips [B, T, H, W, 3] of pixel values, uint8 or float32)
-# -> {'logits': [B, C], 'scores': [B, C] their softmax, 'features': [B, D]};
+# -> {'logits': [B, C], 'scores': [B, C] their softmax (sigmoid for a
+# sigmoid head), 'features': [B, D]};
 # 'logits' and 'scores' come together or not at all (no head).
 Forward = Callable[[dict, np.ndarray], dict[str, np.ndarray]]
 
@@ -55,7 +61,7 @@ def view_scores(config) -> str:
   return method
 
 
-def combine_views(logits: jax.Array, method: str
+def combine_views(logits: jax.Array, method: str, loss: str = 'softmax'
                   ) -> tuple[jax.Array, jax.Array]:
   """One video's scores from its views' logits `[..., V, C]`.
 
@@ -64,7 +70,12 @@ def combine_views(logits: jax.Array, method: str
     [..., C]`, probabilities for the loss and for display. 'logit_sum': the
     logits summed over the views, and the softmax of their mean (which
     ranks alike). 'softmax_mean': the views' softmaxes averaged, both times.
+    A sigmoid head (`loss='sigmoid'`): the views' sigmoid probabilities
+    averaged, both times, whatever `method` says (what a threshold reads).
   """
+  if loss == 'sigmoid':
+    probs = jax.nn.sigmoid(logits).mean(-2)
+    return probs, probs
   if method == 'logit_sum':
     return logits.sum(-2), jax.nn.softmax(logits.mean(-2))
   if method == 'softmax_mean':
@@ -76,15 +87,16 @@ def combine_views(logits: jax.Array, method: str
 
 def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable,
               mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225),
-              channel_order: str = 'rgb', view_scores: str = 'logit_sum'
-              ) -> dict[str, jax.Array]:
+              channel_order: str = 'rgb', view_scores: str = 'logit_sum',
+              loss: str = 'softmax') -> dict[str, jax.Array]:
   """Multi-view scores: each video's views combined as `view_scores` says.
 
   Args:
     params: model parameters.
     batch: `clips [B, V, T, H, W, 3]` (V views per video; pixel values,
       uint8 or float32, normalised here with `mean` / `std`),
-      `labels [B]`, `mask [B]` (False for padding).
+      `labels`, int `[B]` or multi-hot `[B, C]`, `mask [B]` (False for
+      padding).
     apply_fn: the model's apply.
     mean: per-channel mean (`config.data.mean`).
     std: per-channel standard deviation (`config.data.std`).
@@ -93,18 +105,24 @@ def eval_step(params, batch: dict[str, jax.Array], *, apply_fn: Callable,
     view_scores: `config.data.test_view_scores`: 'logit_sum' ranks the
       classes by the views' summed logits (the original's), 'softmax_mean'
       by their averaged softmaxes (`combine_views`).
+    loss: `config.model.loss`; 'sigmoid' scores and measures as
+      `sigmoid_metrics` does.
 
   Returns:
     Sums over the batch: `count`, `top1`, `top5` (correct videos) and
     `loss` (cross-entropy of the video's probabilities: the softmax of the
-    mean logits, or the mean softmax).
+    mean logits, or the mean softmax); for a sigmoid head `sigmoid_metrics`.
   """
+  losses.check_labels(loss, batch['labels'])
   b, v = batch['clips'].shape[:2]
   clips = clip_lib.device_normalize(batch['clips'], mean, std, channel_order)
   logits = apply_fn({'params': params},
                     clips.reshape((b * v,) + clips.shape[2:]))
   scores, probs = combine_views(
-      logits.astype(jnp.float32).reshape(b, v, -1), view_scores)  # [B, C]
+      logits.astype(jnp.float32).reshape(b, v, -1), view_scores,
+      loss)  # [B, C]
+  if loss == 'sigmoid':
+    return sigmoid_metrics(probs, batch['labels'], batch['mask'])
   return video_metrics(scores, batch['labels'], batch['mask'], probs)
 
 
@@ -128,9 +146,45 @@ def video_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array,
               loss=jnp.sum(nll * mask))
 
 
-def summarize(sums: dict[str, jax.Array] | None) -> dict[str, float]:
+# Multi-label `sigmoid_metrics` rows: AP needs them whole (no sums).
+ROWS = ('scores', 'labels', 'mask')
+
+
+def sigmoid_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array
+                    ) -> dict[str, jax.Array]:
+  """A sigmoid head's metrics of videos scored `probs [B, C]` (their views'
+  mean sigmoid probabilities).
+
+  Returns:
+    Sums over unmasked videos: `count`, `loss` (binary cross-entropy of
+    `probs`, averaged over classes as the training loss) and `top1`; for
+    int labels `[B]` also `top5`, as `video_metrics`. For multi-hot labels
+    `[B, C]`, `top1` counts videos whose best class is one of theirs, and
+    the rows `scores`, `labels` and `mask` come back for the mAP.
+  """
+  targets = losses.targets(labels, probs.shape[-1])
+  p = jnp.clip(probs, 1e-7, 1 - 1e-7)
+  bce = -(targets * jnp.log(p) + (1 - targets) * jnp.log1p(-p)).mean(-1)
+  weights = mask.astype(jnp.float32)
+  if labels.ndim == 1:
+    return dict(video_metrics(probs, labels, mask),
+                loss=jnp.sum(bce * weights))
+  return dict(count=weights.sum(), loss=jnp.sum(bce * weights),
+              top1=jnp.sum(losses.top1_hits(probs, labels) * weights),
+              scores=probs, labels=labels, mask=mask)
+
+
+def summarize(sums: dict[str, jax.Array] | None,
+              rows: Sequence[dict[str, jax.Array]] = (),
+              class_names: Sequence[str] = ()) -> dict:
   """The per-video means of `video_metrics` sums: `top1`, `top5`, `loss`,
   and `videos`, their count. Every evaluation ends here.
+
+  With `rows`, the outputs of `sigmoid_metrics` on multi-label batches,
+  `top5` gives way to `map`, the mean AP over all their unmasked videos of
+  the classes with a positive among them (the Charades protocol),
+  `classes_excluded`, those without, and `per_class_ap`, {class name
+  (`class_names`, else the index): AP, or None where excluded}.
 
   Raises:
     clip_lib.BadVideoError: no video was counted (`sums` None or empty).
@@ -138,9 +192,22 @@ def summarize(sums: dict[str, jax.Array] | None) -> dict[str, float]:
   count = 0.0 if sums is None else float(sums['count'])
   if not count:
     raise clip_lib.BadVideoError('No evaluation video could be read.')
-  return dict(top1=float(sums['top1']) / count,
-              top5=float(sums['top5']) / count,
-              loss=float(sums['loss']) / count, videos=count)
+  means = {k: float(sums[k]) / count for k in ('top1', 'top5', 'loss')
+           if k in sums}
+  if not rows:
+    return dict(means, videos=count)
+  rows = jax.device_get([{k: r[k] for k in ROWS} for r in rows])
+  keep = np.concatenate([r['mask'] for r in rows]).astype(bool)
+  mean_ap, per_class = metrics.mean_average_precision(
+      *(np.concatenate([r[k] for r in rows])[keep]
+        for k in ('scores', 'labels')))
+  if len(class_names) != len(per_class):
+    class_names = [str(c) for c in range(len(per_class))]
+  return dict(means, videos=count, map=mean_ap,
+              classes_excluded=int(np.isnan(per_class).sum()),
+              per_class_ap={name: None if np.isnan(ap) else float(ap)
+                            for name, ap in zip(class_names, per_class,
+                                                strict=True)})
 
 
 def jit_eval_step(config, params, apply_fn: Callable,
@@ -152,7 +219,8 @@ def jit_eval_step(config, params, apply_fn: Callable,
                            mean=tuple(config.data.mean),
                            std=tuple(config.data.std),
                            channel_order=config.data.channel_order,
-                           view_scores=view_scores(config))
+                           view_scores=view_scores(config),
+                           loss=losses.loss_name(config))
   return jax.jit(step,
                  in_shardings=(sharding.state_shardings(params, mesh, config),
                                sharding.batch_sharding(mesh)),
@@ -167,7 +235,8 @@ def evaluate(config, params, apply_fn: Callable,
              skipped: input_pipeline.SkipCounter,
              step: Callable | None = None,
              mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
-  """Top-1 / top-5 and the loss over the videos of `source` (`summarize`).
+  """Top-1 / top-5 (multi-label: mAP) and the loss over the videos of
+  `source` (`summarize`).
 
   Multi-view testing in batches of `config.eval_batch_size` videos; the
   long-video protocol (`evaluate_long_videos`) where
@@ -188,12 +257,16 @@ def evaluate(config, params, apply_fn: Callable,
       config.data.num_workers, skipped, process_index=jax.process_index(),
       process_count=jax.process_count(),
       worker_type=config.data.worker_type)
-  totals = None
+  totals, rows = None, []
   for batch in input_pipeline.prefetch_to_device(
       loaded, lambda b: sharding.global_batch(b, batches)):
-    sums = step(params, batch)
+    outputs = step(params, batch)
+    # Replicated: every process holds all the hosts' rows.
+    if 'scores' in outputs:
+      rows.append(outputs)
+    sums = {k: v for k, v in outputs.items() if k not in ROWS}
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  return summarize(totals)
+  return summarize(totals, rows, config.data.class_names)
 
 
 def long_video_coverage(config) -> long_video.Coverage:
@@ -222,7 +295,8 @@ def evaluate_long_videos(config, params, source: clip_lib.Source,
   `config.data.test_view_scores` says (as the views of `eval_step`).
 
   Videos hold different numbers of clips, so this runs the clips of all
-  videos through `predict_videos` in one process.
+  videos through `predict_videos` in one process. A sigmoid head averages
+  the clips' sigmoid probabilities (`combine_views`).
   """
   coverage = long_video_coverage(config)
   videos, labels, indices = [], [], []
@@ -249,9 +323,14 @@ def evaluate_long_videos(config, params, source: clip_lib.Source,
       good.append(label)
   if not good:
     return summarize(None)
-  return summarize(video_metrics(
-      jnp.asarray(np.stack(scores)), jnp.asarray(good),
-      jnp.ones(len(good), bool), jnp.asarray(np.stack(probs))))
+  scores, probs, good = (jnp.asarray(np.stack(x)) for x in (scores, probs,
+                                                            good))
+  everyone = jnp.ones(len(good), bool)
+  if losses.loss_name(config) == 'softmax':
+    return summarize(video_metrics(scores, good, everyone, probs))
+  outputs = sigmoid_metrics(probs, good, everyone)
+  return summarize(outputs, [outputs] if 'scores' in outputs else [],
+                   config.data.class_names)
 
 
 @dataclasses.dataclass
@@ -267,8 +346,9 @@ class Prediction:
     scores: float32 `[C]`, class probabilities from the views, as
       `config.data.test_view_scores` combines them (`combine_views`):
       the softmax of the views' mean logits ('logit_sum'), or the views'
-      softmaxes averaged ('softmax_mean'); None where the video failed or
-      the model has no head.
+      softmaxes averaged ('softmax_mean'); for a sigmoid head the views'
+      sigmoid probabilities averaged. None where the video failed or the
+      model has no head.
     logits: float32 `[C]` or None, the views' logits averaged (their sum,
       the original's test scores, over V).
     features: float32 `[D]`, class-token features averaged over the views;
@@ -276,7 +356,7 @@ class Prediction:
     clip: int32 `[V]`, the clip of each view, in time order.
     crop: int32 `[V]`, its crop.
     start: int64 `[V]`, its clip's first frame.
-    view_scores: float32 `[V, C]` or None, each view's softmax.
+    view_scores: float32 `[V, C]` or None, each view's softmax (sigmoid).
     view_logits: float32 `[V, C]` or None, each view's logits.
     view_features: float32 `[V, D]` or None, as `features`.
   """
@@ -303,6 +383,15 @@ class Prediction:
     order = np.argsort(-self.scores, kind='stable')[:k]
     return [(int(i), float(self.scores[i])) for i in order]
 
+  def above(self, threshold: float) -> list[tuple[int, float]]:
+    """`(class, probability)` pairs, best first, of the classes whose
+    probability is at least `threshold` (a sigmoid head's labels)."""
+    if self.scores is None:
+      return []
+    order = np.argsort(-self.scores, kind='stable')
+    return [(int(i), float(self.scores[i])) for i in order
+            if self.scores[i] >= threshold]
+
 
 def _is_final_norm(module, method_name: str) -> bool:
   # The model's last LayerNorm ('norm' at the top level): its output is the
@@ -323,6 +412,8 @@ def forward_fn(config, with_features: bool = False) -> Forward:
   model = model_lib.create_model(config)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   channel_order = config.data.channel_order
+  probabilities = functools.partial(losses.probabilities,
+                                    losses.loss_name(config))
 
   def forward(params, clips):
     clips = clip_lib.device_normalize(clips, mean, std, channel_order)
@@ -331,13 +422,13 @@ def forward_fn(config, with_features: bool = False) -> Forward:
       return dict(features=model.apply(variables, clips))
     if not with_features:
       logits = model.apply(variables, clips).astype(jnp.float32)
-      return dict(logits=logits, scores=jax.nn.softmax(logits))
+      return dict(logits=logits, scores=probabilities(logits))
     logits, state = model.apply(variables, clips,
                                 capture_intermediates=_is_final_norm,
                                 mutable=['intermediates'])
     features = state['intermediates']['norm']['__call__'][0]
     logits = logits.astype(jnp.float32)
-    return dict(logits=logits, scores=jax.nn.softmax(logits),
+    return dict(logits=logits, scores=probabilities(logits),
                 features=features.astype(jnp.float32))
 
   return forward
@@ -368,7 +459,7 @@ def predict_videos(config, params, videos: Sequence[str | clip_lib.Video],
     has its `error` set and the others are unaffected.
   """
   spec = clip_lib.clip_spec(config)
-  method = view_scores(config)
+  method = view_scores(config), losses.loss_name(config)
   coverage = coverage or long_video.Coverage.evaluation(spec)
   batch_size = batch_size or config.eval_batch_size
   if forward is None:
@@ -405,7 +496,7 @@ def _collect(parts: dict[str, list[np.ndarray]], batch: dict[str, np.ndarray],
 
 def _predictions(videos: Sequence[clip_lib.Video],
                  parts: dict[str, list[np.ndarray]], errors: dict[int, str],
-                 method: str) -> list[Prediction]:
+                 method: tuple[str, str]) -> list[Prediction]:
   views = {k: np.concatenate(v) for k, v in parts.items()}
   means = {k: long_video.average_by_video(views[k], views['video'],
                                           len(videos))
@@ -421,7 +512,7 @@ def _predictions(videos: Sequence[clip_lib.Video],
     mean = lambda k, i=i: means[k][i] if k in means else None
     scores = None
     if 'logits' in views:
-      scores = np.asarray(combine_views(views['logits'][rows], method)[1])
+      scores = np.asarray(combine_views(views['logits'][rows], *method)[1])
     results.append(Prediction(
         path, scores=scores, logits=mean('logits'),
         features=mean('features'), clip=get('clip'), crop=get('crop'),

@@ -2,7 +2,9 @@
 
 Example `i` of step `s` is element `s * B + i` of the epoch's permutation,
 augmented by a generator seeded with (seed, epoch, index), so a resumed run
-needs no iterator state and each host takes its own slice. A video that
+needs no iterator state and each host takes its own slice. Labels are
+int32 class indices `[b]`, or, from a multi-label source (`multi_label`
+True, `num_classes`), uint8 multi-hot `[b, num_classes]`. A video that
 fails to decode, or outlasts its time bound, is counted and skipped, never
 an error. Clips leave the host as pixel values (float32 from the
 original's resize, uint8 from the antialiased one: `clip_lib.clip_dtype`),
@@ -79,7 +81,25 @@ def epoch_order(seed: int, epoch: int, num_videos: int) -> np.ndarray:
 
 # A failed video: (its index, the error as text), reported to a SkipCounter.
 Failure = tuple[int, str]
-Example = tuple[np.ndarray | None, int, list[Failure]]
+# A label: a class index, or a multi-hot array `[C]`.
+Label = int | np.ndarray
+Example = tuple[np.ndarray | None, Label, list[Failure]]
+
+
+def label_shape(source: Source) -> tuple[int, ...]:
+  """The shape of one of `source`'s labels: `(C,)` for a multi-label source
+  (multi-hot), else `()` (a class index)."""
+  if getattr(source, 'multi_label', False):
+    return (int(source.num_classes),)
+  return ()
+
+
+def stack_labels(labels: Sequence[Label], shape: tuple[int, ...]
+                 ) -> np.ndarray:
+  """int32 `[b]` class indices, or uint8 `[b, C]` multi-hot where `shape`
+  is `(C,)`."""
+  dtype = np.uint8 if shape else np.int32
+  return np.asarray(labels, dtype).reshape((len(labels),) + shape)
 
 
 def _failed(index: int, error: Exception) -> Example:
@@ -189,10 +209,11 @@ def train_batches(source: Source, spec: ClipSpec, batch_size: int, seed: int,
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Endless training batches from `start_step` on.
 
-  Yields `{'clips': [b, T, H, W, 3], 'labels': int32 [b]}` (clips of
-  `clip_lib.clip_dtype(spec)`) where `b = batch_size // process_count` is
-  this process's share of the global batch. Batch `s` is the same whatever
-  `start_step`, `num_workers` and `worker_type` were.
+  Yields `{'clips': [b, T, H, W, 3], 'labels': int32 [b] or, multi-label,
+  uint8 [b, C]}` (clips of `clip_lib.clip_dtype(spec)`) where `b =
+  batch_size // process_count` is this process's share of the global
+  batch. Batch `s` is the same whatever `start_step`, `num_workers` and
+  `worker_type` were.
 
   Args:
     worker_type: 'process' or 'thread' (see the module doc).
@@ -206,6 +227,7 @@ def train_batches(source: Source, spec: ClipSpec, batch_size: int, seed: int,
                      f'{batch_size}.')
   skipped = skipped if skipped is not None else SkipCounter()
   job = _Job(source, spec, seed)
+  shape = label_shape(source)
 
   def submit_batch(step: int, submit) -> list[concurrent.futures.Future]:
     epoch, offset = divmod(step, steps_per_epoch)
@@ -223,7 +245,7 @@ def train_batches(source: Source, spec: ClipSpec, batch_size: int, seed: int,
         raise BadVideoError('Every video of the dataset failed to load.')
       clips.append(clip)
       labels.append(label)
-    return dict(clips=np.stack(clips), labels=np.asarray(labels, np.int32))
+    return dict(clips=np.stack(clips), labels=stack_labels(labels, shape))
 
   with workers.pool(job, num_workers, worker_type,
                     spec.decode_timeout_s) as submit:
@@ -247,9 +269,10 @@ def eval_batches(source: Source, spec: ClipSpec, batch_size: int,
   Batch `k` holds videos `k * batch_size` up to the next batch's; each
   process reads only its `b = batch_size // process_count` of them, from
   `process_index * b` on. Yields `{'clips': [b, V, T, H, W, 3], 'labels':
-  int32 [b], 'mask': bool [b]}` (clips of `clip_lib.clip_dtype(spec)`):
-  videos that fail, and the places past the last video, are masked out, so
-  that every process yields the same number of batches of the same shape.
+  int32 [b] or, multi-label, uint8 [b, C], 'mask': bool [b]}` (clips of
+  `clip_lib.clip_dtype(spec)`): videos that fail, and the places past the
+  last video, are masked out (labels 0), so that every process yields the
+  same number of batches of the same shape.
   """
   skipped = skipped if skipped is not None else SkipCounter()
   local = _share(batch_size, process_count)
@@ -284,18 +307,20 @@ def eval_batches(source: Source, spec: ClipSpec, batch_size: int,
     examples = loaded(submit)
     for _ in range(len(mine) // local):
       yield _stack([next(examples) for _ in range(local)], views_shape,
-                   clip_lib.clip_dtype(spec))
+                   clip_lib.clip_dtype(spec), label_shape(source))
 
 
-def _stack(examples: Sequence[tuple[np.ndarray | None, int]],
-           views_shape: tuple[int, ...], dtype: np.dtype
-           ) -> dict[str, np.ndarray]:
+def _stack(examples: Sequence[tuple[np.ndarray | None, Label]],
+           views_shape: tuple[int, ...], dtype: np.dtype,
+           labels_shape: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
   clips = np.zeros((len(examples),) + views_shape, dtype)
-  labels = np.zeros((len(examples),), np.int32)
-  mask = np.zeros((len(examples),), bool)
-  for i, (views, label) in enumerate(examples):
+  mask = np.array([views is not None for views, _ in examples], bool)
+  labels = stack_labels([label if views is not None else
+                         np.zeros(labels_shape, np.uint8)
+                         for views, label in examples], labels_shape)
+  for i, (views, _) in enumerate(examples):
     if views is not None:
-      clips[i], labels[i], mask[i] = views, label, True
+      clips[i] = views
   return dict(clips=clips, labels=labels, mask=mask)
 
 

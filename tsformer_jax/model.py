@@ -361,10 +361,16 @@ def remat_block(remat: str) -> type[Block]:
   return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(3, 4))
 
 
+# `config.model` fields the module does not take: the head's loss, which
+# training and scoring read (`losses.py`).
+_NOT_MODULE_FIELDS = ('loss',)
+
+
 def config_fields() -> tuple[str, ...]:
-  """The names `config.model` may hold: the TimeSformer module's fields."""
+  """The names `config.model` may hold: the TimeSformer module's fields and
+  `_NOT_MODULE_FIELDS`."""
   return tuple(f.name for f in dataclasses.fields(TimeSformer)
-               if f.name not in ('parent', 'name'))
+               if f.name not in ('parent', 'name')) + _NOT_MODULE_FIELDS
 
 
 def create_model(config) -> TimeSformer:
@@ -374,6 +380,8 @@ def create_model(config) -> TimeSformer:
   if unknown:
     raise ValueError(f'Unknown config.model fields {unknown}; valid: '
                      f'{sorted(config_fields())}.')
+  for field in _NOT_MODULE_FIELDS:
+    kwargs.pop(field, None)
   attention.get_scheme(kwargs.get('attention', TimeSformer.attention))
   if not isinstance(kwargs.get('image_size', 0), int):
     kwargs['image_size'] = tuple(kwargs['image_size'])

@@ -1,7 +1,8 @@
 r"""Classifies video files and extracts their features with a checkpoint.
 
   python -m tsformer_jax.predict --checkpoint=CKPT VIDEO [VIDEO ...]
-      [--top_k=5] [--json] [--clips=N | --clip_stride=SECONDS] [--crops=C]
+      [--top_k=5 | --threshold=0.5] [--json]
+      [--clips=N | --clip_stride=SECONDS] [--crops=C]
       [--batch_size=B] [--features_out=FILE.npz [--overwrite]]
       [--decode_timeout_s=S] [--view_scores=logit_sum|softmax_mean]
 
@@ -21,16 +22,24 @@ ranks the classes as the sum does; with 'softmax_mean', the views' softmaxes
 averaged. The clips of all videos run through one compiled forward pass in
 batches of B (the last one padded).
 
+A multi-label checkpoint (a sigmoid head, `model.loss='sigmoid'`) scores
+each class on its own: a video's probabilities are its views' sigmoid
+probabilities averaged (whatever --view_scores says), and it shows the
+classes whose probability is at least `--threshold` (default 0.5), best
+first; --json lists them under `labels`, beside `top_k`. `--threshold`
+with a softmax head is an error: it applies to sigmoid models (use
+--top_k).
+
 `--features_out` writes an .npz: `paths` [V], `errors` [V] ('' where the
 video was read), `video_features` [V, D] (class-token features averaged per
 video; NaN for a failed video), `clip_features` [N, D] with `clip_video`,
 `clip_index`, `clip_crop` and `clip_start` [N] (video, clip, crop and first
 frame of each view), and, with a classification head, `video_scores`
 [V, C] (the probabilities shown), `video_logits` [V, C] (the views' mean
-logits), `clip_scores` [N, C] (each view's softmax) and `clip_logits`
-[N, C]. Its name must end in .npz and its folder
-exist; an existing file is replaced only with `--overwrite`. These are
-checked before the checkpoint loads.
+logits), `clip_scores` [N, C] (each view's softmax, or sigmoid) and
+`clip_logits` [N, C]. Its name must end in .npz and its folder exist; an
+existing file is replaced only with `--overwrite`. These are checked
+before the checkpoint loads.
 
 A video that cannot be read gets one line on stderr, `predict: error:
 PATH: why.` (empty, a directory, no permission, audio only, not a video,
@@ -54,9 +63,18 @@ from tsformer_jax import checkpoints
 from tsformer_jax import cli
 from tsformer_jax import evaluation
 from tsformer_jax import long_video
+from tsformer_jax import losses
 
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes to show per video (at '
                               'most the class count).', lower_bound=1)
+_THRESHOLD = flags.DEFINE_float(
+    'threshold', None, 'A sigmoid (multi-label) model shows the classes of '
+    'at least this probability (default 0.5).')
+flags.register_validator(_THRESHOLD,
+                         lambda t: t is None or 0.0 <= t <= 1.0,
+                         'must be a probability, from 0 to 1.')
+# A sigmoid head's classes are those of at least this probability.
+DEFAULT_THRESHOLD = 0.5
 _CLIPS = flags.DEFINE_integer('clips', None, 'Clips evenly spaced over each '
                               'whole video (default: evaluation\'s views).',
                               lower_bound=1)
@@ -98,28 +116,43 @@ def error_line(prediction: evaluation.Prediction) -> str:
 
 
 def format_text(predictions: Sequence[evaluation.Prediction],
-                names: Sequence[str], top_k: int) -> str:
+                names: Sequence[str], top_k: int,
+                threshold: float | None = None) -> str:
   """Per video: its path and views, then one `probability  label` line per
-  class of its top k."""
+  class of its top k, or with a `threshold` (sigmoid heads) per class of at
+  least that probability (`(none >= 0.5)` where there is none)."""
   lines = []
   for p in predictions:
     if p.error is not None:
       continue
     views = len(p.clip)
     lines.append(f'{p.path} ({views} view{"s" if views != 1 else ""})')
-    lines.extend(f'  {prob:.4f}  {names[c]}' for c, prob in p.top_k(top_k))
+    shown = p.top_k(top_k) if threshold is None else p.above(threshold)
+    lines.extend(f'  {prob:.4f}  {names[c]}' for c, prob in shown)
+    if not shown:
+      lines.append(f'  (none >= {threshold:g})')
   return '\n'.join(lines)
 
 
 def to_json(predictions: Sequence[evaluation.Prediction], names: Sequence[str],
-            top_k: int, checkpoint: str) -> dict:
+            top_k: int, checkpoint: str, threshold: float | None = None
+            ) -> dict:
   """One JSON-ready document: per video its path, error (or null), number
-  of views and top-k `{index, label, probability}`."""
-  return dict(checkpoint=checkpoint, videos=[
-      dict(path=p.path, error=p.error, views=len(p.clip),
-           top_k=[dict(index=c, label=names[c], probability=prob)
-                  for c, prob in p.top_k(top_k)])
-      for p in predictions])
+  of views and top-k `{index, label, probability}`; with a `threshold`
+  (sigmoid heads), also `labels`, those of at least that probability."""
+  entry = lambda pairs: [dict(index=c, label=names[c], probability=prob)
+                         for c, prob in pairs]
+  videos = []
+  for p in predictions:
+    video = dict(path=p.path, error=p.error, views=len(p.clip),
+                 top_k=entry(p.top_k(top_k)))
+    if threshold is not None:
+      video['labels'] = entry(p.above(threshold))
+    videos.append(video)
+  document = dict(checkpoint=checkpoint, videos=videos)
+  if threshold is not None:
+    document['threshold'] = threshold
+  return document
 
 
 def feature_arrays(predictions: Sequence[evaluation.Prediction]
@@ -184,6 +217,19 @@ def _check_features_out(path: str):
                     'replace it.')
 
 
+def _threshold(config, checkpoint: str) -> float | None:
+  """The probability a sigmoid head's classes must reach to be shown; None
+  for a softmax head (top k), which refuses --threshold."""
+  if losses.loss_name(config) == 'sigmoid':
+    return (DEFAULT_THRESHOLD if _THRESHOLD.value is None
+            else _THRESHOLD.value)
+  if _THRESHOLD.value is not None:
+    raise cli.Error(f'--threshold applies to sigmoid (multi-label) models; '
+                    f'{checkpoint} has a softmax head (one class per '
+                    'video): use --top_k.')
+  return None
+
+
 def _names(config, checkpoint: str) -> list[str]:
   """`evaluation.label_names`, else the class indices ('0', '1', ...)
   where the checkpoint has no names and its dataset's folder cannot be read
@@ -226,6 +272,10 @@ def main(argv: Sequence[str]) -> int:
     raise cli.Error(f'{checkpoint} has no classification head '
                     '(model.num_classes = 0): pass --features_out to write '
                     'its features.')
+  try:
+    threshold = _threshold(config, checkpoint)
+  except ValueError as e:  # An unknown model.loss.
+    raise cli.Error(str(e)) from e
   names = _names(config, checkpoint) if config.model.num_classes else []
   try:
     predictions = evaluation.predict_videos(
@@ -237,10 +287,10 @@ def main(argv: Sequence[str]) -> int:
     if p.error is not None:
       print(f'predict: error: {error_line(p)}', file=sys.stderr)
   if cli.JSON.value:
-    print(json.dumps(to_json(predictions, names, _TOP_K.value, checkpoint),
-                     indent=1))
+    print(json.dumps(to_json(predictions, names, _TOP_K.value, checkpoint,
+                             threshold), indent=1))
   elif names:
-    print(format_text(predictions, names, _TOP_K.value))
+    print(format_text(predictions, names, _TOP_K.value, threshold))
   if features_out and any(p.error is None for p in predictions):
     np.savez(features_out, **feature_arrays(predictions))
   return 1 if any(p.error is not None for p in predictions) else 0

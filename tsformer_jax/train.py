@@ -41,6 +41,7 @@ from tsformer_jax import config_lib
 from tsformer_jax import datasets
 from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
+from tsformer_jax import losses
 from tsformer_jax import model as model_lib
 from tsformer_jax import sharding
 
@@ -139,25 +140,6 @@ def _put(x, target: jax.sharding.Sharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, target, lambda i: x[i])
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean cross-entropy against target distributions `[B, classes]`."""
-  return optax.softmax_cross_entropy(logits, targets).mean()
-
-
-def soft_targets(labels: jax.Array, num_classes: int,
-                 label_smoothing: float) -> jax.Array:
-  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
-                             label_smoothing)
-
-
-def mixup(rng: jax.Array, clips: jax.Array, targets: jax.Array, alpha: float
-          ) -> tuple[jax.Array, jax.Array]:
-  """Mixup (Zhang et al. 2018) with the batch reversed as partner."""
-  lam = jax.random.beta(rng, alpha, alpha)
-  mix = lambda x: lam * x + (1.0 - lam) * x[::-1]
-  return mix(clips), mix(targets)
-
-
 NONFINITE_POLICIES = ('skip', 'stop')
 
 
@@ -182,29 +164,35 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
   Args:
     state: parameters and optimizer state.
-    batch: `clips [B, T, H, W, 3]`, `labels [B]`; clips are RGB pixel
-      values (uint8, or float32 from the original's resize), normalised
-      here with `config.data.mean` / `std`, in `config.data.channel_order`.
+    batch: `clips [B, T, H, W, 3]`, `labels` int `[B]` or multi-hot
+      `[B, C]` (multi-label: `config.model.loss='sigmoid'`); clips are RGB
+      pixel values (uint8, or float32 from the original's resize),
+      normalised here with `config.data.mean` / `std`, in
+      `config.data.channel_order`.
     rng: the run's key; the step's keys are folded in from `state.step`.
     config: the job config (bound with functools.partial before jit).
     schedule: the learning rate schedule, for the metrics.
 
   Returns:
-    The new state and the metrics `loss`, `accuracy`, `learning_rate` and
+    The new state and the metrics `loss` (`losses.loss`), `accuracy` (the
+    share of clips whose best class is theirs), `learning_rate` and
     `nonfinite` (the loss, gradients or new state hold a NaN or an Inf;
     with `config.on_nonfinite='skip'` the update was then dropped: the
     params and optimizer state are the old ones, the step advances).
   """
   rng = jax.random.fold_in(rng, state.step)
   mix_rng, dropout_rng = jax.random.split(rng)
-  num_classes = config.model.num_classes
-  targets = soft_targets(batch['labels'], num_classes, config.label_smoothing)
+  loss_name = losses.loss_name(config)
+  losses.check_labels(loss_name, batch['labels'])
+  targets = losses.targets(batch['labels'], config.model.num_classes,
+                           config.label_smoothing)
   # Clips leave the host as pixel values and normalise here.
   clips = clip_lib.device_normalize(
       batch['clips'], config.data.mean, config.data.std,
       config.data.channel_order)
   if config.mixup_alpha > 0:
-    clips, targets = mixup(mix_rng, clips, targets, config.mixup_alpha)
+    clips, targets = losses.mixup(mix_rng, clips, targets,
+                                  config.mixup_alpha)
   micro = config.grad_accum_steps
   if clips.shape[0] % micro:
     raise ValueError(f'batch of {clips.shape[0]} does not split into '
@@ -216,7 +204,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   def loss_fn(params, clips, targets, rng):
     logits = state.apply_fn({'params': params}, clips, train=True,
                             rngs={'dropout': rng})
-    return cross_entropy(logits, targets), logits
+    return losses.loss(loss_name, logits, targets), logits
 
   def accumulate(carry, xs):
     grads, loss, correct = carry
@@ -224,7 +212,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
     (step_loss, logits), step_grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params, clips, targets,
                                jax.random.fold_in(dropout_rng, i))
-    correct += jnp.sum(jnp.argmax(logits, -1) == labels)
+    correct += jnp.sum(losses.top1_hits(logits, labels))
     return (jax.tree.map(jnp.add, grads, step_grads), loss + step_loss,
             correct), None
 
@@ -414,8 +402,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def evaluate_and_log(state):
     metrics = evaluation.evaluate(config, state.params, state.apply_fn,
                                   eval_source, eval_skipped, eval_step, mesh)
-    writer.write_scalars(int(state.step),
-                         {f'eval/{k}': v for k, v in metrics.items()})
+    writer.write_scalars(int(state.step), {
+        f'eval/{k}': v for k, v in metrics.items() if k != 'per_class_ap'})
     return metrics
 
   results, metrics = {}, None
@@ -430,8 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         metrics is None):
     metrics = evaluate_and_log(state)  # E.g. resumed after the last save.
   if metrics is not None:
-    results.update(eval_top1=metrics['top1'], eval_top5=metrics['top5'],
-                   eval_loss=metrics['loss'])
+    results.update(_eval_results(metrics))
   manager.wait_until_finished()
   results.update(step=int(state.step),
                  skipped_videos=(skipped_everywhere(skipped) +
@@ -442,6 +429,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       json.dump(results, f, indent=2)
   writer.flush()
   return results
+
+
+def _eval_results(metrics: dict[str, Any]) -> dict[str, Any]:
+  """results.json's eval entries: top-1 / top-5, or for multi-label data
+  mAP, top-1 (best class a label), the classes without a positive (left out
+  of the mAP) and the AP of each class (null where left out)."""
+  if 'map' not in metrics:
+    return dict(eval_top1=metrics['top1'], eval_top5=metrics['top5'],
+                eval_loss=metrics['loss'])
+  return dict(eval_map=metrics['map'], eval_top1=metrics['top1'],
+              eval_loss=metrics['loss'],
+              eval_classes_excluded=metrics['classes_excluded'],
+              per_class_ap=metrics['per_class_ap'])
 
 
 def _train(config, workdir, state, rng, num_steps, schedule, source, manager,

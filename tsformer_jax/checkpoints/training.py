@@ -35,11 +35,12 @@ _LOG = logging.getLogger(__name__)
 DAMAGED_SUFFIX = '.damaged'
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  """Keeps the last `config.keep_checkpoints` and the best by eval top-1."""
+  """Keeps the last `config.keep_checkpoints` and the best by eval top-1
+  (multi-label: by mAP)."""
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
       ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m['top1'], n=1,
+          get_metric_fn=lambda m: m.get('map', m['top1']), n=1,
           keep_checkpoints_without_metrics=False),
   ])
   return ocp.CheckpointManager(

@@ -10,11 +10,18 @@ dataset that `python -m tsformer_jax.datasets.prepare` wrote
 | name | classes | data_dir holds |
 |---|---|---|
 | synthetic_motion | 2 | nothing: generated in memory |
+| synthetic_attributes | 3, several a video | nothing: generated in memory |
 | synthetic_motion_videos | 2 | `{split}.csv` + mp4s, written on first use |
 | kinetics400, kinetics600 | 400, 600 | `{train,val,test}.csv` (`path label`) |
 | ssv2 | 174 | SSv2 label JSONs + `20bn-something-something-v2/` |
 | diving48 | 48 | `Diving48_V2_{train,test}.json` + `rgb/` |
+| charades | 157, several a video | `frame_lists/*.csv` + `Charades_v1_rgb/` |
 | folder | its class folders | `{train,val}/<class>/*`: your own videos |
+| folder, multi-label | `classes.txt` | it + `{train,val}.csv` (or `.jsonl`) |
+
+A multi-label source (several classes a video) has `multi_label` True and
+`num_classes`, and gives uint8 multi-hot labels `[num_classes]`; others
+give class indices.
 """
 
 from tsformer_jax import clip_lib
@@ -29,7 +36,8 @@ from tsformer_jax.datasets.registry import get_dataset
 FORMATS = ('files', 'tfds')
 
 __all__ = ['ALIASES', 'DATASETS', 'FORMATS', 'Dataset', 'class_names',
-           'data_dir', 'file_source', 'get_dataset', 'get_source']
+           'data_dir', 'file_source', 'get_dataset', 'get_source',
+           'is_multi_label']
 
 
 def get_source(config, split: str) -> clip_lib.Source:
@@ -41,8 +49,8 @@ def get_source(config, split: str) -> clip_lib.Source:
 
   Raises:
     ValueError: an unknown dataset, split or format, a model whose class
-      count is not the dataset's, or labels beyond
-      `config.model.num_classes`.
+      count is not the dataset's, labels beyond `config.model.num_classes`,
+      or a multi-label dataset with `config.model.loss` 'softmax'.
     FileNotFoundError: the dataset's files are missing; the message names
       the files expected, where, and how to prepare them.
   """
@@ -55,8 +63,25 @@ def get_source(config, split: str) -> clip_lib.Source:
     # Imported here: TFDS loads TensorFlow, which reading files does not
     # need.
     from tsformer_jax.datasets import tfds_source
-    return tfds_source.load(config, split)
-  return file_source(config, split)
+    source = tfds_source.load(config, split)
+  else:
+    source = file_source(config, split)
+  _check_loss(config, source)
+  return source
+
+
+def is_multi_label(source: clip_lib.Source) -> bool:
+  """Whether `source`'s labels are multi-hot (several classes a video)."""
+  return bool(getattr(source, 'multi_label', False))
+
+
+def _check_loss(config, source: clip_lib.Source):
+  """Softmax cross-entropy has one class a video to put its mass on."""
+  if is_multi_label(source) and config.model.loss == 'softmax':
+    raise ValueError(
+        f'{config.data.dataset} has several labels per video, but '
+        "config.model.loss is 'softmax' (one class per video): set "
+        '--config.model.loss=sigmoid.')
 
 
 def _check_classes(config):

@@ -19,6 +19,7 @@ import os
 
 from tsformer_jax import clip_lib
 from tsformer_jax.configs import dataset_facts
+from tsformer_jax.datasets import charades
 from tsformer_jax.datasets import diving48
 from tsformer_jax.datasets import folder
 from tsformer_jax.datasets import kinetics
@@ -53,6 +54,9 @@ class Dataset:
     subsets: whether a model may have fewer classes than `num_classes`
       (Kinetics: the CSVs list any labels, e.g. Mini-Kinetics' 200);
       otherwise it must have exactly as many.
+    forms: `data_dir -> fields`: where the folder holds another layout of
+      the dataset (`folder`'s listings of several labels per video), the
+      fields (`splits`, `load`, ...) that differ; {} for this one.
   """
   name: str
   splits: dict[str, str]
@@ -66,6 +70,7 @@ class Dataset:
   prepare: Callable[[str, str], object] | None = None
   default_dir: Callable[[], str] | None = None
   subsets: bool = False
+  forms: Callable[[str], dict[str, object]] | None = None
 
   @property
   def num_classes(self) -> int:
@@ -105,6 +110,12 @@ DATASETS = {d.name: d for d in [
         on_disk=False,
         names=lambda data_dir: list(synthetic_motion.CLASSES)),
     Dataset(
+        name='synthetic_attributes',
+        splits={s: s for s in synthetic_motion.SPLITS},
+        load=lambda data_dir, split: synthetic_motion.AttributesSource(split),
+        on_disk=False,
+        names=lambda data_dir: list(synthetic_motion.ATTRIBUTES)),
+    Dataset(
         name='synthetic_motion_videos',
         splits={s: f'{s}.csv' for s in synthetic_motion.SPLITS},
         load=kinetics.load,
@@ -134,9 +145,14 @@ DATASETS = {d.name: d for d in [
                 f'{{data_dir}}/{diving48.VIDEO_DIR}/{{vid_name}}.mp4'),
         how_to=diving48.HOW_TO, labels_file='diving48.txt'),
     Dataset(
+        name='charades', splits=charades.SPLITS, load=charades.load,
+        required=(charades.FRAMES_DIR,), layout=charades.LAYOUT,
+        how_to=charades.HOW_TO, names=charades.class_names),
+    Dataset(
         name='folder', splits=folder.SPLITS, load=folder.load,
         required=(folder.SPLITS['train'],), layout=folder.LAYOUT,
-        how_to=folder.HOW_TO, names=folder.class_names),
+        how_to=folder.HOW_TO, names=folder.class_names,
+        forms=folder.listing_form),
 ]}
 # Other names accepted for a dataset (`config.data.dataset`).
 ALIASES = dataset_facts.ALIASES
@@ -191,6 +207,8 @@ def file_source(config, split: str, num_classes: int | None = None
     raise ValueError(f'Unknown split {split!r} of {dataset.name}; valid: '
                      f'{sorted(dataset.splits)}.')
   root = data_dir(config)
+  if dataset.forms is not None:
+    dataset = dataclasses.replace(dataset, **dataset.forms(root))
   if dataset.prepare is not None:
     dataset.prepare(root, split)
   split_file = dataset.splits[split]
@@ -203,7 +221,7 @@ def file_source(config, split: str, num_classes: int | None = None
                       f'The {dataset.name} dataset {root!r}')
   source = dataset.load(root, split_file)
   if isinstance(source, video_files.FileSource):
-    _check_source(dataset, source, os.path.join(root, split_file),
+    _check_source(dataset, source, _first_existing(root, split_file),
                   num_classes)
   return source
 
@@ -229,10 +247,19 @@ def _check_files(dataset: Dataset, root: str, split_file: str):
         f'{dataset.layout}. {dataset.how_to}')
 
 
+def _first_existing(root: str, paths: str) -> str:
+  """The first of `paths` ('a|b') that exists in `root`, else the first."""
+  names = paths.split('|')
+  found = [n for n in names if os.path.exists(os.path.join(root, n))]
+  return os.path.join(root, (found or names)[0])
+
+
 def _check_source(dataset: Dataset, source: video_files.FileSource,
                   split_path: str, num_classes: int):
   """Fails on an empty list, on a list none of whose first videos exist
-  (a wrong data_dir or path prefix), and on labels the model lacks."""
+  (a wrong data_dir or path prefix), and on labels the model lacks (a
+  multi-label source's labels are as many as its classes, checked
+  before)."""
   if not len(source):
     raise ValueError(f'{split_path} lists no videos.')
   first = [e.path for e in source.entries[:10]]
@@ -241,6 +268,8 @@ def _check_source(dataset: Dataset, source: video_files.FileSource,
         f'None of the first {len(first)} videos listed in {split_path} '
         f'exists (e.g. {first[0]!r}): is data_dir right? It expects '
         f'{dataset.layout}. {dataset.how_to}')
+  if source.multi_label:
+    return
   top = int(source.labels.max())
   if num_classes and top >= num_classes:
     raise ValueError(

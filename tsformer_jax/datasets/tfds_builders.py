@@ -306,17 +306,22 @@ class VideoConfig(tfds.core.BuilderConfig):
     limit: videos per split at most (a quick trial); None for all.
     data_dir: for a dataset that its folder alone names (`folder`), that
       folder, so that another is not taken for it; else ''.
+    multi_label: whether a video has several classes: its `label` in the
+      metadata is then the list of them (`stored_label`).
   """
   short_side: int = DEFAULT_SHORT_SIDE
   fps: float = DEFAULT_FPS
   jpeg_quality: int = DEFAULT_JPEG_QUALITY
   limit: int | None = None
   data_dir: str = ''
+  multi_label: bool = False
 
   def params(self) -> dict:
     params = dict(short_side=self.short_side, fps=self.fps,
                   jpeg_quality=self.jpeg_quality, limit=self.limit)
-    return params | (dict(data_dir=self.data_dir) if self.data_dir else {})
+    # Written only where set: data prepared before them reads the same.
+    return (params | (dict(data_dir=self.data_dir) if self.data_dir else {})
+            | (dict(multi_label=True) if self.multi_label else {}))
 
 
 class EncodedVideos(_LocalBuilder, skip_registration=True):
@@ -376,7 +381,7 @@ class EncodedVideos(_LocalBuilder, skip_registration=True):
         logging.warning('Skipping video %d of %s: %s', index, split, value)
         errors.append(f'{index}: {value}')
         continue
-      max_label = max(max_label, value['label'])
+      max_label = max([max_label, *np.atleast_1d(value['label']).tolist()])
       source_bytes += value['bytes']
       yield from videos.add(value['frames'], videos.count,
                             label=value['label'], fps=value['fps'],
@@ -401,6 +406,7 @@ def encode_video(source: clip_lib.Source, index: int,
     clip_lib.BadVideoError: it cannot be decoded or has no frames.
   """
   video, label = source[index]
+  label = stored_label(label)
   if video.num_frames < 1:
     raise clip_lib.BadVideoError(f'video {index}: no frames.')
   indices, fps = subsample(video.num_frames, video.fps, config.fps)
@@ -410,6 +416,14 @@ def encode_video(source: clip_lib.Source, index: int,
   path = getattr(video, 'path', '')
   return dict(frames=frames, label=label, fps=fps, path=path,
               bytes=os.path.getsize(path) if path else 0)
+
+
+def stored_label(label: int | np.ndarray) -> int | list[int]:
+  """A label as the metadata stores it: a class index, or for multi-hot
+  `[C]` the list of its classes (JSON, and short)."""
+  if isinstance(label, np.ndarray) and label.ndim:
+    return np.flatnonzero(label).tolist()
+  return int(label)
 
 
 def prepare(config, out_dir: str | None = None, *,
@@ -467,7 +481,8 @@ def prepare(config, out_dir: str | None = None, *,
             f'JPEG quality {jpeg_quality}'),
         short_side=short_side, fps=fps, jpeg_quality=jpeg_quality,
         limit=limit, data_dir='' if dataset.num_classes else os.path.abspath(
-            registry.data_dir(config)))
+            registry.data_dir(config)), multi_label=any(
+                getattr(s, 'multi_label', False) for s in sources.values()))
     builder = EncodedVideos(
         config=video_config, sources=sources,
         class_names=class_names, num_workers=num_workers,

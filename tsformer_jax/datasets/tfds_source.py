@@ -85,6 +85,9 @@ class TfdsSource:
     class_names: the dataset's class names, by index.
     short_side: `prepare`'s short side (0: frames kept whole; None for
       generated data).
+    multi_label: whether videos have several classes (labels multi-hot
+      `[num_classes]`, from the class lists stored); else class indices.
+    num_classes: the count of class names.
     split_metadata: what `prepare` recorded of the split: `skipped` (the
       videos left out), `errors`, `max_label` and `videos` (per-video
       lists: `label`, `fps`, `num_frames`, `first` record, `height`,
@@ -111,10 +114,13 @@ class TfdsSource:
     self.directory, self.split = directory, split
     self.class_names = list(builder.info.metadata['class_names'])
     self.short_side = builder.info.metadata.get('short_side')
+    self.multi_label = bool(builder.info.metadata.get('multi_label'))
+    self.num_classes = len(self.class_names)
     self.split_metadata = dict(
         builder.info.metadata.get('splits', {}).get(split, {}))
     videos = self.split_metadata.get('videos', {})
-    self._labels = np.asarray(videos.get('label', []), np.int64)
+    self._labels = _labels(videos.get('label', []), self.multi_label,
+                           self.num_classes)
     self._fps = np.asarray(videos.get('fps', []), np.float64)
     self._first = np.asarray(videos.get('first', []), np.int64)
     self._num_frames = np.asarray(videos.get('num_frames', []), np.int64)
@@ -135,19 +141,34 @@ class TfdsSource:
   def __len__(self) -> int:
     return len(self._labels)
 
-  def __getitem__(self, index: int) -> tuple[EncodedVideo, int]:
+  def __getitem__(self, index: int
+                  ) -> tuple[EncodedVideo, int | np.ndarray]:
     if not -len(self) <= index < len(self):
       raise IndexError(f'Video {index} of {len(self)}.')
     return (EncodedVideo(self._records, int(self._first[index]),
                          int(self._num_frames[index]),
                          float(self._fps[index]),
                          tuple(self._sizes[index].tolist())),
-            int(self._labels[index]))
+            self._labels[index].copy() if self.multi_label
+            else int(self._labels[index]))
 
   @property
   def labels(self) -> np.ndarray:
-    """int64 `[len(self)]`."""
+    """int64 `[len(self)]`; multi-label: uint8 multi-hot
+    `[len(self), num_classes]`."""
     return self._labels
+
+
+def _labels(stored: Sequence, multi_label: bool, num_classes: int
+            ) -> np.ndarray:
+  """The metadata's labels (`tfds_builders.stored_label`) as int64 `[N]`,
+  or multi-label as uint8 multi-hot `[N, num_classes]`."""
+  if not multi_label:
+    return np.asarray(stored, np.int64)
+  target = np.zeros((len(stored), num_classes), np.uint8)
+  for row, classes in zip(target, stored, strict=True):
+    row[classes] = 1
+  return target
 
 
 @dataclasses.dataclass(frozen=True)

@@ -381,3 +381,29 @@ def test_random_model_features_probe_near_chance(tmp_path, capsys):
   # Two classes that only frame order tells apart: chance is 0.5.
   assert result['linear']['top1'] <= 0.7
   assert result['knn']['top1'] <= 0.7
+
+
+def test_the_feature_files_of_the_trained_demo_probe_well(
+    demo_workdir, tmp_path, capsys):
+  """End to end as a user runs it: mp4 files and listings, the features
+  CLI, then the probe CLI."""
+  from tsformer_jax import features  # pylint: disable=g-import-not-at-top
+  from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
+  from tsformer_jax.datasets import video_writer  # pylint: disable=g-import-not-at-top
+  for split, count in (('train', 96), ('test', 48)):
+    lines = []
+    for i in range(count):
+      frames, label = synthetic_motion.generate(split, i)
+      video_writer.write_mp4(str(tmp_path / f'{split}{i}.mp4'), frames)
+      lines.append(f'{split}{i}.mp4 {synthetic_motion.CLASSES[label]}\n')
+    (tmp_path / f'{split}.csv').write_text(''.join(lines))
+    assert cli.call(features.main, [
+        'features', f'--checkpoint={demo_workdir}/checkpoints',
+        f'--videos={tmp_path}/{split}.csv', f'--out={tmp_path}/f/{split}',
+        '--stride_frames=16']) == 0
+  status, out, err = run_probe([f'--train={tmp_path}/f/train',
+                                f'--test={tmp_path}/f/test', '--json'], capsys)
+  assert status == 0, err
+  result = json.loads(out)
+  assert result['linear']['top1'] >= 0.95
+  assert result['knn']['top1'] >= 0.95

@@ -9,7 +9,8 @@ A separate process because the device count is fixed when JAX starts:
   python tests/sharding_worker.py job WORKDIR DEVICES [PROCESS_ID PORT]
       A short demo training job (`train.train_and_evaluate`) with DEVICES
       local devices; with PROCESS_ID and PORT, as one of two processes that
-      `jax.distributed` joins on 127.0.0.1.
+      `jax.distributed` joins on 127.0.0.1. Then each process loads the
+      checkpoint (`load_checkpoint`) into WORKDIR/loaded_<process>.npz.
 """
 
 import os
@@ -21,6 +22,7 @@ os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=' +
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
+from tsformer_jax import checkpoints  # noqa: E402
 from tsformer_jax import clip_lib  # noqa: E402
 from tsformer_jax import config_lib  # noqa: E402
 from tsformer_jax import sharding  # noqa: E402
@@ -103,6 +105,10 @@ def run_job(workdir: str, process_id: int | None, port: int | None):
   config.checkpoint_every_steps = 2
   config.data.num_workers = 1
   train.train_and_evaluate(config, workdir, mode='train')
+  # Read back within the job, as predict or features would on every host.
+  _, params = checkpoints.load_checkpoint(os.path.join(workdir, 'checkpoints'))
+  np.savez(os.path.join(workdir, f'loaded_{jax.process_index()}.npz'),
+           *jax.tree.leaves(params))
 
 
 if __name__ == '__main__':

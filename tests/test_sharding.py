@@ -104,6 +104,11 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores(
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(pair_params),
                   strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6)
+  # And in each process of the pair, jax.distributed still joined.
+  for i in range(2):
+    loaded = np.load(tmp_path / 'pair' / f'loaded_{i}.npz')
+    for j, b in enumerate(jax.tree.leaves(pair_params)):
+      np.testing.assert_array_equal(loaded[f'arr_{j}'], b)
 
 
 def test_mesh_shape_takes_the_rest_and_explains_mistakes():

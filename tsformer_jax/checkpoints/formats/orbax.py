@@ -260,7 +260,9 @@ def _read(directory: str, item: str | None
               for k, v in flax.traverse_util.flatten_dict(
                   dict(stored), sep='/').items()}
   spec.check_params(shapes, config, directory)
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  # This process's own CPU: in a multi-process job jax.devices() are all
+  # processes' devices, and another's would leave nothing to read here.
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
   target = flax.traverse_util.unflatten_dict(
       {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=cpu)
        for k, v in spec.template(config).items()}, sep='/')

@@ -149,6 +149,32 @@ def test_hf_round_trip_is_exact(tmp_path, attention_type):
                                 hf_logits(hf, clips))
 
 
+def test_a_sigmoid_head_travels_as_transformers_multi_label(tmp_path):
+  """`model.loss='sigmoid'` is written as transformers' problem_type, whose
+  loss is then ours (`losses.loss`), and read back as sigmoid."""
+  from tsformer_jax import losses  # pylint: disable=g-import-not-at-top
+  config = _config('divided')
+  config.model.loss = 'sigmoid'
+  params = _params(config)
+  out = export_lib.write_hf(tmp_path / 'hf', config, params)
+  hf = _load_hf(out)
+  assert hf.config.problem_type == 'multi_label_classification'
+  clips = random_clips(config, batch_size=2)
+  targets = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0]], np.float32)
+  with torch.no_grad():
+    hf_loss = hf(pixel_values=torch.from_numpy(
+        np.asarray(clips).transpose(0, 1, 4, 2, 3)),
+                 labels=torch.from_numpy(targets)).loss
+  logits = apply(tsformer_jax.create_model(config), params, clips)
+  np.testing.assert_allclose(
+      float(losses.loss('sigmoid', logits, targets)), float(hf_loss),
+      rtol=1e-5)
+  assert tsformer_jax.load_checkpoint(out)[0].model.loss == 'sigmoid'
+  config.model.loss = 'softmax'
+  back = export_lib.write_hf(tmp_path / 'softmax', config, params)
+  assert tsformer_jax.load_checkpoint(back)[0].model.loss == 'softmax'
+
+
 @pytest.mark.parametrize('scheme', ['divided', 'joint'])
 def test_hf_state_dict_is_the_readers_inverse(scheme):
   config = _config(scheme, heads=4)

@@ -162,6 +162,10 @@ def hf_config(config, names: Sequence[str] | None = None) -> dict[str, Any]:
       'id2label': {str(i): name for i, name in enumerate(names)},
       'label2id': {name: i for i, name in enumerate(names)},
       'dtype': 'float32',
+      # transformers' name for a sigmoid head (`model.loss='sigmoid'`): its
+      # `labels=` loss is then per-class binary cross-entropy, as ours.
+      **({hf.PROBLEM_TYPE_KEY: hf.MULTI_LABEL} if m.loss == 'sigmoid'
+         else {}),
       # Not transformers': the pixels the model takes, 'rgb' or 'bgr'
       # (`formats.hf.CHANNEL_ORDER_KEY`, `pixels_note`).
       hf.CHANNEL_ORDER_KEY: channel_order(config),

@@ -30,6 +30,9 @@ from tsformer_jax.checkpoints.formats.state_dicts import HF_ATTENTION_TYPES
 # The config.json key of the channel order ('rgb' or 'bgr'); transformers
 # keeps unknown keys as attributes (`model.config.channel_order`).
 CHANNEL_ORDER_KEY = 'channel_order'
+# transformers' mark of a multi-label head: sigmoid scores, `model.loss`.
+PROBLEM_TYPE_KEY = 'problem_type'
+MULTI_LABEL = 'multi_label_classification'
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -67,6 +70,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   ))
   config.data.class_names = _class_names(hf_config.get('id2label'),
                                          config.model.num_classes)
+  if hf_config.get(PROBLEM_TYPE_KEY) == MULTI_LABEL:
+    config.model.loss = 'sigmoid'
   order = hf_config.get(CHANNEL_ORDER_KEY)
   if order is not None:
     config.data.channel_order = clip_lib.check_channel_order(

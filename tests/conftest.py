@@ -202,6 +202,35 @@ def reference_masks(grouping, grid, with_cls):
   return allowed, mask, g
 
 
+def write_class_folders(root, train, val):
+  """The folder dataset's layout under `root`: `train` synthetic_motion
+  train videos and `val` test ones as mp4s in `{train,val}/<class>/`."""
+  from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
+  from tsformer_jax.datasets import video_writer  # pylint: disable=g-import-not-at-top
+  for split, count in (('train', train), ('val', val)):
+    for i in range(count):
+      frames, label = synthetic_motion.generate(
+          'train' if split == 'train' else 'test', i)
+      path = root / split / synthetic_motion.CLASSES[label] / f'{i}.mp4'
+      path.parent.mkdir(parents=True, exist_ok=True)
+      video_writer.write_mp4(str(path), frames)
+  return root
+
+
+def write_listing(folder, split, count):
+  """`count` synthetic_motion videos of `split` as mp4s in `folder`, and
+  their listing `folder/{split}.csv` (`path class`); returns its path."""
+  from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
+  from tsformer_jax.datasets import video_writer  # pylint: disable=g-import-not-at-top
+  lines = []
+  for i in range(count):
+    frames, label = synthetic_motion.generate(split, i)
+    video_writer.write_mp4(str(folder / f'{split}{i}.mp4'), frames)
+    lines.append(f'{split}{i}.mp4 {synthetic_motion.CLASSES[label]}\n')
+  (folder / f'{split}.csv').write_text(''.join(lines))
+  return folder / f'{split}.csv'
+
+
 def write_csv_split(root, split, good, bad_at=(), fps=None,
                     relabel=lambda label, index: label):
   """`good` synthetic_motion videos of `split` as mp4 files under

@@ -29,7 +29,9 @@ from tsformer_jax import cli
 from tsformer_jax import config_lib
 
 from conftest import counting_frames
+from conftest import write_class_folders
 from conftest import write_csv_split
+from conftest import write_listing
 import fake_hub
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -136,34 +138,15 @@ class Stand:
   @functools.cached_property
   def listings(self):
     """train.csv and test.csv: labelled synthetic_motion videos."""
-    from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
-    from tsformer_jax.datasets import video_writer  # pylint: disable=g-import-not-at-top
     folder = self.path('listed')
     folder.mkdir()
-    for split, count in (('train', 16), ('test', 6)):
-      lines = []
-      for i in range(count):
-        frames, label = synthetic_motion.generate(split, i)
-        video_writer.write_mp4(str(folder / f'{split}{i}.mp4'), frames)
-        lines.append(f'{split}{i}.mp4 {synthetic_motion.CLASSES[label]}\n')
-      (folder / f'{split}.csv').write_text(''.join(lines))
-    return {f'{split}.csv': folder / f'{split}.csv'
-            for split in ('train', 'test')}
+    return {f'{split}.csv': write_listing(folder, split, count)
+            for split, count in (('train', 16), ('test', 6))}
 
   @functools.cached_property
   def folder(self):
     """A folder dataset: two classes, train/ and val/."""
-    from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
-    from tsformer_jax.datasets import video_writer  # pylint: disable=g-import-not-at-top
-    data = self.path('folder')
-    for split, count in (('train', 8), ('val', 4)):
-      for i in range(count):
-        frames, label = synthetic_motion.generate(
-            'train' if split == 'train' else 'test', i)
-        path = data / split / synthetic_motion.CLASSES[label] / f'{i}.mp4'
-        path.parent.mkdir(parents=True, exist_ok=True)
-        video_writer.write_mp4(str(path), frames)
-    return data
+    return write_class_folders(self.path('folder'), train=8, val=4)
 
   @functools.cached_property
   def kinetics(self):

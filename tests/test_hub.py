@@ -31,7 +31,6 @@ from tsformer_jax import predict
 from tsformer_jax import train
 from tsformer_jax.checkpoints import hub
 from tsformer_jax.datasets import synthetic_motion
-from tsformer_jax.datasets import video_writer
 
 from checkpoint_sources import hf_timesformer
 from checkpoint_sources import run_convert
@@ -40,6 +39,7 @@ from conftest import apply
 from conftest import hf_logits
 from conftest import random_clips
 from conftest import tiny_config
+from conftest import write_class_folders
 import fake_hub
 from fake_hub import COMMIT
 from fake_hub import cache_repo
@@ -330,14 +330,7 @@ def test_convert_honours_the_hub_environment_variables(cache, hf_model,
 def test_hub_to_folder_to_pytorch(use_hub, cache, tmp_path, capsys):
   use_hub(cache)
   run_convert(REPO, tmp_path / 'pretrained')
-  data = tmp_path / 'videos'
-  for split, count in (('train', 16), ('val', 8)):
-    for i in range(count):
-      frames, label = synthetic_motion.generate(
-          'train' if split == 'train' else 'test', i)
-      path = data / split / synthetic_motion.CLASSES[label] / f'{i}.mp4'
-      path.parent.mkdir(parents=True, exist_ok=True)
-      video_writer.write_mp4(str(path), frames)
+  data = write_class_folders(tmp_path / 'videos', train=16, val=8)
   config = config_lib.get_config('divided', 'demo,folder')
   config.data.data_dir = str(data)
   config.model.update(num_classes=2, num_frames=4)

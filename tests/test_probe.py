@@ -14,6 +14,8 @@ from tsformer_jax import metrics
 from tsformer_jax import probe
 from tsformer_jax import probing
 
+from conftest import write_listing
+
 
 def write_features_dir(folder, vectors, labels, classes=None, pool='cls',
                        skip=()):
@@ -388,19 +390,11 @@ def test_the_feature_files_of_the_trained_demo_probe_well(
   """End to end as a user runs it: mp4 files and listings, the features
   CLI, then the probe CLI."""
   from tsformer_jax import features  # pylint: disable=g-import-not-at-top
-  from tsformer_jax.datasets import synthetic_motion  # pylint: disable=g-import-not-at-top
-  from tsformer_jax.datasets import video_writer  # pylint: disable=g-import-not-at-top
   for split, count in (('train', 96), ('test', 48)):
-    lines = []
-    for i in range(count):
-      frames, label = synthetic_motion.generate(split, i)
-      video_writer.write_mp4(str(tmp_path / f'{split}{i}.mp4'), frames)
-      lines.append(f'{split}{i}.mp4 {synthetic_motion.CLASSES[label]}\n')
-    (tmp_path / f'{split}.csv').write_text(''.join(lines))
     assert cli.call(features.main, [
         'features', f'--checkpoint={demo_workdir}/checkpoints',
-        f'--videos={tmp_path}/{split}.csv', f'--out={tmp_path}/f/{split}',
-        '--stride_frames=16']) == 0
+        f'--videos={write_listing(tmp_path, split, count)}',
+        f'--out={tmp_path}/f/{split}', '--stride_frames=16']) == 0
   status, out, err = run_probe([f'--train={tmp_path}/f/train',
                                 f'--test={tmp_path}/f/test', '--json'], capsys)
   assert status == 0, err

@@ -202,6 +202,26 @@ def reference_masks(grouping, grid, with_cls):
   return allowed, mask, g
 
 
+class ListSource:
+  """Videos in memory as a `clip_lib.Source`; `None` stands for one that
+  fails to open. Labels `[N, C]` (multi-hot) make it multi-label."""
+
+  def __init__(self, videos, labels):
+    self.videos, self.labels = videos, labels
+    self.multi_label = np.ndim(labels) == 2
+    if self.multi_label:
+      self.num_classes = np.shape(labels)[1]
+
+  def __len__(self):
+    return len(self.videos)
+
+  def __getitem__(self, index):
+    from tsformer_jax import clip_lib  # pylint: disable=g-import-not-at-top
+    if self.videos[index] is None:
+      raise clip_lib.BadVideoError('unreadable')
+    return self.videos[index], self.labels[index]
+
+
 def write_class_folders(root, train, val):
   """The folder dataset's layout under `root`: `train` synthetic_motion
   train videos and `val` test ones as mp4s in `{train,val}/<class>/`."""

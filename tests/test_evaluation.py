@@ -15,6 +15,8 @@ from tsformer_jax import evaluation
 from tsformer_jax import input_pipeline
 from tsformer_jax import sharding
 
+from conftest import ListSource
+
 
 def _softmax(x):
   e = np.exp(x - x.max(-1, keepdims=True))
@@ -96,21 +98,6 @@ def test_summarize_divides_the_sums_by_the_videos():
       evaluation.summarize(nothing)
 
 
-class _ListSource:
-  """Videos in memory; `None` stands for one that fails to open."""
-
-  def __init__(self, videos, labels):
-    self.videos, self.labels = videos, labels
-
-  def __len__(self):
-    return len(self.videos)
-
-  def __getitem__(self, index):
-    if self.videos[index] is None:
-      raise clip_lib.BadVideoError('unreadable')
-    return self.videos[index], self.labels[index]
-
-
 def _tiny_eval_config(**data):
   """The tiny model, one centre crop per clip, 4 frames 2 apart at 30 fps
   (a clip spans 8 frames), loaded by one thread."""
@@ -144,7 +131,7 @@ def test_long_videos_are_evaluated_whole_with_combined_clip_scores():
   labels = [3, 1, 7]
   skipped = input_pipeline.SkipCounter()
   metrics = evaluation.evaluate(config, params, model.apply,
-                                _ListSource(videos + [None], labels + [0]),
+                                ListSource(videos + [None], labels + [0]),
                                 skipped)
   # Clips at 0, 15, 30, ... and one ending on the last frame.
   spec = clip_lib.clip_spec(config)
@@ -174,7 +161,7 @@ def test_both_evaluation_paths_give_the_same_results_for_the_same_clips():
   videos = [clip_lib.ArrayVideo(rng.integers(0, 255, (8, 40, 48, 3),
                                              np.uint8)) for _ in range(5)]
   labels = [3, 1, 7, 0, 9]
-  source = _ListSource(videos + [None], labels + [0])
+  source = ListSource(videos + [None], labels + [0])
   batched = _tiny_eval_config(test_num_clips=1)
   params = tsformer_jax.init_params(batched, jax.random.key(0))
   model = tsformer_jax.create_model(batched)
@@ -209,6 +196,6 @@ def test_an_evaluation_without_a_readable_video_says_so():
     with pytest.raises(clip_lib.BadVideoError,
                        match=r'^No evaluation video could be read\.$'):
       evaluation.evaluate(_tiny_eval_config(test_clip_stride=stride), {},
-                          None, _ListSource([None] * 2, [0, 1]), skipped,
+                          None, ListSource([None] * 2, [0, 1]), skipped,
                           step=step)
     assert skipped.indices() == [0, 1]

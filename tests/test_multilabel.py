@@ -29,6 +29,7 @@ from tsformer_jax.datasets import synthetic_motion
 from tsformer_jax.datasets import video_writer
 
 from conftest import DEMO_STEPS
+from conftest import ListSource
 from conftest import apply
 
 
@@ -248,23 +249,6 @@ def test_summarize_takes_the_map_over_every_batch_without_padding():
       '0', '1', '2', '3']
 
 
-class _MultiLabelSource:
-  """Videos in memory with multi-hot labels; None fails to open."""
-  multi_label = True
-
-  def __init__(self, videos, labels):
-    self.videos, self.labels = videos, labels
-    self.num_classes = labels.shape[1]
-
-  def __len__(self):
-    return len(self.videos)
-
-  def __getitem__(self, index):
-    if self.videos[index] is None:
-      raise clip_lib.BadVideoError('unreadable')
-    return self.videos[index], self.labels[index]
-
-
 @pytest.mark.slow
 def test_both_evaluation_paths_give_the_map_of_the_models_probabilities():
   """Videos one clip long, so that batched multi-view testing (batches of
@@ -280,7 +264,7 @@ def test_both_evaluation_paths_give_the_map_of_the_models_probabilities():
   videos = [clip_lib.ArrayVideo(rng.integers(0, 255, (8, 40, 48, 3),
                                              np.uint8)) for _ in range(7)]
   hot = (rng.random((8, config.model.num_classes)) < 0.4).astype(np.uint8)
-  source = _MultiLabelSource(videos + [None], hot)
+  source = ListSource(videos + [None], hot)
   params = tsformer_jax.init_params(config, jax.random.key(0))
   model = tsformer_jax.create_model(config)
   spec = clip_lib.clip_spec(config)

@@ -357,15 +357,21 @@ def demo_features(config, params, folder):
   return paths
 
 
-def test_trained_demo_features_probe_well(demo_workdir, tmp_path, capsys):
-  config, params = tsformer_jax.load_checkpoint(
-      str(demo_workdir / 'checkpoints'))
-  paths = demo_features(config, params, tmp_path)
+def probe_demo(config, params, folder, capsys):
+  """The probe CLI's JSON result on `demo_features` of the model."""
+  paths = demo_features(config, params, folder)
   status, out, err = run_probe([f'--train={paths["train"]}',
                                 f'--test={paths["test"]}', '--json'], capsys)
   assert status == 0, err
   result = json.loads(out)
   print(result)
+  return result
+
+
+def test_trained_demo_features_probe_well(demo_workdir, tmp_path, capsys):
+  config, params = tsformer_jax.load_checkpoint(
+      str(demo_workdir / 'checkpoints'))
+  result = probe_demo(config, params, tmp_path, capsys)
   assert result['linear']['top1'] >= 0.95
   assert result['knn']['top1'] >= 0.95
 
@@ -374,12 +380,7 @@ def test_trained_demo_features_probe_well(demo_workdir, tmp_path, capsys):
 def test_random_model_features_probe_near_chance(tmp_path, capsys):
   config = config_lib.get_config('divided', 'demo')
   params = tsformer_jax.init_params(config, jax.random.key(0))
-  paths = demo_features(config, params, tmp_path)
-  status, out, err = run_probe([f'--train={paths["train"]}',
-                                f'--test={paths["test"]}', '--json'], capsys)
-  assert status == 0, err
-  result = json.loads(out)
-  print(result)
+  result = probe_demo(config, params, tmp_path, capsys)
   # Two classes that only frame order tells apart: chance is 0.5.
   assert result['linear']['top1'] <= 0.7
   assert result['knn']['top1'] <= 0.7

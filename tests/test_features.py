@@ -205,6 +205,7 @@ def _settings(stride=4, **kwargs):
   return extraction.Settings('ckpt', stride, **kwargs)
 
 
+@pytest.mark.slow
 def test_extract_writes_a_row_per_window_and_resumes(tmp_path):
   config, params = _config(), tiny_params()
   entries = _entries(tmp_path)

@@ -363,6 +363,7 @@ def _reference_probs(config, params, path):
   return _sigmoid(logits).mean(0)
 
 
+@pytest.mark.slow
 def test_predict_shows_the_classes_above_the_threshold(
     checkpoints_and_videos, capsys):
   c = checkpoints_and_videos
